@@ -1,0 +1,116 @@
+"""The full DessiLBI optimizer: Optax's momentum and weight decay + the core."""
+
+from collections.abc import Callable
+from typing import Any, Optional, Union
+
+import jax
+import jax.numpy as jnp
+import optax
+
+from dessilbi_jax import _checks
+from dessilbi_jax.penalties import PenaltyRule
+from dessilbi_jax.transform import scale_by_dessilbi
+
+
+def matrix_mask(params: optax.Params) -> Any:
+  """Weight-decay mask of the reference: True for leaves of rank >= 2.
+
+  Biases and normalisation parameters (rank <= 1) are not decayed.
+  """
+  return jax.tree.map(lambda p: jnp.ndim(p) > 1, params)
+
+
+def dessilbi(
+  learning_rate: optax.ScalarOrSchedule,
+  kappa: jax.typing.ArrayLike = 1.0,
+  nu: jax.typing.ArrayLike = 100.0,
+  momentum: Optional[jax.typing.ArrayLike] = 0.9,
+  nesterov: bool = False,
+  weight_decay: jax.typing.ArrayLike = 0.0,
+  weight_decay_mask: Optional[Union[Any, Callable[[optax.Params], Any]]] = None,
+  penalty: Optional[PenaltyRule] = None,
+  state_dtype: Optional[jax.typing.DTypeLike] = None,
+) -> optax.GradientTransformationExtraArgs:
+  r"""DessiLBI: SGD with momentum on a coupled loss, with a sparse path Γ.
+
+  The optimizer of the reference implementation, built from Optax's pieces:
+  ``optax.chain(optax.add_decayed_weights(weight_decay, mask),
+  optax.trace(momentum, nesterov), scale_by_dessilbi(...))``. The direction is
+  ``d = m`` with ``m ← β·m + g + wd·W`` (PyTorch-SGD momentum, weight decay
+  inside the buffer; ``d = g + wd·W + β·m`` with Nesterov), and the core
+  applies the linearized Bregman step of :func:`scale_by_dessilbi`:
+
+  .. math::
+    W^+ - W &= -κα \left(d + \frac{W - Γ}{ν}\right) \\
+    z^+ &= z + \frac{α}{ν} (W - Γ), \qquad Γ^+ = κ \operatorname{Prox}_Ω(z^+)
+
+  Reference settings: κ = 1, ν = 100 (20 for LeNet/MNIST, 100–500 on
+  CIFAR, 1000 on ImageNet), momentum 0.9, weight decay 0 (1e-4–5e-4 on CIFAR).
+
+  Args:
+    learning_rate: the step size α, a float or a schedule of the step count.
+    kappa: κ > 0, scales W's step and Γ's magnitude.
+    nu: ν > 0, the coupling strength between W and Γ.
+    momentum: β in [0, 1), or None for no momentum buffer.
+    nesterov: use Nesterov momentum (the reference's lottery variant).
+    weight_decay: coefficient of the L2 term added to the gradient, >= 0.
+    weight_decay_mask: pytree of bools (or a function of the params returning
+      one) choosing the leaves to decay; None for :func:`matrix_mask` (leaves
+      of rank >= 2, as in the reference).
+    penalty: rule ``(path, leaf) -> Penalty | None`` choosing the coupled
+      leaves and their penalty; None for :func:`~dessilbi_jax.default_penalty`.
+    state_dtype: dtype of the momentum buffer, z and Γ; None for the params'.
+
+  Returns:
+    An :class:`optax.GradientTransformationExtraArgs`; its state is a tuple
+    whose last entry is the :class:`~dessilbi_jax.DessiLBIState` (find Γ with
+    ``optax.tree.get(state, 'gamma')``).
+
+  Example:
+    >>> import jax, jax.numpy as jnp, optax
+    >>> import dessilbi_jax as dl
+    >>> target = jnp.array([[3.0, 0.0], [0.0, -2.0]])
+    >>> loss = lambda w: jnp.sum((w - target) ** 2)
+    >>> tx = dl.dessilbi(learning_rate=0.05, nu=1.0)
+    >>> w = jnp.zeros((2, 2))
+    >>> state = tx.init(w)
+    >>> for _ in range(200):
+    ...   updates, state = tx.update(jax.grad(loss)(w), state, w)
+    ...   w = optax.apply_updates(w, updates)
+    >>> print(jnp.round(w, 2))
+    [[ 3.  0.]
+     [ 0. -2.]]
+    >>> print(optax.tree.get(state, 'gamma') != 0)
+    [[ True False]
+     [False  True]]
+
+  References:
+    Fu et al., `DessiLBI: Exploring Structural Sparsity of Deep Networks via
+    Differential Inclusion Paths <https://proceedings.mlr.press/v119/fu20d.html>`_,
+    ICML 2020.
+  """
+  _checks.check_learning_rate(learning_rate)
+  if momentum is not None:
+    _checks.check_unit_interval('momentum', momentum)
+  _checks.check_non_negative('weight_decay', weight_decay)
+  if not isinstance(nesterov, bool):
+    raise TypeError(f'nesterov must be a bool, got {nesterov!r}.')
+  if nesterov and momentum is None:
+    raise ValueError('nesterov=True needs a momentum, got momentum=None.')
+  core = scale_by_dessilbi(
+    learning_rate=learning_rate,
+    kappa=kappa,
+    nu=nu,
+    penalty=penalty,
+    state_dtype=state_dtype,
+  )
+  mask = matrix_mask if weight_decay_mask is None else weight_decay_mask
+  parts = [optax.add_decayed_weights(weight_decay, mask)]
+  if momentum is not None:
+    parts.append(
+      optax.trace(
+        decay=momentum, nesterov=nesterov, accumulator_dtype=state_dtype
+      )
+    )
+  parts.append(core)
+  return optax.chain(*parts)
