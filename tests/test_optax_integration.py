@@ -1,0 +1,249 @@
+"""DessiLBI as a citizen of Optax: chains, wrappers, schedules, dtypes, jit."""
+
+import chex
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+import pytest
+
+import dessilbi_jax as dl
+
+
+def _problem(seed=0, dtype=jnp.float32):
+  """A conv-, dense- and bias-shaped regression with a sparse target."""
+  keys = jax.random.split(jax.random.key(seed), 4)
+  target = {
+      'conv': {'kernel': jnp.zeros((3, 3, 2, 4)).at[..., :2].set(1.0)},
+      'dense': {
+          'kernel': jnp.zeros((4, 3)).at[0, 0].set(2.0).at[3, 2].set(-1.5),
+          'bias': jnp.array([0.5, -0.5, 0.0]),
+      },
+  }
+  params = jax.tree.map(
+      lambda t, k: (0.01 * jax.random.normal(k, t.shape)).astype(dtype),
+      target,
+      dict(zip(['conv', 'dense'], [{'kernel': keys[0]}, {'kernel': keys[1], 'bias': keys[2]}], strict=True)),
+  )
+
+  def loss(p):
+    return sum(
+        jnp.sum((a.astype(jnp.float32) - b) ** 2)
+        for a, b in zip(jax.tree.leaves(p), jax.tree.leaves(target), strict=True)
+    )
+
+  return params, loss
+
+
+def _run(tx, params, loss, steps, **update_kwargs):
+  state = tx.init(params)
+
+  @jax.jit
+  def step(params, state):
+    grads = jax.grad(loss)(params)
+    updates, state = tx.update(grads, state, params, **update_kwargs)
+    return optax.apply_updates(params, updates), state
+
+  for _ in range(steps):
+    params, state = step(params, state)
+  return params, state
+
+
+def _assert_trees_close(a, b, **kw):
+  chex.assert_trees_all_equal_structs(a, b)
+  jax.tree.map(lambda x, y: np.testing.assert_allclose(x, y, **kw), a, b)
+
+
+def test_state_layout_and_tree_get():
+  params, _ = _problem()
+  state = dl.dessilbi(0.1).init(params)
+  core = state[-1]
+  assert isinstance(core, dl.DessiLBIState)
+  gamma = optax.tree.get(state, 'gamma')
+  z = optax.tree.get(state, 'z')
+  assert gamma['conv']['kernel'].shape == (3, 3, 2, 4)
+  assert gamma['dense']['kernel'].shape == (4, 3)
+  # Uncoupled leaves hold nothing.
+  assert isinstance(z['dense']['bias'], optax.MaskedNode)
+  assert isinstance(gamma['dense']['bias'], optax.MaskedNode)
+  assert len(jax.tree.leaves(core)) == 1 + 2 * 2
+
+
+def test_update_matches_the_formula():
+  params, loss = _problem()
+  grads = jax.grad(loss)(params)
+  lr, kappa, nu = 0.05, 2.0, 3.0
+  tx = dl.scale_by_dessilbi(lr, kappa=kappa, nu=nu)
+  state = tx.init(params)
+  # Put non-zero z and Γ in the state so the coupling term matters.
+  z = jax.tree.map(lambda x: x + 1.5, state.z)
+  gamma = jax.tree.map(lambda x: x + 0.3, state.gamma)
+  state = state._replace(z=z, gamma=gamma)
+  updates, new = tx.update(grads, state, params)
+  w, g, d = params['dense']['kernel'], gamma['dense']['kernel'], grads['dense']['kernel']
+  np.testing.assert_allclose(updates['dense']['kernel'], -kappa * lr * (d + (w - g) / nu), rtol=1e-6)
+  z_next = z['dense']['kernel'] + lr / nu * (w - g)
+  np.testing.assert_allclose(new.z['dense']['kernel'], z_next, rtol=1e-6)
+  np.testing.assert_allclose(new.gamma['dense']['kernel'], kappa * dl.soft_threshold(z_next, 1.0), rtol=1e-6)
+  np.testing.assert_allclose(updates['dense']['bias'], -kappa * lr * grads['dense']['bias'], rtol=1e-6)
+  assert int(new.count) == 1
+
+
+def test_chain_after_clipping_equals_clipped_gradients():
+  params, loss = _problem()
+  grads = jax.grad(loss)(params)
+  clip = optax.clip_by_global_norm(0.1)
+  tx = optax.chain(clip, dl.dessilbi(0.1, nu=1.0))
+  updates, _ = tx.update(grads, tx.init(params), params)
+  clipped, _ = clip.update(grads, clip.init(params))
+  assert optax.tree.norm(clipped) < optax.tree.norm(grads)
+  plain = dl.dessilbi(0.1, nu=1.0)
+  want, _ = plain.update(clipped, plain.init(params), params)
+  _assert_trees_close(updates, want, rtol=1e-6)
+
+
+def test_partition_keeps_dessilbi_to_its_part():
+  params, loss = _problem()
+  labels = {'conv': {'kernel': 'sparse'}, 'dense': {'kernel': 'plain', 'bias': 'plain'}}
+  tx = optax.partition({'sparse': dl.dessilbi(0.05, nu=1.0), 'plain': optax.sgd(0.05)}, labels)
+  out, state = _run(tx, params, loss, 30)
+  gamma = optax.tree.get(state, 'gamma')
+  assert jax.tree.leaves(gamma)[0].shape == (3, 3, 2, 4)
+  assert len(jax.tree.leaves(gamma)) == 1
+  # Each part follows its own optimizer exactly.
+  sparse_only, _ = _run(dl.dessilbi(0.05, nu=1.0), params, loss, 30)
+  sgd_only, _ = _run(optax.sgd(0.05), params, loss, 30)
+  np.testing.assert_allclose(out['conv']['kernel'], sparse_only['conv']['kernel'], rtol=1e-5, atol=1e-7)
+  _assert_trees_close(out['dense'], sgd_only['dense'], rtol=1e-5, atol=1e-7)
+
+
+def test_inject_hyperparams_gives_the_same_trajectory():
+  params, loss = _problem()
+  kw = dict(learning_rate=0.05, kappa=2.0, nu=4.0, momentum=0.8, weight_decay=1e-3)
+  plain, plain_state = _run(dl.dessilbi(**kw), params, loss, 25)
+  injected = optax.inject_hyperparams(dl.dessilbi)(**kw)
+  inj, inj_state = _run(injected, params, loss, 25)
+  _assert_trees_close(inj, plain, rtol=1e-5, atol=1e-7)
+  _assert_trees_close(inj_state.inner_state, plain_state, rtol=1e-5, atol=1e-7)
+  # Hyper-parameters can be changed in the state between steps.
+  inj_state.hyperparams['learning_rate'] = jnp.zeros([])
+  grads = jax.grad(loss)(inj)
+  updates, _ = injected.update(grads, inj_state, inj)
+  assert all(bool(jnp.all(u == 0)) for u in jax.tree.leaves(updates))
+
+
+def test_inject_hyperparams_with_a_custom_rule_as_static_arg():
+  params, loss = _problem()
+  rule = dl.penalty_rule(dense=None)
+  injected = optax.inject_hyperparams(dl.dessilbi, static_args=('penalty',))(0.05, penalty=rule)
+  _, state = _run(injected, params, loss, 3)
+  gamma = optax.tree.get(state, 'gamma')
+  assert isinstance(gamma['dense']['kernel'], optax.MaskedNode)
+
+
+def test_learning_rate_schedule_is_evaluated_per_step():
+  params, loss = _problem()
+  schedule = optax.piecewise_constant_schedule(0.05, {10: 0.0})
+  tx = dl.dessilbi(schedule, nu=1.0, momentum=None)
+  p10, s10 = _run(tx, params, loss, 10)
+  p20, s20 = _run(tx, params, loss, 20)
+  # The first 10 steps move; after step 10 the rate is 0 and nothing moves.
+  assert not np.allclose(p10['conv']['kernel'], params['conv']['kernel'])
+  _assert_trees_close(p20, p10, rtol=0, atol=0)
+  _assert_trees_close(optax.tree.get(s20, 'z'), optax.tree.get(s10, 'z'), rtol=0, atol=0)
+  # A constant schedule equals the float.
+  const, _ = _run(dl.dessilbi(optax.constant_schedule(0.05), nu=1.0), params, loss, 5)
+  flt, _ = _run(dl.dessilbi(0.05, nu=1.0), params, loss, 5)
+  _assert_trees_close(const, flt, rtol=1e-6)
+
+
+def test_second_jitted_call_does_not_retrace():
+  params, loss = _problem()
+  tx = dl.dessilbi(0.05, nu=1.0)
+
+  @jax.jit
+  @chex.assert_max_traces(n=1)
+  def step(params, state):
+    updates, state = tx.update(jax.grad(loss)(params), state, params)
+    return optax.apply_updates(params, updates), state
+
+  state = tx.init(params)
+  for _ in range(3):
+    params, state = step(params, state)
+
+
+def test_extra_keyword_arguments_are_accepted():
+  params, loss = _problem()
+  tx = dl.dessilbi(0.05)
+  grads = jax.grad(loss)(params)
+  state = tx.init(params)
+  with_extra, _ = tx.update(grads, state, params, value=jnp.ones([]), anything=1)
+  without, _ = tx.update(grads, state, params)
+  _assert_trees_close(with_extra, without, rtol=0, atol=0)
+
+
+@pytest.mark.parametrize('dtype', [jnp.bfloat16, jnp.float32])
+@pytest.mark.parametrize('state_dtype', [None, jnp.float32])
+def test_params_dtype_is_kept_and_state_is_cond_stable(dtype, state_dtype):
+  params, loss = _problem(dtype=dtype)
+  tx = dl.dessilbi(optax.linear_schedule(0.1, 0.01, 10), nu=2.0, state_dtype=state_dtype)
+  state = tx.init(params)
+  want_state = dtype if state_dtype is None else state_dtype
+  assert optax.tree.get(state, 'z')['conv']['kernel'].dtype == want_state
+  assert optax.tree.get(state, 'trace')['dense']['bias'].dtype == want_state
+
+  @jax.jit
+  def step(params, state):
+    grads = jax.grad(loss)(params)
+    pred = jax.random.randint(jax.random.key(0), (), 0, 2) == 0
+    updates, new_state = jax.lax.cond(
+        pred,
+        lambda: tx.update(grads, state, params),
+        lambda: (jax.tree.map(jnp.zeros_like, params), state),
+    )
+    return optax.apply_updates(params, updates), new_state, updates
+
+  for _ in range(3):
+    params, state, updates = step(params, state)
+  for tree in (params, updates):
+    assert {x.dtype for x in jax.tree.leaves(tree)} == {jnp.dtype(dtype)}
+
+
+def test_tree_map_params_reaches_z_gamma_and_momentum():
+  params, loss = _problem()
+  tx = dl.dessilbi(0.05, nu=1.0)
+  _, state = _run(tx, params, loss, 3)
+  mapped = optax.tree.map_params(tx, lambda x: x + 1, state)
+  for key in ('z', 'gamma', 'trace'):
+    before, after = optax.tree.get(state, key), optax.tree.get(mapped, key)
+    _assert_trees_close(after, jax.tree.map(lambda x: x + 1, before), rtol=1e-6)
+  assert int(optax.tree.get(mapped, 'count')) == int(optax.tree.get(state, 'count'))
+
+
+def test_multisteps_accumulates_then_applies_the_mean_gradient():
+  params, loss = _problem()
+  tx = optax.MultiSteps(dl.dessilbi(0.05, nu=1.0), every_k_schedule=3)
+  state = tx.init(params)
+  grads = [jax.grad(lambda p, i=i: loss(p) * (1 + i))(params) for i in range(3)]
+  for g in grads[:2]:
+    updates, state = tx.update(g, state, params)
+    assert all(bool(jnp.all(u == 0)) for u in jax.tree.leaves(updates))
+  updates, state = tx.update(grads[2], state, params)
+  mean = jax.tree.map(lambda *g: sum(g) / 3, *grads)
+  plain = dl.dessilbi(0.05, nu=1.0)
+  want, _ = plain.update(mean, plain.init(params), params)
+  _assert_trees_close(updates, want, rtol=1e-5, atol=1e-8)
+
+
+def test_adam_driven_variant_trains_and_selects():
+  params, loss = _problem()
+  tx = optax.chain(optax.scale_by_adam(), dl.scale_by_dessilbi(0.01, nu=1.0))
+  out, state = _run(tx, params, loss, 600)
+  assert loss(out) < 0.01 * loss(params)
+  gamma = optax.tree.get(state, 'gamma')
+  # Γ found the target's support: conv filters 0 and 1, two dense weights.
+  filters = np.asarray(jnp.any(gamma['conv']['kernel'] != 0, axis=(0, 1, 2)))
+  np.testing.assert_array_equal(filters, [True, True, False, False])
+  np.testing.assert_array_equal(
+      np.argwhere(np.asarray(gamma['dense']['kernel']) != 0), [[0, 0], [3, 2]]
+  )

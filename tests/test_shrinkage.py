@@ -1,0 +1,113 @@
+"""Shrinkage kernels: NumPy reference, properties, exactness at zero."""
+
+import hypothesis.extra.numpy as hnp
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from hypothesis import assume, given, settings
+from hypothesis import strategies as st
+
+import dessilbi_jax as dl
+
+
+def np_soft(z, lam):
+  return np.sign(z) * np.maximum(np.abs(z) - lam, 0)
+
+
+def np_group(z, lam, reduce_axes):
+  norm = np.sqrt(np.sum(z * z, axis=reduce_axes, keepdims=True))
+  with np.errstate(divide='ignore', invalid='ignore'):
+    factor = np.where(norm > lam, 1 - lam / norm, 0.0)
+  return z * factor
+
+
+# XLA on the CPU flushes subnormal results to zero; tiny inputs become 0 so that
+# no shrunk value lands in the subnormal range.
+floats = st.floats(-10, 10, allow_nan=False).map(
+    lambda x: x if abs(x) > 1e-100 else 0.0
+)
+lams = st.floats(0, 5, allow_nan=False)
+arrays = hnp.arrays(np.float64, hnp.array_shapes(min_dims=1, max_dims=4), elements=floats)
+
+
+@pytest.fixture(autouse=True)
+def _x64(x64):
+  del x64
+
+
+def test_soft_threshold_matches_numpy():
+  z = np.random.default_rng(0).normal(size=(7, 5)) * 2
+  for lam in (0.0, 0.5, 1.0, 3.0):
+    np.testing.assert_allclose(dl.soft_threshold(z, lam), np_soft(z, lam), rtol=1e-14)
+
+
+@pytest.mark.parametrize('reduce_axes', [(0, 1, 2), (0,), (1, 3), ()])
+def test_group_shrink_matches_numpy(reduce_axes):
+  z = np.random.default_rng(1).normal(size=(3, 3, 4, 6))
+  z[..., 2] = 0  # a zero group (for reduce_axes that span axis 3 it is partial)
+  for lam in (0.0, 0.7, 2.0, 5.0):
+    got = dl.group_shrink(z, lam, reduce_axes=reduce_axes)
+    np.testing.assert_allclose(got, np_group(z, lam, reduce_axes), rtol=1e-13, atol=1e-15)
+
+
+def test_prox_dispatches_on_penalty_and_scales_threshold():
+  z = np.random.default_rng(2).normal(size=(3, 3, 2, 4))
+  z[..., 0] *= 0.1  # a group below the scaled threshold
+  np.testing.assert_array_equal(dl.prox(z, dl.Lasso(0.3)), dl.soft_threshold(z, 0.3))
+  penalty = dl.GroupLasso(axes=-1, lam=0.2, scale_by_size=True)
+  want = np_group(z, 0.2 * np.sqrt(3 * 3 * 2), (0, 1, 2))
+  np.testing.assert_allclose(dl.prox(z, penalty), want, rtol=1e-13)
+  assert np.any(want != 0) and np.any(want == 0)
+
+
+@settings(max_examples=200, deadline=None)
+@given(arrays, lams)
+def test_soft_threshold_support_and_non_expansive(z, lam):
+  out = np.asarray(dl.soft_threshold(z, lam))
+  np.testing.assert_array_equal(out != 0, np.abs(z) > lam)
+  # Shrinks toward zero, never flips sign.
+  assert np.all(np.abs(out) <= np.abs(z)) and np.all(out * z >= 0)
+
+
+@settings(max_examples=200, deadline=None)
+@given(st.data(), lams)
+def test_group_shrink_properties(data, lam):
+  z = data.draw(arrays)
+  w = data.draw(hnp.arrays(np.float64, z.shape, elements=floats))
+  ndim = z.ndim
+  keep = data.draw(st.sets(st.integers(0, ndim - 1), max_size=ndim))
+  reduce_axes = tuple(a for a in range(ndim) if a not in keep)
+  norm = np.sqrt(np.sum(z * z, axis=reduce_axes, keepdims=True))
+  assume(np.all(np.abs(norm - lam) > 1e-9))  # away from the rounding boundary
+
+  pz = np.asarray(dl.group_shrink(z, lam, reduce_axes=reduce_axes))
+  pw = np.asarray(dl.group_shrink(w, lam, reduce_axes=reduce_axes))
+  # Support is exactly {‖z_g‖ > λ}, whole groups at a time.
+  selected = np.broadcast_to(norm > lam, z.shape)
+  np.testing.assert_array_equal(pz != 0, selected & (z != 0))
+  assert np.all(pz[~selected] == 0)
+  # Non-expansive: ‖prox(z) - prox(w)‖ <= ‖z - w‖.
+  assert np.linalg.norm(pz - pw) <= np.linalg.norm(z - w) * (1 + 1e-12) + 1e-12
+  # Zero groups stay exactly zero.
+  zero = np.array(z)
+  zero[...] = 0
+  assert np.all(np.asarray(dl.group_shrink(zero, lam, reduce_axes=reduce_axes)) == 0)
+
+
+@pytest.mark.parametrize('dtype', [jnp.float32, jnp.bfloat16, jnp.float16, jnp.float64])
+def test_exact_zero_values_and_gradients(dtype):
+  z = jnp.zeros((3, 3, 2, 4), dtype).at[..., 1].set(2.0)
+  for fn in (
+      lambda x: dl.group_shrink(x, 1.0, reduce_axes=(0, 1, 2)),
+      lambda x: dl.group_shrink(x, 0.0, reduce_axes=(0, 1, 2)),
+      lambda x: dl.soft_threshold(x, 1.0),
+  ):
+    out = fn(z)
+    assert out.dtype == dtype
+    assert bool(jnp.all(out[..., 0] == 0))
+    grad = jax.grad(lambda x, fn=fn: jnp.sum(fn(x).astype(jnp.float32) ** 2 + fn(x).astype(jnp.float32)))(z)
+    assert bool(jnp.all(jnp.isfinite(grad))), grad
+  # λ = 0 and an all-zero input: still exact, still finite.
+  g = jax.grad(lambda x: jnp.sum(dl.group_shrink(x, 0.0, reduce_axes=(0,))))(jnp.zeros((4, 2), dtype))
+  assert bool(jnp.all(jnp.isfinite(g)))
