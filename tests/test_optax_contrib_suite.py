@@ -17,7 +17,9 @@ import dessilbi_jax as dl
 
 # The hyper-parameters under test: the documented defaults (κ = 1, ν = 100,
 # momentum 0.9) with a learning rate the Rosenbrock target tolerates.
-DESSILBI_CASES = [{'opt_name': 'dessilbi', 'opt_kwargs': {'learning_rate': 1e-3}}]
+DESSILBI_CASES = [
+  {'opt_name': 'dessilbi', 'opt_kwargs': {'learning_rate': 1e-3}}
+]
 
 _SUITE = 'optax.contrib._common_test'
 
@@ -41,15 +43,17 @@ def _load_suite() -> types.ModuleType:
         node.value = ast.List([], ast.Load())
         replaced.add(name)
     if isinstance(node, ast.AugAssign) and (
-        getattr(node.target, 'id', None) == '_MAIN_OPTIMIZERS_UNDER_TEST'
+      getattr(node.target, 'id', None) == '_MAIN_OPTIMIZERS_UNDER_TEST'
     ):
       replaced.add('+=')  # the wrappers' list: not ours to test
       continue
     body.append(node)
   tree.body = body
-  assert replaced == {'_MAIN_OPTIMIZERS_UNDER_TEST', '_BASE_OPTIMIZERS', '+='}, (
-      f'the layout of {spec.origin} changed; found only {sorted(replaced)}'
-  )
+  assert replaced == {
+    '_MAIN_OPTIMIZERS_UNDER_TEST',
+    '_BASE_OPTIMIZERS',
+    '+=',
+  }, f'the layout of {spec.origin} changed; found only {sorted(replaced)}'
   ast.fix_missing_locations(tree)
 
   module = types.ModuleType('optax_contrib_common_suite_for_dessilbi')

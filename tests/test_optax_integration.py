@@ -14,22 +14,28 @@ def _problem(seed=0, dtype=jnp.float32):
   """A conv-, dense- and bias-shaped regression with a sparse target."""
   keys = jax.random.split(jax.random.key(seed), 4)
   target = {
-      'conv': {'kernel': jnp.zeros((3, 3, 2, 4)).at[..., :2].set(1.0)},
-      'dense': {
-          'kernel': jnp.zeros((4, 3)).at[0, 0].set(2.0).at[3, 2].set(-1.5),
-          'bias': jnp.array([0.5, -0.5, 0.0]),
-      },
+    'conv': {'kernel': jnp.zeros((3, 3, 2, 4)).at[..., :2].set(1.0)},
+    'dense': {
+      'kernel': jnp.zeros((4, 3)).at[0, 0].set(2.0).at[3, 2].set(-1.5),
+      'bias': jnp.array([0.5, -0.5, 0.0]),
+    },
   }
   params = jax.tree.map(
-      lambda t, k: (0.01 * jax.random.normal(k, t.shape)).astype(dtype),
-      target,
-      dict(zip(['conv', 'dense'], [{'kernel': keys[0]}, {'kernel': keys[1], 'bias': keys[2]}], strict=True)),
+    lambda t, k: (0.01 * jax.random.normal(k, t.shape)).astype(dtype),
+    target,
+    dict(
+      zip(
+        ['conv', 'dense'],
+        [{'kernel': keys[0]}, {'kernel': keys[1], 'bias': keys[2]}],
+        strict=True,
+      )
+    ),
   )
 
   def loss(p):
     return sum(
-        jnp.sum((a.astype(jnp.float32) - b) ** 2)
-        for a, b in zip(jax.tree.leaves(p), jax.tree.leaves(target), strict=True)
+      jnp.sum((a.astype(jnp.float32) - b) ** 2)
+      for a, b in zip(jax.tree.leaves(p), jax.tree.leaves(target), strict=True)
     )
 
   return params, loss
@@ -80,12 +86,24 @@ def test_update_matches_the_formula():
   gamma = jax.tree.map(lambda x: x + 0.3, state.gamma)
   state = state._replace(z=z, gamma=gamma)
   updates, new = tx.update(grads, state, params)
-  w, g, d = params['dense']['kernel'], gamma['dense']['kernel'], grads['dense']['kernel']
-  np.testing.assert_allclose(updates['dense']['kernel'], -kappa * lr * (d + (w - g) / nu), rtol=1e-6)
+  w, g, d = (
+    params['dense']['kernel'],
+    gamma['dense']['kernel'],
+    grads['dense']['kernel'],
+  )
+  np.testing.assert_allclose(
+    updates['dense']['kernel'], -kappa * lr * (d + (w - g) / nu), rtol=1e-6
+  )
   z_next = z['dense']['kernel'] + lr / nu * (w - g)
   np.testing.assert_allclose(new.z['dense']['kernel'], z_next, rtol=1e-6)
-  np.testing.assert_allclose(new.gamma['dense']['kernel'], kappa * dl.soft_threshold(z_next, 1.0), rtol=1e-6)
-  np.testing.assert_allclose(updates['dense']['bias'], -kappa * lr * grads['dense']['bias'], rtol=1e-6)
+  np.testing.assert_allclose(
+    new.gamma['dense']['kernel'],
+    kappa * dl.soft_threshold(z_next, 1.0),
+    rtol=1e-6,
+  )
+  np.testing.assert_allclose(
+    updates['dense']['bias'], -kappa * lr * grads['dense']['bias'], rtol=1e-6
+  )
   assert int(new.count) == 1
 
 
@@ -104,8 +122,13 @@ def test_chain_after_clipping_equals_clipped_gradients():
 
 def test_partition_keeps_dessilbi_to_its_part():
   params, loss = _problem()
-  labels = {'conv': {'kernel': 'sparse'}, 'dense': {'kernel': 'plain', 'bias': 'plain'}}
-  tx = optax.partition({'sparse': dl.dessilbi(0.05, nu=1.0), 'plain': optax.sgd(0.05)}, labels)
+  labels = {
+    'conv': {'kernel': 'sparse'},
+    'dense': {'kernel': 'plain', 'bias': 'plain'},
+  }
+  tx = optax.partition(
+    {'sparse': dl.dessilbi(0.05, nu=1.0), 'plain': optax.sgd(0.05)}, labels
+  )
   out, state = _run(tx, params, loss, 30)
   gamma = optax.tree.get(state, 'gamma')
   assert jax.tree.leaves(gamma)[0].shape == (3, 3, 2, 4)
@@ -113,13 +136,17 @@ def test_partition_keeps_dessilbi_to_its_part():
   # Each part follows its own optimizer exactly.
   sparse_only, _ = _run(dl.dessilbi(0.05, nu=1.0), params, loss, 30)
   sgd_only, _ = _run(optax.sgd(0.05), params, loss, 30)
-  np.testing.assert_allclose(out['conv']['kernel'], sparse_only['conv']['kernel'], rtol=1e-5, atol=1e-7)
+  np.testing.assert_allclose(
+    out['conv']['kernel'], sparse_only['conv']['kernel'], rtol=1e-5, atol=1e-7
+  )
   _assert_trees_close(out['dense'], sgd_only['dense'], rtol=1e-5, atol=1e-7)
 
 
 def test_inject_hyperparams_gives_the_same_trajectory():
   params, loss = _problem()
-  kw = dict(learning_rate=0.05, kappa=2.0, nu=4.0, momentum=0.8, weight_decay=1e-3)
+  kw = dict(
+    learning_rate=0.05, kappa=2.0, nu=4.0, momentum=0.8, weight_decay=1e-3
+  )
   plain, plain_state = _run(dl.dessilbi(**kw), params, loss, 25)
   injected = optax.inject_hyperparams(dl.dessilbi)(**kw)
   inj, inj_state = _run(injected, params, loss, 25)
@@ -135,7 +162,9 @@ def test_inject_hyperparams_gives_the_same_trajectory():
 def test_inject_hyperparams_with_a_custom_rule_as_static_arg():
   params, loss = _problem()
   rule = dl.penalty_rule(dense=None)
-  injected = optax.inject_hyperparams(dl.dessilbi, static_args=('penalty',))(0.05, penalty=rule)
+  injected = optax.inject_hyperparams(dl.dessilbi, static_args=('penalty',))(
+    0.05, penalty=rule
+  )
   _, state = _run(injected, params, loss, 3)
   gamma = optax.tree.get(state, 'gamma')
   assert isinstance(gamma['dense']['kernel'], optax.MaskedNode)
@@ -150,9 +179,13 @@ def test_learning_rate_schedule_is_evaluated_per_step():
   # The first 10 steps move; after step 10 the rate is 0 and nothing moves.
   assert not np.allclose(p10['conv']['kernel'], params['conv']['kernel'])
   _assert_trees_close(p20, p10, rtol=0, atol=0)
-  _assert_trees_close(optax.tree.get(s20, 'z'), optax.tree.get(s10, 'z'), rtol=0, atol=0)
+  _assert_trees_close(
+    optax.tree.get(s20, 'z'), optax.tree.get(s10, 'z'), rtol=0, atol=0
+  )
   # A constant schedule equals the float.
-  const, _ = _run(dl.dessilbi(optax.constant_schedule(0.05), nu=1.0), params, loss, 5)
+  const, _ = _run(
+    dl.dessilbi(optax.constant_schedule(0.05), nu=1.0), params, loss, 5
+  )
   flt, _ = _run(dl.dessilbi(0.05, nu=1.0), params, loss, 5)
   _assert_trees_close(const, flt, rtol=1e-6)
 
@@ -177,7 +210,9 @@ def test_extra_keyword_arguments_are_accepted():
   tx = dl.dessilbi(0.05)
   grads = jax.grad(loss)(params)
   state = tx.init(params)
-  with_extra, _ = tx.update(grads, state, params, value=jnp.ones([]), anything=1)
+  with_extra, _ = tx.update(
+    grads, state, params, value=jnp.ones([]), anything=1
+  )
   without, _ = tx.update(grads, state, params)
   _assert_trees_close(with_extra, without, rtol=0, atol=0)
 
@@ -186,7 +221,9 @@ def test_extra_keyword_arguments_are_accepted():
 @pytest.mark.parametrize('state_dtype', [None, jnp.float32])
 def test_params_dtype_is_kept_and_state_is_cond_stable(dtype, state_dtype):
   params, loss = _problem(dtype=dtype)
-  tx = dl.dessilbi(optax.linear_schedule(0.1, 0.01, 10), nu=2.0, state_dtype=state_dtype)
+  tx = dl.dessilbi(
+    optax.linear_schedule(0.1, 0.01, 10), nu=2.0, state_dtype=state_dtype
+  )
   state = tx.init(params)
   want_state = dtype if state_dtype is None else state_dtype
   assert optax.tree.get(state, 'z')['conv']['kernel'].dtype == want_state
@@ -197,9 +234,9 @@ def test_params_dtype_is_kept_and_state_is_cond_stable(dtype, state_dtype):
     grads = jax.grad(loss)(params)
     pred = jax.random.randint(jax.random.key(0), (), 0, 2) == 0
     updates, new_state = jax.lax.cond(
-        pred,
-        lambda: tx.update(grads, state, params),
-        lambda: (jax.tree.map(jnp.zeros_like, params), state),
+      pred,
+      lambda: tx.update(grads, state, params),
+      lambda: (jax.tree.map(jnp.zeros_like, params), state),
     )
     return optax.apply_updates(params, updates), new_state, updates
 
@@ -217,7 +254,9 @@ def test_tree_map_params_reaches_z_gamma_and_momentum():
   for key in ('z', 'gamma', 'trace'):
     before, after = optax.tree.get(state, key), optax.tree.get(mapped, key)
     _assert_trees_close(after, jax.tree.map(lambda x: x + 1, before), rtol=1e-6)
-  assert int(optax.tree.get(mapped, 'count')) == int(optax.tree.get(state, 'count'))
+  assert int(optax.tree.get(mapped, 'count')) == int(
+    optax.tree.get(state, 'count')
+  )
 
 
 def test_multisteps_accumulates_then_applies_the_mean_gradient():
@@ -245,5 +284,5 @@ def test_adam_driven_variant_trains_and_selects():
   filters = np.asarray(jnp.any(gamma['conv']['kernel'] != 0, axis=(0, 1, 2)))
   np.testing.assert_array_equal(filters, [True, True, False, False])
   np.testing.assert_array_equal(
-      np.argwhere(np.asarray(gamma['dense']['kernel']) != 0), [[0, 0], [3, 2]]
+    np.argwhere(np.asarray(gamma['dense']['kernel']) != 0), [[0, 0], [3, 2]]
   )

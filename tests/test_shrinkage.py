@@ -25,10 +25,12 @@ def np_group(z, lam, reduce_axes):
 # XLA on the CPU flushes subnormal results to zero; tiny inputs become 0 so that
 # no shrunk value lands in the subnormal range.
 floats = st.floats(-10, 10, allow_nan=False).map(
-    lambda x: x if abs(x) > 1e-100 else 0.0
+  lambda x: x if abs(x) > 1e-100 else 0.0
 )
 lams = st.floats(0, 5, allow_nan=False)
-arrays = hnp.arrays(np.float64, hnp.array_shapes(min_dims=1, max_dims=4), elements=floats)
+arrays = hnp.arrays(
+  np.float64, hnp.array_shapes(min_dims=1, max_dims=4), elements=floats
+)
 
 
 @pytest.fixture(autouse=True)
@@ -39,7 +41,9 @@ def _x64(x64):
 def test_soft_threshold_matches_numpy():
   z = np.random.default_rng(0).normal(size=(7, 5)) * 2
   for lam in (0.0, 0.5, 1.0, 3.0):
-    np.testing.assert_allclose(dl.soft_threshold(z, lam), np_soft(z, lam), rtol=1e-14)
+    np.testing.assert_allclose(
+      dl.soft_threshold(z, lam), np_soft(z, lam), rtol=1e-14
+    )
 
 
 @pytest.mark.parametrize('reduce_axes', [(0, 1, 2), (0,), (1, 3), ()])
@@ -48,13 +52,17 @@ def test_group_shrink_matches_numpy(reduce_axes):
   z[..., 2] = 0  # a zero group (for reduce_axes that span axis 3 it is partial)
   for lam in (0.0, 0.7, 2.0, 5.0):
     got = dl.group_shrink(z, lam, reduce_axes=reduce_axes)
-    np.testing.assert_allclose(got, np_group(z, lam, reduce_axes), rtol=1e-13, atol=1e-15)
+    np.testing.assert_allclose(
+      got, np_group(z, lam, reduce_axes), rtol=1e-13, atol=1e-15
+    )
 
 
 def test_prox_dispatches_on_penalty_and_scales_threshold():
   z = np.random.default_rng(2).normal(size=(3, 3, 2, 4))
   z[..., 0] *= 0.1  # a group below the scaled threshold
-  np.testing.assert_array_equal(dl.prox(z, dl.Lasso(0.3)), dl.soft_threshold(z, 0.3))
+  np.testing.assert_array_equal(
+    dl.prox(z, dl.Lasso(0.3)), dl.soft_threshold(z, 0.3)
+  )
   penalty = dl.GroupLasso(axes=-1, lam=0.2, scale_by_size=True)
   want = np_group(z, 0.2 * np.sqrt(3 * 3 * 2), (0, 1, 2))
   np.testing.assert_allclose(dl.prox(z, penalty), want, rtol=1e-13)
@@ -92,22 +100,32 @@ def test_group_shrink_properties(data, lam):
   # Zero groups stay exactly zero.
   zero = np.array(z)
   zero[...] = 0
-  assert np.all(np.asarray(dl.group_shrink(zero, lam, reduce_axes=reduce_axes)) == 0)
+  assert np.all(
+    np.asarray(dl.group_shrink(zero, lam, reduce_axes=reduce_axes)) == 0
+  )
 
 
-@pytest.mark.parametrize('dtype', [jnp.float32, jnp.bfloat16, jnp.float16, jnp.float64])
+@pytest.mark.parametrize(
+  'dtype', [jnp.float32, jnp.bfloat16, jnp.float16, jnp.float64]
+)
 def test_exact_zero_values_and_gradients(dtype):
   z = jnp.zeros((3, 3, 2, 4), dtype).at[..., 1].set(2.0)
   for fn in (
-      lambda x: dl.group_shrink(x, 1.0, reduce_axes=(0, 1, 2)),
-      lambda x: dl.group_shrink(x, 0.0, reduce_axes=(0, 1, 2)),
-      lambda x: dl.soft_threshold(x, 1.0),
+    lambda x: dl.group_shrink(x, 1.0, reduce_axes=(0, 1, 2)),
+    lambda x: dl.group_shrink(x, 0.0, reduce_axes=(0, 1, 2)),
+    lambda x: dl.soft_threshold(x, 1.0),
   ):
     out = fn(z)
     assert out.dtype == dtype
     assert bool(jnp.all(out[..., 0] == 0))
-    grad = jax.grad(lambda x, fn=fn: jnp.sum(fn(x).astype(jnp.float32) ** 2 + fn(x).astype(jnp.float32)))(z)
+    grad = jax.grad(
+      lambda x, fn=fn: jnp.sum(
+        fn(x).astype(jnp.float32) ** 2 + fn(x).astype(jnp.float32)
+      )
+    )(z)
     assert bool(jnp.all(jnp.isfinite(grad))), grad
   # λ = 0 and an all-zero input: still exact, still finite.
-  g = jax.grad(lambda x: jnp.sum(dl.group_shrink(x, 0.0, reduce_axes=(0,))))(jnp.zeros((4, 2), dtype))
+  g = jax.grad(lambda x: jnp.sum(dl.group_shrink(x, 0.0, reduce_axes=(0,))))(
+    jnp.zeros((4, 2), dtype)
+  )
   assert bool(jnp.all(jnp.isfinite(g)))
