@@ -14,9 +14,6 @@ from flax import nnx
 
 import dessilbi_jax as dl
 
-pytest.importorskip('sklearn')
-pytest.importorskip('tqdm')
-
 EXAMPLE = (
   pathlib.Path(__file__).resolve().parents[1] / 'examples' / 'train_digits.py'
 )
