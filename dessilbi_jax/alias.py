@@ -30,6 +30,7 @@ def dessilbi(
   weight_decay_mask: Optional[Union[Any, Callable[[optax.Params], Any]]] = None,
   penalty: Optional[PenaltyRule] = None,
   state_dtype: Optional[jax.typing.DTypeLike] = None,
+  freeze: bool = False,
 ) -> optax.GradientTransformationExtraArgs:
   r"""DessiLBI: SGD with momentum on a coupled loss, with a sparse path Γ.
 
@@ -60,6 +61,8 @@ def dessilbi(
     penalty: rule ``(path, leaf) -> Penalty | None`` choosing the coupled
       leaves and their penalty; None for :func:`~dessilbi_jax.default_penalty`.
     state_dtype: dtype of the momentum buffer, z and Γ; None for the params'.
+    freeze: stop selected filters (groups with ``Γ_g ≠ 0``) from moving, as
+      the reference's ``step_with_freeze``; see :func:`scale_by_dessilbi`.
 
   Returns:
     An :class:`optax.GradientTransformationExtraArgs`; its state is a tuple
@@ -103,6 +106,7 @@ def dessilbi(
     nu=nu,
     penalty=penalty,
     state_dtype=state_dtype,
+    freeze=freeze,
   )
   mask = matrix_mask if weight_decay_mask is None else weight_decay_mask
   parts = [optax.add_decayed_weights(weight_decay, mask)]

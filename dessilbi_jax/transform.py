@@ -98,6 +98,7 @@ def scale_by_dessilbi(
   nu: jax.typing.ArrayLike = 100.0,
   penalty: Optional[PenaltyRule] = None,
   state_dtype: Optional[jax.typing.DTypeLike] = None,
+  freeze: bool = False,
 ) -> optax.GradientTransformation:
   r"""The DessiLBI (split Linearized Bregman Iteration) core.
 
@@ -129,6 +130,12 @@ def scale_by_dessilbi(
       ``optax.inject_hyperparams``, pass a custom rule in ``static_args``.
     state_dtype: dtype of z and Γ; None for the params' dtype (e.g. float32
       z and Γ beside bfloat16 params).
+    freeze: if true, groups of :class:`~dessilbi_jax.GroupLasso` leaves that
+      are already selected (``Γ_g ≠ 0`` before the step) stop moving: their W
+      update and their z step are zero. Elementwise (lasso) and uncoupled
+      leaves move as usual, as in the reference's ``step_with_freeze``. The
+      state's layout does not depend on it, so a run can switch to a frozen
+      optimizer mid-path with the same state.
 
   Returns:
     A :class:`optax.GradientTransformation` whose state is a
@@ -160,6 +167,8 @@ def scale_by_dessilbi(
   _checks.check_learning_rate(learning_rate)
   _checks.check_positive('kappa', kappa)
   _checks.check_positive('nu', nu)
+  if not isinstance(freeze, bool):
+    raise TypeError(f'freeze must be a bool, got {freeze!r}.')
   if penalty is not None and not callable(penalty):
     raise TypeError(
       'penalty must be a rule (path, leaf) -> Penalty | None, or None for '
@@ -214,8 +223,15 @@ def scale_by_dessilbi(
         new_gamma.append(gamma)
         continue
       diff = w - gamma
-      new_updates.append((-step * (d + diff / nu)).astype(w.dtype))
-      z_next = (z + z_step * diff).astype(z.dtype)
+      update = -step * (d + diff / nu)
+      z_next = z + z_step * diff
+      if freeze and isinstance(choice, GroupLasso):
+        reduce_axes = choice.reduce_axes(w.ndim)
+        moving = ~jnp.any(gamma != 0, axis=reduce_axes, keepdims=True)
+        update = jnp.where(moving, update, 0)
+        z_next = jnp.where(moving, z_next, z)
+      new_updates.append(update.astype(w.dtype))
+      z_next = z_next.astype(z.dtype)
       new_z.append(z_next)
       new_gamma.append((kappa * prox(z_next, choice)).astype(gamma.dtype))
 

@@ -286,3 +286,27 @@ def test_adam_driven_variant_trains_and_selects():
   np.testing.assert_array_equal(
     np.argwhere(np.asarray(gamma['dense']['kernel']) != 0), [[0, 0], [3, 2]]
   )
+
+
+def test_freeze_stops_selected_filters_only():
+  params, loss = _problem()
+  tx = dl.dessilbi(0.05, nu=1.0)
+  params, state = _run(tx, params, loss, 40)
+  gamma = optax.tree.get(state, 'gamma')
+  selected = np.asarray(jnp.any(gamma['conv']['kernel'] != 0, axis=(0, 1, 2)))
+  assert selected.any() and not selected.all()
+
+  frozen = dl.dessilbi(0.05, nu=1.0, freeze=True)
+  grads = jax.tree.map(lambda g: g + 1.0, jax.grad(loss)(params))  # all move
+  updates, new_state = frozen.update(grads, state, params)
+  conv_moved = np.asarray(
+    jnp.any(updates['conv']['kernel'] != 0, axis=(0, 1, 2))
+  )
+  np.testing.assert_array_equal(conv_moved, ~selected)
+  z_before = optax.tree.get(state, 'z')['conv']['kernel']
+  z_after = optax.tree.get(new_state, 'z')['conv']['kernel']
+  z_moved = np.asarray(jnp.any(z_after != z_before, axis=(0, 1, 2)))
+  np.testing.assert_array_equal(z_moved, ~selected)
+  # Elementwise and uncoupled leaves are not frozen.
+  assert bool(jnp.all(updates['dense']['kernel'] != 0))
+  assert bool(jnp.all(updates['dense']['bias'] != 0))

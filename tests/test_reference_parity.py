@@ -45,7 +45,7 @@ def _to_flax(prefix):
   return tree
 
 
-def _optimizer(case):
+def _optimizer(case, freeze=False):
   hp = META['cases'][case]
   momentum = hp['momentum'] or None
   if hp['impl'] == 'lottery':
@@ -76,6 +76,7 @@ def _optimizer(case):
     nu=hp['mu'],
     momentum=momentum,
     weight_decay=hp['weight_decay'],
+    freeze=freeze,
   )
 
 
@@ -84,7 +85,7 @@ def _at(tree, t):
   return jax.tree.map(lambda x: x[t], tree)
 
 
-CASES = [c for c in META['cases'] if c != 'core_freeze']
+CASES = list(META['cases'])
 
 
 @pytest.mark.parametrize('case', CASES)
@@ -100,10 +101,15 @@ def test_trajectory_matches_reference(case, x64):
   has_momentum = bool(want['m'])
   assert has_momentum == (META['cases'][case]['momentum'] != 0)
   step = jax.jit(tx.update)
+  # core_freeze switches to the freezing step from `freeze_from` on; the state
+  # carries over unchanged.
+  freeze_from = META['cases'][case].get('freeze_from', STEPS)
+  step_frozen = jax.jit(_optimizer(case, freeze=True).update)
 
   for t in range(STEPS):
     grads = _at(grads_all, t)
-    updates, state = step(grads, state, params)
+    update = step if t < freeze_from else step_frozen
+    updates, state = update(grads, state, params)
     params = optax.apply_updates(params, updates)
     got = {
       'W': params,
