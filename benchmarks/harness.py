@@ -1,0 +1,248 @@
+"""Side-by-side timing of optimizers: update alone and whole train steps.
+
+Everything is timed in one process, interleaved (A B C A B C ...), and reported
+as medians with the ratio to ``optax.sgd(momentum=0.9)``, because machines are
+noisy. Params and optimizer state are donated, as a training loop would.
+
+Usage::
+
+  python benchmarks/harness.py step --model lenet5            # train step
+  python benchmarks/harness.py update --model resnet18        # update alone
+  python benchmarks/harness.py step --model resnet18 --json out.json
+"""
+
+import argparse
+import collections
+import json
+import re
+import statistics
+import sys
+import time
+from collections.abc import Callable
+
+import jax
+import jax.numpy as jnp
+import optax
+
+import dessilbi_jax as dl
+
+try:
+  from benchmarks.models import MODELS
+except ImportError:  # run as a script from the repository root
+  sys.path.insert(0, __file__.rsplit('/', 2)[0])
+  from benchmarks.models import MODELS
+
+OPTIMIZERS: dict[str, Callable[[], optax.GradientTransformation]] = {
+  'sgd': lambda: optax.sgd(0.1, momentum=0.9),
+  'dessilbi': lambda: dl.dessilbi(0.1, nu=100.0),
+  'adam': lambda: optax.adam(1e-3),
+}
+
+
+def hlo_counts(compiled) -> dict[str, int]:
+  """Number of fusions and copies in a compiled computation's entry."""
+  text = compiled.as_text()
+  entry = text[text.index('ENTRY') :]
+  ops = collections.Counter(re.findall(r'= \S+ (\w+)\(', entry))
+  return {'fusions': ops.get('fusion', 0), 'copies': ops.get('copy', 0)}
+
+
+def state_bytes(state) -> int:
+  return sum(x.size * x.dtype.itemsize for x in jax.tree.leaves(state))
+
+
+def build(model_name: str, batch: int | None):
+  module, shape, default_batch = MODELS[model_name]
+  batch = batch or default_batch
+  x = jax.random.normal(jax.random.key(0), (batch, *shape))
+  y = jax.random.randint(jax.random.key(1), (batch,), 0, 10)
+  variables = module.init(jax.random.key(2), x[:2])
+  params = variables['params']
+  stats = variables.get('batch_stats', {})
+  return module, params, stats, x, y
+
+
+def make_train_step(module, tx):
+  def loss_fn(params, stats, x, y):
+    logits, new = module.apply(
+      {'params': params, 'batch_stats': stats}, x, mutable=['batch_stats']
+    )
+    loss = optax.softmax_cross_entropy_with_integer_labels(logits, y).mean()
+    return loss, new.get('batch_stats', {})
+
+  def step(params, stats, opt_state, x, y):
+    (loss, stats), grads = jax.value_and_grad(loss_fn, has_aux=True)(
+      params, stats, x, y
+    )
+    updates, opt_state = tx.update(grads, opt_state, params)
+    return optax.apply_updates(params, updates), stats, opt_state, loss
+
+  return jax.jit(step, donate_argnums=(0, 1, 2))
+
+
+def make_update(tx, k: int):
+  """k optimizer updates inside one jit (dispatch amortised)."""
+
+  def run(params, opt_state, grads):
+    def body(carry, _):
+      params, opt_state = carry
+      updates, opt_state = tx.update(grads, opt_state, params)
+      return (optax.apply_updates(params, updates), opt_state), None
+
+    (params, opt_state), _ = jax.lax.scan(body, (params, opt_state), length=k)
+    return params, opt_state
+
+  return jax.jit(run, donate_argnums=(0, 1))
+
+
+def copy_tree(tree):
+  return jax.tree.map(jnp.copy, tree)
+
+
+def bench_step(args) -> dict:
+  module, params, stats, x, y = build(args.model, args.batch)
+  runners = {}
+  for name in args.optimizers:
+    tx = OPTIMIZERS[name]()
+    step = make_train_step(module, tx)
+    p, s = copy_tree(params), copy_tree(stats)
+    o = tx.init(p)
+    t0 = time.perf_counter()
+    compiled = step.lower(p, s, o, x, y).compile()
+    compile_s = time.perf_counter() - t0
+    p, s, o, loss = step(p, s, o, x, y)
+    jax.block_until_ready(loss)
+    runners[name] = {
+      'step': step,
+      'carry': (p, s, o),
+      'compile_s': compile_s,
+      'hlo': hlo_counts(compiled),
+      'state_bytes': state_bytes(o),
+      'loop_ms': [],
+      'call_ms': [],
+    }
+  for _ in range(args.repeats):
+    for r in runners.values():
+      p, s, o = r['carry']
+      t0 = time.perf_counter()
+      for _ in range(args.steps):  # dispatched back to back, one block
+        p, s, o, loss = r['step'](p, s, o, x, y)
+      jax.block_until_ready(loss)
+      r['loop_ms'].append((time.perf_counter() - t0) / args.steps * 1e3)
+      t0 = time.perf_counter()
+      for _ in range(min(args.steps, 10)):  # blocking on every call
+        p, s, o, loss = r['step'](p, s, o, x, y)
+        jax.block_until_ready(loss)
+      r['call_ms'].append(
+        (time.perf_counter() - t0) / min(args.steps, 10) * 1e3
+      )
+      r['carry'] = (p, s, o)
+  return summarise(args, runners, ('loop_ms', 'call_ms'))
+
+
+def bench_update(args) -> dict:
+  _, params, _, _, _ = build(args.model, 2)
+  grads = jax.tree.map(lambda p: 1e-3 * jnp.ones_like(p), params)
+  runners = {}
+  for name in args.optimizers:
+    tx = OPTIMIZERS[name]()
+    run_k = make_update(tx, args.k)
+    run_1 = jax.jit(
+      lambda p, o, g, tx=tx: (lambda u, o: (optax.apply_updates(p, u), o))(
+        *tx.update(g, o, p)
+      ),
+      donate_argnums=(0, 1),
+    )
+    p = copy_tree(params)
+    o = tx.init(p)
+    compiled = run_1.lower(p, o, grads).compile()
+    p, o = run_k(p, o, grads)
+    p, o = run_1(p, o, grads)
+    jax.block_until_ready(p)
+    runners[name] = {
+      'run_k': run_k,
+      'run_1': run_1,
+      'carry': (p, o),
+      'hlo': hlo_counts(compiled),
+      'state_bytes': state_bytes(o),
+      'device_ms': [],
+      'call_ms': [],
+    }
+  for _ in range(args.repeats):
+    for r in runners.values():
+      p, o = r['carry']
+      t0 = time.perf_counter()
+      p, o = r['run_k'](p, o, grads)
+      jax.block_until_ready(p)
+      r['device_ms'].append((time.perf_counter() - t0) / args.k * 1e3)
+      t0 = time.perf_counter()
+      for _ in range(10):
+        p, o = r['run_1'](p, o, grads)
+        jax.block_until_ready(p)
+      r['call_ms'].append((time.perf_counter() - t0) / 10 * 1e3)
+      r['carry'] = (p, o)
+  return summarise(args, runners, ('device_ms', 'call_ms'))
+
+
+def summarise(args, runners, keys) -> dict:
+  out = {
+    'mode': args.mode,
+    'model': args.model,
+    'device': str(jax.devices()[0].device_kind),
+    'backend': jax.default_backend(),
+    'jax': jax.__version__,
+    'results': {},
+  }
+  base = runners.get('sgd')
+  for name, r in runners.items():
+    row = {key: statistics.median(r[key]) for key in keys}
+    row.update(hlo=r['hlo'], state_bytes=r['state_bytes'])
+    if 'compile_s' in r:
+      row['compile_s'] = r['compile_s']
+    if base is not None:
+      for key in keys:
+        row[f'{key}_vs_sgd'] = row[key] / statistics.median(base[key])
+    out['results'][name] = row
+  return out
+
+
+def print_table(out: dict) -> None:
+  print(f'{out["mode"]} / {out["model"]} on {out["device"]} ({out["backend"]})')
+  for name, row in out['results'].items():
+    cols = [f'{name:9s}']
+    for key, value in row.items():
+      if key.endswith('_ms'):
+        ratio = row.get(f'{key}_vs_sgd')
+        cols.append(
+          f'{key} {value:8.3f}' + (f' ({ratio:.2f}x)' if ratio else '')
+        )
+    cols.append(
+      f'copies {row["hlo"]["copies"]} fusions {row["hlo"]["fusions"]}'
+    )
+    cols.append(f'state {row["state_bytes"] / 2**20:.1f} MiB')
+    if 'compile_s' in row:
+      cols.append(f'compile {row["compile_s"]:.1f} s')
+    print('  '.join(cols))
+
+
+def main(argv=None):
+  parser = argparse.ArgumentParser(description=__doc__.split('\n\n')[0])
+  parser.add_argument('mode', choices=('step', 'update'))
+  parser.add_argument('--model', choices=sorted(MODELS), default='lenet5')
+  parser.add_argument('--batch', type=int, default=None)
+  parser.add_argument('--optimizers', nargs='+', default=list(OPTIMIZERS))
+  parser.add_argument('--steps', type=int, default=50, help='steps per timing')
+  parser.add_argument('--k', type=int, default=20, help='updates per jit')
+  parser.add_argument('--repeats', type=int, default=9)
+  parser.add_argument('--json', default=None, help='write results here')
+  args = parser.parse_args(argv)
+  out = bench_step(args) if args.mode == 'step' else bench_update(args)
+  print_table(out)
+  if args.json:
+    with open(args.json, 'w', encoding='utf-8') as f:
+      json.dump(out, f, indent=2)
+  return out
+
+
+if __name__ == '__main__':
+  main()
