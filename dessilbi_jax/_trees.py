@@ -1,0 +1,209 @@
+"""Private helpers shared by the sparse-path toolbox.
+
+Every public function of the toolbox accepts plain pytrees (Linen params,
+Optax states) as well as Flax NNX states (``nnx.state(model, nnx.Param)``,
+``nnx.Optimizer(...).opt_state``). It first makes them *pure* (NNX variables
+unwrapped to arrays; an uncoupled leaf of Γ is then ``()`` instead of
+``optax.MaskedNode()``) and matches leaves of different trees by their *names*:
+the tuple of dictionary keys / attribute names / indices on a leaf's path.
+"""
+
+from collections.abc import Iterable
+from typing import Any, NamedTuple, Optional
+
+import jax
+import jax.numpy as jnp
+import optax
+from flax import nnx
+
+from dessilbi_jax.penalties import (
+  GroupLasso,
+  Lasso,
+  Penalty,
+  PenaltyRule,
+  default_penalty,
+)
+from dessilbi_jax.transform import resolve_penalties
+
+Names = tuple[str, ...]
+
+
+def pure(tree: Any) -> Any:
+  """The tree with Flax NNX variables replaced by their values."""
+  return nnx.as_pure(tree)
+
+
+def is_empty(x: Any) -> bool:
+  """An uncoupled slot of z/Γ: ``optax.MaskedNode()``, or ``()`` after NNX."""
+  return isinstance(x, tuple) and len(x) == 0
+
+
+def key_name(key: Any) -> str:
+  for attr in ('key', 'name', 'idx'):
+    if hasattr(key, attr):
+      return str(getattr(key, attr))
+  return str(key)
+
+
+def names_of(path: Iterable[Any]) -> Names:
+  """``(DictKey('conv1'), DictKey('kernel'))`` -> ``('conv1', 'kernel')``."""
+  out = tuple(key_name(k) for k in path)
+  if out and out[-1] in ('value', 'raw_value'):
+    out = out[:-1]  # NNX variables add a trailing `.value`
+  return out
+
+
+def join(names: Names) -> str:
+  return '/'.join(names)
+
+
+def split_name(name: str) -> Names:
+  return tuple(p for p in name.split('/') if p)
+
+
+def leaves_by_name(tree: Any) -> dict[Names, jax.Array]:
+  """The array leaves of a pure tree, keyed by their names."""
+  out = {}
+  for path, leaf in jax.tree_util.tree_leaves_with_path(tree):
+    out[names_of(path)] = leaf
+  return out
+
+
+def map_with_names(fn, tree: Any) -> Any:
+  """``jax.tree.map`` over a pure tree with ``fn(names, leaf)``."""
+  return jax.tree_util.tree_map_with_path(
+    lambda path, leaf: fn(names_of(path), leaf), tree
+  )
+
+
+def _is_core(path, value) -> bool:
+  del value
+  return getattr(path[-1], 'tuple_name', None) == 'DessiLBIState'
+
+
+class Core(NamedTuple):
+  """The fields of the (single) DessiLBIState inside an optimizer state."""
+
+  count: jax.Array
+  z: Any
+  gamma: Any
+
+
+def core_state(opt_state: Any, arg: str = 'opt_state') -> Core:
+  """Finds the DessiLBI core's count, z and Γ in a (wrapped) Optax state.
+
+  Raises:
+    ValueError: no DessiLBI core in the state, or more than one.
+  """
+  state = pure(opt_state)
+  fields = {}
+  for field in ('count', 'z', 'gamma'):
+    try:
+      fields[field] = optax.tree.get(state, field, filtering=_is_core)
+    except KeyError:
+      raise ValueError(
+        f'{arg}: found more than one DessiLBI core state; pass the state of '
+        'one optimizer (e.g. one branch of optax.partition).'
+      ) from None
+    if fields[field] is None:
+      raise ValueError(
+        f'{arg}: no DessiLBIState found (searched for its {field!r}); pass '
+        'the state of an optimizer built with dessilbi_jax.dessilbi or '
+        'dessilbi_jax.scale_by_dessilbi (for Flax NNX: optimizer.opt_state).'
+      )
+  return Core(**fields)
+
+
+def penalties_by_name(
+  gamma: Any, penalty: Optional[PenaltyRule] = None
+) -> dict[Names, Penalty]:
+  """The penalty of every coupled leaf of Γ, keyed by name.
+
+  Raises:
+    ValueError: the rule leaves a leaf uncoupled that Γ holds.
+  """
+  choices, _ = resolve_penalties(gamma, penalty)
+  out = {}
+  leaves = jax.tree_util.tree_leaves_with_path(gamma)
+  for (path, _), choice in zip(leaves, choices, strict=True):
+    names = names_of(path)
+    if choice is None:
+      raise ValueError(
+        f'penalty: the rule leaves {join(names)!r} uncoupled, but the '
+        'optimizer state holds a Γ for it; pass the penalty rule the '
+        'optimizer was built with.'
+      )
+    out[names] = choice
+  return out
+
+
+def reduce_axes(choice: Penalty, ndim: int) -> tuple[int, ...]:
+  """The axes one group spans (none for an elementwise penalty)."""
+  if isinstance(choice, Lasso):
+    return ()
+  return choice.reduce_axes(ndim)
+
+
+def group_any(mask: jax.Array, choice: Penalty) -> jax.Array:
+  """Per group: whether any entry of the group is set."""
+  axes = reduce_axes(choice, mask.ndim)
+  return jnp.any(mask, axis=axes) if axes else mask
+
+
+def group_norm(w: jax.Array, choice: Penalty) -> jax.Array:
+  """Per group: ‖W_g‖₂ (|W| for an elementwise penalty)."""
+  axes = reduce_axes(choice, w.ndim)
+  if not axes:
+    return jnp.abs(w)
+  return jnp.sqrt(jnp.sum(jnp.square(w), axis=axes))
+
+
+def expand_groups(per_group: jax.Array, choice: Penalty, ndim: int):
+  """Broadcasts a per-group array back to the leaf's rank."""
+  axes = reduce_axes(choice, ndim)
+  return jnp.expand_dims(per_group, axes) if axes else per_group
+
+
+def is_output_grouped(choice: Penalty, ndim: int) -> bool:
+  """One group per output filter/neuron (the last axis of a Flax kernel)."""
+  return isinstance(choice, GroupLasso) and choice.group_axes(ndim) == (
+    ndim - 1,
+  )
+
+
+def lookup(
+  table: dict[Names, Any], names: Names, what: str, arg: str = 'params'
+) -> Any:
+  if names not in table:
+    raise ValueError(
+      f'{arg}: has no leaf {join(names)!r}, which {what} holds; the trees do '
+      'not belong to the same model.'
+    )
+  return table[names]
+
+
+def check_same_shape(names: Names, a: jax.Array, b: jax.Array, what: str):
+  if tuple(a.shape) != tuple(b.shape):
+    raise ValueError(
+      f'params: leaf {join(names)!r} has shape {tuple(a.shape)} but {what} '
+      f'has {tuple(b.shape)}; the trees do not belong to the same model.'
+    )
+
+
+def penalty_at(
+  names: Names, leaf: jax.Array, penalty: Optional[PenaltyRule] = None
+) -> Penalty:
+  """The penalty a rule gives the leaf named ``names``.
+
+  Raises:
+    ValueError: the rule leaves that leaf uncoupled.
+  """
+  rule = default_penalty if penalty is None else penalty
+  path = tuple(jax.tree_util.DictKey(n) for n in names)
+  choice = rule(path, leaf)
+  if choice is None:
+    raise ValueError(
+      f'penalty: the rule leaves {join(names)!r} uncoupled, so it has no '
+      'groups; pass the penalty rule the optimizer was built with.'
+    )
+  return choice

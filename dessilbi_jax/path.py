@@ -1,0 +1,362 @@
+"""The sparse path at one point: support of Γ, W*, the residue, a summary.
+
+All functions are pure functions of ``(params, opt_state)``. They accept plain
+pytrees (Linen params, any Optax state that contains a
+:class:`~dessilbi_jax.DessiLBIState`, possibly inside chains and wrappers) and
+Flax NNX states (``nnx.state(model, nnx.Param)``, ``optimizer.opt_state``).
+"""
+
+import dataclasses
+import functools
+from typing import Any, Optional
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+
+from dessilbi_jax import _trees
+from dessilbi_jax.penalties import GroupLasso, PenaltyRule
+
+
+def support(
+  opt_state: optax.OptState,
+  *,
+  by_group: bool = False,
+  penalty: Optional[PenaltyRule] = None,
+) -> Any:
+  """Where Γ is non-zero: the sparse structure selected so far.
+
+  Args:
+    opt_state: an optimizer state containing a
+      :class:`~dessilbi_jax.DessiLBIState` (plain or Flax NNX).
+    by_group: if False, one boolean per weight (``Γ != 0``); if True, one per
+      group: per output filter for a group-lasso leaf (shape ``(out,)`` for a
+      HWIO conv kernel), per weight for a lasso leaf.
+    penalty: the penalty rule the optimizer was built with (it defines the
+      groups); None for :func:`~dessilbi_jax.default_penalty`. Only used with
+      ``by_group=True``.
+
+  Returns:
+    A pytree laid out like Γ: boolean arrays at coupled leaves, an empty node
+    (``optax.MaskedNode()``, or ``()`` for NNX states) at uncoupled ones.
+
+  Example:
+    >>> import jax.numpy as jnp
+    >>> import dessilbi_jax as dl
+    >>> params = {'conv': jnp.ones((1, 1, 2, 3)), 'b': jnp.ones(3)}
+    >>> state = dl.scale_by_dessilbi(1.0, nu=1.0).init(params)
+    >>> state = state._replace(gamma={**state.gamma,
+    ...     'conv': jnp.zeros((1, 1, 2, 3)).at[..., 1].set(0.5)})
+    >>> dl.support(state, by_group=True)
+    {'b': MaskedNode(), 'conv': Array([False,  True, False], dtype=bool)}
+  """
+  gamma = _trees.core_state(opt_state).gamma
+  return _support(gamma, bool(by_group), penalty)
+
+
+@functools.partial(jax.jit, static_argnames=('by_group', 'penalty'))
+def _support(gamma, by_group, penalty):
+  if not by_group:
+    return jax.tree.map(lambda g: g != 0, gamma)
+  penalties = _trees.penalties_by_name(gamma, penalty)
+  return _trees.map_with_names(
+    lambda names, g: _trees.group_any(g != 0, penalties[names]), gamma
+  )
+
+
+def w_star(params: optax.Params, opt_state: optax.OptState) -> optax.Params:
+  r"""W*: the weights masked by Γ's support (the sparse model on the path).
+
+  .. math::
+    W^* = W \odot \mathbb{1}[Γ \ne 0]
+
+  Uncoupled leaves (biases, normalisation parameters) are returned unchanged.
+
+  Args:
+    params: the weights W (a pytree, or a Flax NNX ``State``).
+    opt_state: the optimizer state holding Γ.
+
+  Returns:
+    A pytree laid out like the (pure) params. For Flax NNX, load it into a
+    copy of the model with ``nnx.update(nnx.clone(model), w_star(...))``.
+
+  Example:
+    >>> import jax.numpy as jnp
+    >>> import dessilbi_jax as dl
+    >>> params = {'w': jnp.array([[1.0, 2.0], [3.0, 4.0]])}
+    >>> state = dl.scale_by_dessilbi(1.0).init(params)
+    >>> state = state._replace(gamma={'w': jnp.array([[0.0, 1.0], [0.0, 0.0]])})
+    >>> dl.w_star(params, state)['w']
+    Array([[0., 2.],
+           [0., 0.]], dtype=float32)
+  """
+  return _w_star(_trees.pure(params), _trees.core_state(opt_state).gamma)
+
+
+@jax.jit
+def _w_star(params, gamma):
+  gamma = _trees.leaves_by_name(gamma)
+  seen = set()
+
+  def mask(names, w):
+    if names not in gamma:
+      return w
+    seen.add(names)
+    g = gamma[names]
+    _trees.check_same_shape(names, w, g, 'Γ')
+    return jnp.where(g != 0, w, jnp.zeros_like(w))
+
+  out = _trees.map_with_names(mask, params)
+  _check_all_seen(gamma, seen)
+  return out
+
+
+def _check_all_seen(gamma, seen):
+  missing = [n for n in gamma if n not in seen]
+  if missing:
+    raise ValueError(
+      f'params: has no leaf {_trees.join(missing[0])!r}, which Γ holds; the '
+      'params and the optimizer state do not belong to the same model.'
+    )
+
+
+def _coupled_pairs(params, opt_state):
+  """(names, W, Γ) for every coupled leaf, checked for matching shapes."""
+  gamma = _trees.leaves_by_name(_trees.core_state(opt_state).gamma)
+  table = _trees.leaves_by_name(_trees.pure(params))
+  out = []
+  for names, g in gamma.items():
+    w = _trees.lookup(table, names, 'Γ')
+    _trees.check_same_shape(names, w, g, 'Γ')
+    out.append((names, w, g))
+  return out
+
+
+def residue(
+  params: optax.Params, opt_state: optax.OptState, nu: jax.typing.ArrayLike
+) -> jax.Array:
+  """The coupling residue ``Σ ‖W − Γ‖² / (2ν)`` over all coupled leaves.
+
+  It measures how far the dense weights are from the sparse structure; it is
+  the term that the coupled loss adds to the task loss.
+
+  Args:
+    params: the weights W.
+    opt_state: the optimizer state holding Γ.
+    nu: the coupling strength ν the optimizer uses (not stored in its state).
+
+  Returns:
+    A float scalar array (jit-compatible, no host synchronisation).
+
+  Example:
+    >>> import jax.numpy as jnp
+    >>> import dessilbi_jax as dl
+    >>> params = {'w': jnp.array([[1.0, 2.0]])}
+    >>> state = dl.scale_by_dessilbi(1.0).init(params)
+    >>> print(dl.residue(params, state, nu=2.0))  # (1 + 4) / 4
+    1.25
+  """
+  pairs = [(w, g) for _, w, g in _coupled_pairs(params, opt_state)]
+  return _residue(pairs, nu)
+
+
+@jax.jit
+def _residue(pairs, nu):
+  total = jnp.zeros([], jnp.float32)
+  for w, g in pairs:
+    diff = (w - g).astype(jnp.promote_types(w.dtype, jnp.float32))
+    total = total + jnp.sum(jnp.square(diff))
+  return total / (2 * jnp.asarray(nu, total.dtype))
+
+
+@dataclasses.dataclass(frozen=True)
+class LayerSummary:
+  """The state of one coupled leaf on the path.
+
+  Attributes:
+    name: the leaf's path, e.g. ``'conv1/kernel'``.
+    shape: the leaf's shape.
+    penalty: ``'group'`` or ``'elementwise'``.
+    groups_selected: groups (filters; weights for an elementwise penalty)
+      with Γ ≠ 0.
+    groups_total: number of groups.
+    weights_selected: entries with Γ ≠ 0 (positive and negative alike).
+    weights_total: number of entries.
+    residue: ``‖W − Γ‖² / (2ν)`` for this leaf; None when ν was not given.
+  """
+
+  name: str
+  shape: tuple[int, ...]
+  penalty: str
+  groups_selected: int
+  groups_total: int
+  weights_selected: int
+  weights_total: int
+  residue: Optional[float] = None
+
+  @property
+  def group_fraction(self) -> float:
+    return self.groups_selected / max(self.groups_total, 1)
+
+  @property
+  def weight_fraction(self) -> float:
+    return self.weights_selected / max(self.weights_total, 1)
+
+
+@dataclasses.dataclass(frozen=True)
+class PathSummary:
+  """A per-layer sparsity summary of the path; ``str()`` gives a table.
+
+  Attributes:
+    step: the optimizer's step count.
+    layers: one :class:`LayerSummary` per coupled leaf, keyed by its name.
+    params_total: number of parameters of the whole model.
+    params_kept: parameters W* keeps: selected coupled weights plus every
+      uncoupled parameter.
+    density: ``params_kept / params_total``, the density of the whole model.
+    residue: total residue ``Σ ‖W − Γ‖² / (2ν)``; None when ν was not given.
+  """
+
+  step: int
+  layers: dict[str, LayerSummary]
+  params_total: int
+  params_kept: int
+  density: float
+  residue: Optional[float] = None
+
+  def as_dict(self) -> dict[str, Any]:
+    """Plain Python data (JSON-serialisable)."""
+    out = dataclasses.asdict(self)
+    for name, layer in self.layers.items():
+      out['layers'][name]['shape'] = list(layer.shape)
+    return out
+
+  def table(self) -> str:
+    """A fixed-width table, one row per coupled leaf, totals at the end."""
+    rows = [('layer', 'shape', 'groups', 'weights', 'residue')]
+
+    def frac(a, b):
+      return f'{a}/{b} ({a / max(b, 1):.1%})'
+
+    def res(x):
+      return '-' if x is None else f'{x:.4g}'
+
+    for layer in self.layers.values():
+      rows.append(
+        (
+          layer.name,
+          'x'.join(str(s) for s in layer.shape),
+          frac(layer.groups_selected, layer.groups_total)
+          + (' filters' if layer.penalty == 'group' else ''),
+          frac(layer.weights_selected, layer.weights_total),
+          res(layer.residue),
+        )
+      )
+    sel = sum(v.weights_selected for v in self.layers.values())
+    tot = sum(v.weights_total for v in self.layers.values())
+    rows.append(('coupled', '', '', frac(sel, tot), res(self.residue)))
+    widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
+    lines = [
+      '  '.join(c.ljust(w) for c, w in zip(r, widths, strict=True)).rstrip()
+      for r in rows
+    ]
+    lines.insert(1, '-' * len(lines[0]))
+    lines.append(
+      f'step {self.step}: density of the whole model {self.density:.1%} '
+      f'({self.params_kept} of {self.params_total} parameters in W*)'
+    )
+    return '\n'.join(lines)
+
+  def __str__(self) -> str:
+    return self.table()
+
+
+def path_summary(
+  params: optax.Params,
+  opt_state: optax.OptState,
+  *,
+  nu: Optional[float] = None,
+  penalty: Optional[PenaltyRule] = None,
+) -> PathSummary:
+  """Per-layer sparsity of the path: selected groups, weights, residue.
+
+  Counts are computed on the device and fetched once (this function is for
+  reporting, e.g. once per epoch).
+
+  Args:
+    params: the weights W (every parameter of the model counts towards the
+      density, coupled or not).
+    opt_state: the optimizer state holding Γ.
+    nu: the coupling strength ν, for the residue; None to leave it out.
+    penalty: the penalty rule the optimizer was built with; None for the
+      default.
+
+  Returns:
+    A :class:`PathSummary`; ``print(summary)`` shows it as a table and
+    ``summary.as_dict()`` gives plain data.
+
+  Example:
+    >>> import jax.numpy as jnp
+    >>> import dessilbi_jax as dl
+    >>> params = {'conv': {'kernel': jnp.ones((1, 1, 2, 4)), 'bias': jnp.ones(4)}}
+    >>> state = dl.scale_by_dessilbi(1.0).init(params)
+    >>> gamma = jnp.zeros((1, 1, 2, 4)).at[..., 0].set(1.0)
+    >>> state = state._replace(gamma={'conv': {'kernel': gamma, 'bias': ()}})
+    >>> s = dl.path_summary(params, state, nu=1.0)
+    >>> s.layers['conv/kernel'].groups_selected, s.params_kept
+    (1, 6)
+  """
+  core = _trees.core_state(opt_state)
+  penalties = _trees.penalties_by_name(core.gamma, penalty)
+  pairs = _coupled_pairs(params, opt_state)
+  all_params = jax.tree.leaves(_trees.pure(params))
+  params_total = int(sum(np.size(p) for p in all_params))
+
+  @jax.jit
+  def stats(pairs_arrays, count):
+    out = []
+    for (names, _, _), (w, g) in zip(pairs, pairs_arrays, strict=True):
+      nz = g != 0
+      diff = (w - g).astype(jnp.promote_types(w.dtype, jnp.float32))
+      out.append(
+        (
+          jnp.sum(_trees.group_any(nz, penalties[names])),
+          jnp.sum(nz),
+          jnp.sum(jnp.square(diff)),
+        )
+      )
+    return out, count
+
+  got, count = jax.device_get(stats([(w, g) for _, w, g in pairs], core.count))
+  layers = {}
+  total_residue = 0.0
+  for (names, w, _), (groups, weights, sq) in zip(pairs, got, strict=True):
+    choice = penalties[names]
+    axes = _trees.reduce_axes(choice, w.ndim)
+    n_groups = int(np.prod([s for i, s in enumerate(w.shape) if i not in axes]))
+    layer_res = None if nu is None else float(sq) / (2 * float(nu))
+    if layer_res is not None:
+      total_residue += layer_res
+    name = _trees.join(names)
+    layers[name] = LayerSummary(
+      name=name,
+      shape=tuple(int(s) for s in w.shape),
+      penalty='group' if isinstance(choice, GroupLasso) else 'elementwise',
+      groups_selected=int(groups),
+      groups_total=n_groups,
+      weights_selected=int(weights),
+      weights_total=int(np.size(w)),
+      residue=layer_res,
+    )
+  coupled_total = sum(v.weights_total for v in layers.values())
+  coupled_kept = sum(v.weights_selected for v in layers.values())
+  kept = params_total - coupled_total + coupled_kept
+  return PathSummary(
+    step=int(count),
+    layers=layers,
+    params_total=params_total,
+    params_kept=kept,
+    density=kept / max(params_total, 1),
+    residue=None if nu is None else total_residue,
+  )

@@ -1,0 +1,155 @@
+"""Pruning by the order of selection, with channel semantics."""
+
+import math
+from collections.abc import Sequence
+from typing import Any, Optional
+
+import jax
+import jax.numpy as jnp
+import optax
+
+from dessilbi_jax import _trees
+from dessilbi_jax.penalties import PenaltyRule
+from dessilbi_jax.selection import _rank_groups
+from dessilbi_jax.topology import Spec, link_of
+
+
+def _check_fraction(fraction: float) -> float:
+  if isinstance(fraction, bool) or not isinstance(fraction, (int, float)):
+    raise TypeError(
+      f'fraction must be a Python number in [0, 1], got {fraction!r}.'
+    )
+  if not 0 <= fraction <= 1:
+    raise ValueError(f'fraction must lie in [0, 1], got {fraction}.')
+  return float(fraction)
+
+
+def _select_leaves(record: Any, layers: Optional[Sequence[str]]) -> Any:
+  """The record restricted to ``layers`` (layer or leaf paths)."""
+  record = _trees.pure(record)
+  if layers is None:
+    return record
+  if isinstance(layers, str):
+    layers = [layers]
+  wanted = {_trees.split_name(name) for name in layers}
+  found = set()
+
+  def keep(names, r):
+    for cand in (names, names[:-1]):
+      if cand in wanted:
+        found.add(cand)
+        return r
+    return None
+
+  out = _trees.map_with_names(keep, record)
+  missing = wanted - found
+  if missing:
+    name = _trees.join(sorted(missing)[0])
+    raise ValueError(
+      f'layers: {name!r} is not a recorded (coupled) leaf or layer; recorded '
+      f'leaves: {sorted(_trees.join(n) for n in _trees.leaves_by_name(record))}.'
+    )
+  return out
+
+
+def prune(
+  params: optax.Params,
+  record: Any,
+  fraction: float,
+  *,
+  scope: str = 'layer',
+  layers: Optional[Sequence[str]] = None,
+  spec: Optional[Spec] = None,
+  penalty: Optional[PenaltyRule] = None,
+) -> tuple[optax.Params, Any]:
+  """Zeroes the lowest-ranked groups (latest selected, then smallest norm).
+
+  Groups are ranked by :func:`~dessilbi_jax.rank_groups`. With
+  ``scope='layer'``, ``floor(fraction · n)`` of the ``n`` groups of each
+  leaf are pruned; with ``scope='global'``, ``floor(fraction · N)`` of the
+  ``N`` groups of all leaves together. Exactly that many groups are zeroed
+  (ties are broken by norm, then by position).
+
+  Channel semantics: when a group is an output filter (a group-lasso leaf
+  grouped over its last axis), the filter's bias and the per-channel
+  parameters of the layer's normalisation (scale and shift; found by
+  naming, e.g. ``conv3`` -> ``bn3``, or given by ``spec``) are zeroed too, so
+  the channel's output is exactly zero whatever the input and the running
+  statistics.
+
+  Args:
+    params: the weights W (a pytree, or a Flax NNX ``State``).
+    record: the first-selection record (``optax.tree.get(opt_state,
+      'first_step')`` with :func:`~dessilbi_jax.track_selection`, or
+      :func:`~dessilbi_jax.update_selection`'s result).
+    fraction: the share of groups to prune, in [0, 1].
+    scope: ``'layer'`` or ``'global'``.
+    layers: the layers (or leaf paths) to prune; None for every recorded leaf.
+    spec: links naming each layer's norm layer, where naming does not tell.
+    penalty: the penalty rule the optimizer was built with.
+
+  Returns:
+    ``(pruned_params, masks)``: the params with pruned entries set to zero,
+    and boolean masks laid out like the params (True where kept).
+
+  Example:
+    >>> import jax.numpy as jnp
+    >>> import dessilbi_jax as dl
+    >>> params = {
+    ...   'conv1': {'kernel': jnp.ones((1, 1, 1, 4)), 'bias': jnp.ones(4)},
+    ...   'bn1': {'scale': jnp.ones(4), 'bias': jnp.ones(4)},
+    ... }
+    >>> record = {'conv1': {'kernel': jnp.array([3, 1, dl.NOT_SELECTED, 2])}}
+    >>> pruned, masks = dl.prune(params, record, 0.5)
+    >>> print(masks['conv1']['bias'], pruned['bn1']['scale'])
+    [False  True False  True] [0. 1. 0. 1.]
+  """
+  fraction = _check_fraction(fraction)
+  if scope not in ('layer', 'global'):
+    raise ValueError(f"scope must be 'layer' or 'global', got {scope!r}.")
+  params = _trees.pure(params)
+  record = _select_leaves(record, layers)
+  # One compiled program instead of one per operation and shape.
+  return jax.jit(
+    lambda params, record: _prune(
+      params, record, fraction, scope, spec, penalty
+    )
+  )(params, record)
+
+
+def _prune(params, record, fraction, scope, spec, penalty):
+  ranks = _trees.leaves_by_name(
+    _rank_groups(params, record, scope=scope, penalty=penalty)
+  )
+  table = _trees.leaves_by_name(params)
+  total = sum(r.size for r in ranks.values())
+  masks: dict[_trees.Names, jax.Array] = {}
+  for names, r in ranks.items():
+    n = total if scope == 'global' else r.size
+    n_prune = math.floor(fraction * n + 1e-9)
+    keep = r < n - n_prune
+    w = table[names]
+    choice = _trees.penalty_at(names, w, penalty)
+    masks[names] = jnp.broadcast_to(
+      _trees.expand_groups(keep, choice, w.ndim), w.shape
+    )
+    if names[-1] == 'kernel' and _trees.is_output_grouped(choice, w.ndim):
+      layer = _trees.join(names[:-1])
+      bias = (*names[:-1], 'bias')
+      if bias in table and table[bias].shape == keep.shape:
+        masks[bias] = keep
+      norm = link_of(spec, params, layer).norm
+      if norm is not None:
+        norm_names = _trees.split_name(norm)
+        for other, v in table.items():
+          if other[:-1] == norm_names and v.shape == keep.shape:
+            masks[other] = keep
+
+  def mask_of(names, w):
+    return masks.get(names, jnp.ones(w.shape, bool))
+
+  mask_tree = _trees.map_with_names(mask_of, params)
+  pruned = jax.tree.map(
+    lambda w, m: jnp.where(m, w, jnp.zeros_like(w)), params, mask_tree
+  )
+  return pruned, mask_tree

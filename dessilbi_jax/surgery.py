@@ -1,0 +1,593 @@
+"""Network surgery on the path: re-initialise, widen and slim layers.
+
+Each operation edits the *output channels* of layers and carries every tree
+that holds them along: the params, the normalisation statistics
+(``batch_stats`` in Linen; in Flax NNX pass ``nnx.state(model)``, which holds
+both) and the optimizer state (z, Γ, momentum or any other params-shaped
+buffer, and the first-selection record of
+:func:`~dessilbi_jax.track_selection`). Leaves of the optimizer state are
+matched to params by their key path (its end must equal the param's path).
+How channels flow from a layer to its norm and its consumers is given by a
+spec (see :mod:`dessilbi_jax.topology`).
+
+All functions are pure: they return new trees and leave their inputs alone.
+For Flax NNX, build the model at its new widths and load the result with
+``nnx.update(new_model, result.params)``.
+"""
+
+from collections.abc import Mapping, Sequence
+from typing import Any, NamedTuple, Optional
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+
+from dessilbi_jax import _trees
+from dessilbi_jax.path import support
+from dessilbi_jax.penalties import PenaltyRule
+from dessilbi_jax.selection import NOT_SELECTED
+from dessilbi_jax.topology import (
+  Spec,
+  check_spec_table,
+  consumer_repeat,
+  producer_width,
+)
+
+
+class Surgery(NamedTuple):
+  """The result of :func:`widen` or :func:`slim`.
+
+  Attributes:
+    params: the new params.
+    opt_state: the new optimizer state (None if none was given).
+    batch_stats: the new normalisation statistics (None if none was given).
+    widths: the new output width of every edited layer.
+  """
+
+  params: Any
+  opt_state: Any
+  batch_stats: Any
+  widths: dict[str, int]
+
+
+# ----------------------------------------------------------------------------
+# Channel edits: a new channel list for one layer, applied to every tree.
+
+
+def _take(x, src: np.ndarray, axis: int, fill, repeat: int = 1):
+  """``x`` with its channels along ``axis`` re-ordered as ``src``.
+
+  ``src[j] >= 0`` takes old channel ``src[j]``; ``-1`` makes a new channel
+  filled with ``fill``. With ``repeat > 1`` the axis holds ``repeat`` blocks
+  of channels, channels fastest (a channels-last flattened feature map).
+  Surgery is a rare host-side operation: it runs in NumPy (no compilation
+  per shape) and returns a JAX array.
+  """
+  x = np.asarray(x)
+  axis = axis % x.ndim
+  channels = x.shape[axis] // repeat
+  blocks = x.reshape((*x.shape[:axis], repeat, channels, *x.shape[axis + 1 :]))
+  taken = np.take(blocks, np.where(src >= 0, src, 0), axis=axis + 1)
+  new = (src < 0).reshape((-1,) + (1,) * (blocks.ndim - axis - 2))
+  taken = np.where(new, np.asarray(fill).astype(x.dtype), taken)
+  out_shape = (*x.shape[:axis], repeat * len(src), *x.shape[axis + 1 :])
+  return jnp.asarray(taken.reshape(out_shape))
+
+
+def _norm_fill(leaf_name: str) -> float:
+  """New norm channels: unit scale and variance, zero shift and mean."""
+  return 1.0 if leaf_name in ('scale', 'var', 'variance') else 0.0
+
+
+class _Edit:
+  """A channel edit of one producer layer, applicable to any tree."""
+
+  def __init__(self, table, spec_link, layer, src, *, outputs_only=False):
+    self.layer = _trees.split_name(layer)
+    self.src = np.asarray(src, np.int64)
+    width = producer_width(table, layer)
+    self.width = width
+    # Full leaf names -> (axis, repeat, fill for params).
+    self.ops: dict[_trees.Names, tuple[int, int, float]] = {
+      (*self.layer, 'kernel'): (-1, 1, 0.0)
+    }
+    bias = (*self.layer, 'bias')
+    if bias in table and tuple(table[bias].shape) == (width,):
+      self.ops[bias] = (0, 1, 0.0)
+    self.consumer_kernels = set()
+    if outputs_only or spec_link is None:
+      return
+    if spec_link.norm is not None:
+      norm = _trees.split_name(spec_link.norm)
+      for names, v in table.items():
+        if names[:-1] == norm and tuple(v.shape) == (width,):
+          self.ops[names] = (0, 1, _norm_fill(names[-1]))
+    for consumer in spec_link.consumers:
+      repeat = consumer_repeat(table, layer, consumer, width)
+      names = (*_trees.split_name(consumer), 'kernel')
+      self.ops[names] = (-2, repeat, 0.0)
+      self.consumer_kernels.add(names)
+
+  def apply(self, tree, param_shapes, *, state=False, where='params'):
+    """Applies the edit to a pure tree (params, batch stats or opt state).
+
+    A params or batch-stats leaf is edited when its name is in the edit; an
+    optimizer-state leaf when the longest end of its name that names a param
+    is in the edit.
+    """
+
+    def match(names):
+      if not state:
+        return names if names in self.ops else None
+      for k in range(len(names)):
+        if names[k:] in param_shapes:
+          return names[k:] if names[k:] in self.ops else None
+      return None
+
+    def one(names, x):
+      key = match(names)
+      if key is None or not hasattr(x, 'shape'):
+        return x
+      axis, repeat, fill = self.ops[key]
+      integer = jnp.issubdtype(x.dtype, jnp.integer)
+      if state:
+        fill = NOT_SELECTED if integer else 0.0
+      shape = param_shapes.get(key)
+      if shape is not None and tuple(x.shape) == shape:
+        return _take(x, self.src, axis, fill, repeat)
+      if not state:
+        raise ValueError(
+          f'{where}: leaf {_trees.join(names)!r} has shape {tuple(x.shape)}, '
+          f'expected {shape} to edit the channels of layer '
+          f'{_trees.join(self.layer)!r}.'
+        )
+      if key == (*self.layer, 'kernel') and tuple(x.shape) == (self.width,):
+        return _take(x, self.src, 0, fill)  # a per-filter record
+      if key in self.consumer_kernels and integer and x.ndim == 1:
+        return x  # the consumer's per-filter record: its filters stay
+      raise ValueError(
+        f'opt_state: leaf {_trees.join(names)!r} of shape '
+        f'{tuple(x.shape)} belongs to {_trees.join(key)!r} but does not '
+        'have its shape; this optimizer state cannot follow a channel edit.'
+      )
+
+    return _trees.map_with_names(one, tree)
+
+
+def _apply_edits(edits, params, opt_state, batch_stats):
+  for edit in edits:
+    shapes = {
+      n: tuple(v.shape)
+      for tree in (params, batch_stats)
+      if tree is not None
+      for n, v in _trees.leaves_by_name(tree).items()
+    }
+    params = edit.apply(params, shapes)
+    if batch_stats is not None:
+      batch_stats = edit.apply(batch_stats, shapes, where='batch_stats')
+    if opt_state is not None:
+      opt_state = edit.apply(opt_state, shapes, state=True)
+  return params, opt_state, batch_stats
+
+
+def _pure_or_none(tree):
+  return None if tree is None else _trees.pure(tree)
+
+
+def _joint_table(params, batch_stats):
+  table = dict(_trees.leaves_by_name(params))
+  if batch_stats is not None:
+    table.update(_trees.leaves_by_name(batch_stats))
+  return table
+
+
+# ----------------------------------------------------------------------------
+# New filters, orthogonal to given ones.
+
+
+def orthogonal_filters(
+  key: jax.Array,
+  existing: jax.Array,
+  count: int,
+  norm: float = 1.0,
+  layer: str = 'layer',
+) -> jax.Array:
+  """``count`` new filters orthogonal to the ``existing`` ones.
+
+  Filters are columns of a ``(d, k)`` matrix (a kernel reshaped to
+  ``(-1, out)``). The new ones span random directions of the orthogonal
+  complement of the existing filters; they are orthonormal among themselves
+  when the complement has room for ``count`` of them (else only orthogonal
+  to the existing ones), and scaled to Euclidean norm ``norm``.
+
+  Args:
+    key: a JAX random key.
+    existing: ``(d, k)`` existing filters (``k`` may be 0).
+    count: number of new filters.
+    norm: the norm of each new filter.
+    layer: the layer's name, for error messages.
+
+  Returns:
+    A ``(d, count)`` array in the dtype of ``existing``.
+
+  Raises:
+    ValueError: the existing filters already span the whole filter space.
+
+  Example:
+    >>> import jax, jax.numpy as jnp
+    >>> import dessilbi_jax as dl
+    >>> kept = jnp.eye(4)[:, :2]
+    >>> new = dl.orthogonal_filters(jax.random.key(0), kept, 2)
+    >>> print(jnp.round(jnp.abs(kept.T @ new).max(), 6))
+    0.0
+  """
+  dtype = jnp.asarray(existing).dtype
+  existing = np.asarray(existing, np.float64)
+  d = existing.shape[0]
+  if existing.shape[1]:
+    u, s, _ = np.linalg.svd(existing, full_matrices=True)
+    tol = max(existing.shape) * np.finfo(np.float32).eps * (s.max(initial=0))
+    rank = int(np.sum(s > tol))
+    complement = u[:, rank:]
+  else:
+    complement = np.eye(d)
+  room = complement.shape[1]
+  if room == 0 and count:
+    raise ValueError(
+      f'layer {layer!r}: its {existing.shape[1]} kept filters span the whole '
+      f'{d}-dimensional filter space, so no new filter can be orthogonal to '
+      'them; keep fewer filters or skip this layer.'
+    )
+  g = np.asarray(jax.random.normal(key, (room, count)), np.float64)
+  if count <= room:
+    g, _ = np.linalg.qr(g)
+  new = complement @ g
+  new /= np.maximum(np.linalg.norm(new, axis=0, keepdims=True), 1e-30)
+  return jnp.asarray(new * norm, dtype=dtype)
+
+
+def _new_filter_norm(scale, filters: np.ndarray) -> float:
+  if scale is not None:
+    return float(scale)
+  if filters.shape[1] == 0:
+    return 1.0
+  return float(np.mean(np.linalg.norm(filters, axis=0)))
+
+
+# ----------------------------------------------------------------------------
+# Re-initialise.
+
+
+def _layer_of(name: str) -> str:
+  parts = _trees.split_name(name)
+  if parts and parts[-1] == 'kernel':
+    parts = parts[:-1]
+  return _trees.join(parts)
+
+
+def reinit_unselected(
+  key: jax.Array,
+  params: optax.Params,
+  opt_state: optax.OptState,
+  layers: Sequence[str],
+  *,
+  keep: Optional[Mapping[str, Any]] = None,
+  scale: Optional[float] = None,
+  penalty: Optional[PenaltyRule] = None,
+) -> tuple[optax.Params, optax.OptState]:
+  """Re-initialises the unselected filters of layers, orthogonal to the kept.
+
+  For network growth: filters outside Γ's support get fresh values in the
+  orthogonal complement of the kept filters (inner products 0 in filter
+  space, the kernel reshaped to ``(-1, out)``), their bias is set to 0, and
+  every optimizer buffer of their kernel and bias entries (z, Γ, momentum...)
+  is reset to 0, so they start a new path; a first-selection record of
+  :func:`~dessilbi_jax.track_selection` is reset to NOT_SELECTED for them.
+
+  Args:
+    key: a JAX random key.
+    params: the weights W.
+    opt_state: the optimizer state.
+    layers: the layer paths (``'conv2'``) or kernel paths to re-initialise.
+    keep: per layer, a boolean vector of the filters to keep; None for the
+      filters in Γ's support.
+    scale: the norm of each new filter; None for the mean norm of the kept
+      filters of the layer (1 if none is kept).
+    penalty: the penalty rule the optimizer was built with.
+
+  Returns:
+    ``(params, opt_state)``, pure (NNX variables unwrapped).
+
+  Raises:
+    ValueError: a layer has no kernel, or no room for orthogonal filters.
+  """
+  params = _trees.pure(params)
+  opt_state = _trees.pure(opt_state)
+  table = _trees.leaves_by_name(params)
+  selected = None
+  if keep is None:
+    selected = _trees.leaves_by_name(
+      support(opt_state, by_group=True, penalty=penalty)
+    )
+  if isinstance(layers, str):
+    layers = [layers]
+  keys = jax.random.split(key, max(len(layers), 1))
+  edits, new_filters = [], {}
+  for layer_key, name in zip(keys, layers, strict=False):
+    layer = _layer_of(name)
+    width = producer_width(table, layer)
+    kernel_names = (*_trees.split_name(layer), 'kernel')
+    kernel = np.asarray(table[kernel_names])
+    if keep is not None:
+      if layer not in keep:
+        raise ValueError(f'keep: has no entry for layer {layer!r}.')
+      mask = np.asarray(keep[layer], bool)
+    else:
+      if kernel_names not in selected:
+        raise ValueError(
+          f'layers: {layer!r} is not coupled (Γ has no entry for its kernel).'
+        )
+      mask = np.asarray(selected[kernel_names], bool)
+    mask = _channel_mask(mask, kernel.shape, layer)
+    filters = kernel.reshape(-1, width)
+    fresh = np.flatnonzero(~mask)
+    src = np.where(mask, np.arange(width), -1)
+    norm = _new_filter_norm(scale, filters[:, mask])
+    new_filters[kernel_names] = (
+      fresh,
+      orthogonal_filters(layer_key, filters[:, mask], len(fresh), norm, layer),
+    )
+    edits.append(_Edit(table, None, layer, src, outputs_only=True))
+  params, opt_state, _ = _apply_edits(edits, params, opt_state, None)
+  params = _set_new_filters(params, new_filters)
+  return params, opt_state
+
+
+def _channel_mask(mask: np.ndarray, kernel_shape, layer: str) -> np.ndarray:
+  """A per-output-channel mask from a per-channel, per-group or full mask."""
+  width = kernel_shape[-1]
+  if mask.shape == (width,):
+    return mask
+  if mask.shape == tuple(kernel_shape):
+    return mask.reshape(-1, width).any(axis=0)
+  raise ValueError(
+    f'keep: the mask of layer {layer!r} has shape {mask.shape}; expected '
+    f'({width},) (one per output channel) or the kernel shape '
+    f'{tuple(kernel_shape)}.'
+  )
+
+
+def _set_new_filters(params, new_filters):
+  def one(names, x):
+    if names not in new_filters:
+      return x
+    idx, values = new_filters[names]
+    if not len(idx):
+      return x
+    flat = np.array(x).reshape(-1, x.shape[-1])
+    flat[:, idx] = np.asarray(values)
+    return jnp.asarray(flat.reshape(x.shape))
+
+  return _trees.map_with_names(one, params)
+
+
+# ----------------------------------------------------------------------------
+# Widen.
+
+
+def widen(
+  key: jax.Array,
+  params: optax.Params,
+  spec: Spec,
+  layer: str,
+  add: int,
+  *,
+  opt_state: Optional[optax.OptState] = None,
+  batch_stats: Optional[Any] = None,
+  scale: Optional[float] = None,
+) -> Surgery:
+  """Adds ``add`` output filters to ``layer`` and the inputs that read them.
+
+  The new filters are orthogonal to the existing ones (see
+  :func:`orthogonal_filters`; random directions if the filter space is
+  full), with zero bias; the layer's norm gets unit scale and variance and
+  zero shift and mean for them; its consumers get zero weights on the new
+  input channels, so the widened model computes the same function as before.
+  Optimizer buffers (z, Γ, momentum) of the old entries are carried over and
+  start at 0 for the new ones; a first-selection record marks the new
+  filters NOT_SELECTED.
+
+  Args:
+    key: a JAX random key.
+    params: the params (in Flax NNX, ``nnx.state(model)`` also carries the
+      batch statistics).
+    spec: the links of the model; ``layer`` must be in it.
+    layer: the layer path to widen.
+    add: the number of filters to add (> 0).
+    opt_state: the optimizer state to carry along, or None.
+    batch_stats: Linen's ``batch_stats`` collection, or None.
+    scale: the norm of each new filter; None for the mean norm of the
+      existing ones.
+
+  Returns:
+    A :class:`Surgery` with the new trees and ``widths = {layer: new}``.
+
+  Raises:
+    ValueError: ``layer`` is not in the spec, or the spec does not fit.
+
+  Example:
+    >>> import jax, jax.numpy as jnp
+    >>> import dessilbi_jax as dl
+    >>> params = {'fc1': {'kernel': jnp.ones((3, 2)), 'bias': jnp.ones(2)},
+    ...           'fc2': {'kernel': jnp.ones((2, 1))}}
+    >>> spec = dl.chain_spec(params, ['fc1', 'fc2'])
+    >>> out = dl.widen(jax.random.key(0), params, spec, 'fc1', 2)
+    >>> out.params['fc1']['kernel'].shape, out.params['fc2']['kernel'].T
+    ((3, 4), Array([[1., 1., 0., 0.]], dtype=float32))
+  """
+  if isinstance(add, bool) or not isinstance(add, int) or add < 1:
+    raise ValueError(f'add must be a positive int, got {add!r}.')
+  params = _trees.pure(params)
+  batch_stats = _pure_or_none(batch_stats)
+  opt_state = _pure_or_none(opt_state)
+  table = _joint_table(params, batch_stats)
+  if layer not in spec:
+    raise ValueError(
+      f'layer {layer!r} is not in the spec, so its consumers are unknown; '
+      f'add spec[{layer!r}] = dessilbi_jax.Link(norm=..., consumers=(...)) '
+      '(layers whose outputs feed a residual addition cannot be widened '
+      'alone).'
+    )
+  check_spec_table(table, {layer: spec[layer]})
+  width = producer_width(table, layer)
+  kernel_names = (*_trees.split_name(layer), 'kernel')
+  filters = np.asarray(table[kernel_names]).reshape(-1, width)
+  norm = _new_filter_norm(scale, filters)
+  room = filters.shape[0] - np.linalg.matrix_rank(filters)
+  if room >= 1:
+    new = orthogonal_filters(key, filters, add, norm, layer)
+  else:
+    new = jax.random.normal(key, (filters.shape[0], add))
+    new = new / jnp.linalg.norm(new, axis=0) * norm
+  src = np.concatenate([np.arange(width), -np.ones(add, np.int64)])
+  edit = _Edit(table, spec[layer], layer, src)
+  params, opt_state, batch_stats = _apply_edits(
+    [edit], params, opt_state, batch_stats
+  )
+  params = _set_new_filters(
+    params, {kernel_names: (np.arange(width, width + add), new)}
+  )
+  return Surgery(params, opt_state, batch_stats, {layer: width + add})
+
+
+# ----------------------------------------------------------------------------
+# Slim.
+
+
+def _keep_per_layer(keep, table, spec) -> dict[str, np.ndarray]:
+  """Normalises ``keep`` to {producer layer: boolean per output channel}."""
+  if isinstance(keep, Mapping) and all(
+    hasattr(v, 'shape') for v in keep.values()
+  ):
+    out = {}
+    for layer, mask in keep.items():
+      if layer not in spec:
+        raise ValueError(
+          f'keep: layer {layer!r} is not in the spec; add spec[{layer!r}] = '
+          'dessilbi_jax.Link(...) naming its norm and consumers (layers '
+          'whose outputs feed a residual addition or the model output cannot '
+          'be slimmed).'
+        )
+      kernel = table[(*_trees.split_name(layer), 'kernel')]
+      out[layer] = _channel_mask(np.asarray(mask, bool), kernel.shape, layer)
+    return out
+  out = {}
+  for names, mask in _trees.leaves_by_name(_trees.pure(keep)).items():
+    if not names or names[-1] != 'kernel':
+      continue
+    layer = _trees.join(names[:-1])
+    if layer in spec:
+      kernel = table[names]
+      out[layer] = _channel_mask(np.asarray(mask, bool), kernel.shape, layer)
+  return out
+
+
+def slim(
+  params: optax.Params,
+  spec: Spec,
+  keep: Any,
+  *,
+  opt_state: Optional[optax.OptState] = None,
+  batch_stats: Optional[Any] = None,
+) -> Surgery:
+  """A physically smaller model: drops unselected output filters.
+
+  For every layer of the spec with an entry in ``keep``, the dropped filters
+  leave the layer's kernel and bias, its norm's parameters and statistics,
+  and the matching input channels of its consumers (rows of a Dense kernel
+  reading a flattened feature map included). If the dropped channels output
+  exactly zero in the model (as after :func:`~dessilbi_jax.prune`, or when
+  their kernel, bias and norm shift are zero) and the activations map 0 to
+  0, the slim model computes the same function.
+
+  Args:
+    params: the params (in Flax NNX, ``nnx.state(model)`` also carries the
+      batch statistics).
+    spec: the links of the model (:func:`~dessilbi_jax.chain_spec` or by
+      hand). Layers not in it are not slimmed.
+    keep: which output channels to keep: a dict ``{layer: bool array}`` (per
+      channel, or kernel-shaped), or a tree such as
+      ``support(opt_state, by_group=True)`` or the masks of
+      :func:`~dessilbi_jax.prune` (kernel entries of layers not in the spec
+      are ignored).
+    opt_state: the optimizer state to carry along, or None.
+    batch_stats: Linen's ``batch_stats`` collection, or None.
+
+  Returns:
+    A :class:`Surgery`; ``widths`` gives each slimmed layer's new width (to
+    build the smaller model with).
+
+  Raises:
+    ValueError: a layer named in ``keep`` is not in the spec, the spec does
+      not fit the params, or a layer would lose every filter.
+
+  Example:
+    >>> import jax.numpy as jnp
+    >>> import dessilbi_jax as dl
+    >>> params = {'fc1': {'kernel': jnp.ones((3, 4)), 'bias': jnp.ones(4)},
+    ...           'fc2': {'kernel': jnp.ones((4, 1))}}
+    >>> spec = dl.chain_spec(params, ['fc1', 'fc2'])
+    >>> out = dl.slim(params, spec, {'fc1': jnp.array([1, 0, 0, 1], bool)})
+    >>> out.widths, out.params['fc2']['kernel'].shape
+    ({'fc1': 2}, (2, 1))
+  """
+  params = _trees.pure(params)
+  batch_stats = _pure_or_none(batch_stats)
+  opt_state = _pure_or_none(opt_state)
+  table = _joint_table(params, batch_stats)
+  check_spec_table(table, spec)
+  per_layer = _keep_per_layer(keep, table, spec)
+  edits, widths = [], {}
+  for layer, mask in per_layer.items():
+    if not mask.any():
+      raise ValueError(
+        f'keep: layer {layer!r} would lose all its {mask.size} filters; '
+        'keep at least one or remove the layer from the model.'
+      )
+    edits.append(_Edit(table, spec[layer], layer, np.flatnonzero(mask)))
+    widths[layer] = int(mask.sum())
+  params, opt_state, batch_stats = _apply_edits(
+    edits, params, opt_state, batch_stats
+  )
+  return Surgery(params, opt_state, batch_stats, widths)
+
+
+def set_nnx_opt_state(optimizer: Any, opt_state: optax.OptState) -> None:
+  """Writes a pure optimizer state into a Flax NNX ``nnx.Optimizer``.
+
+  After :func:`widen` or :func:`slim`, build the model at its new widths and
+  a new ``nnx.Optimizer`` for it, then load the carried-over state with this
+  function (its layout must be the one the new optimizer was built with).
+
+  Args:
+    optimizer: an ``nnx.Optimizer``.
+    opt_state: a pure optimizer state (e.g. ``Surgery.opt_state``).
+  """
+  from flax import nnx
+
+  def assign(var, value):
+    if tuple(np.shape(var.get_value())) != tuple(np.shape(value)):
+      raise ValueError(
+        f'opt_state: a leaf has shape {np.shape(value)} but the optimizer '
+        f'holds {np.shape(var.get_value())}; build the optimizer for the '
+        'edited model first.'
+      )
+    var.set_value(value)
+
+  jax.tree.map(
+    assign,
+    optimizer.opt_state,
+    _trees.pure(opt_state),
+    is_leaf=lambda x: isinstance(x, nnx.Variable),
+  )

@@ -1,0 +1,237 @@
+"""How the layers of a model connect, for channel-level surgery.
+
+Pruning, re-initialising, widening and slimming act on *output channels* of a
+layer (the filters of a conv, the neurons of a Dense layer: the last axis of a
+Flax kernel). A channel lives on beyond its kernel: in the layer's bias, in
+the normalisation layer that follows it (scale, bias, running mean and
+variance) and in the input channels of every layer that reads it. A
+:class:`Link` states these connections for one layer, by layer path (the
+``'/'``-joined keys above the ``kernel`` leaf, e.g. ``'conv1'`` or
+``'block1/conv2'``); a *spec* maps layer paths to links.
+
+The spec is explicit on purpose: which layer reads which is a property of the
+forward pass, not of the parameters. :func:`chain_spec` builds it for
+sequential chains (LeNet, VGG) with defaults by naming; residual blocks list
+their links by hand, and layers whose outputs meet a residual addition are
+simply left out (their channels cannot be removed alone).
+"""
+
+import dataclasses
+import itertools
+import re
+from collections.abc import Mapping, Sequence
+from typing import Any, Optional
+
+import optax
+
+from dessilbi_jax import _trees
+
+
+@dataclasses.dataclass(frozen=True)
+class Link:
+  """Where the output channels of one layer go.
+
+  Attributes:
+    norm: the path of the normalisation layer applied to this layer's output
+      (its per-channel leaves follow the channels), or None.
+    consumers: the paths of the layers that read these channels as their
+      inputs: a conv reads them on its kernel's axis -2; a Dense layer on its
+      kernel's rows, either directly or as a feature map flattened
+      channels-last (``x.reshape(n, -1)`` of an NHWC array), so its kernel has
+      ``spatial × channels`` rows.
+  """
+
+  norm: Optional[str] = None
+  consumers: tuple[str, ...] = ()
+
+  def __post_init__(self):
+    consumers = self.consumers
+    if isinstance(consumers, str):
+      consumers = (consumers,)
+    object.__setattr__(self, 'consumers', tuple(consumers))
+
+
+Spec = Mapping[str, Link]
+
+
+def _natural_key(name: str):
+  return [int(t) if t.isdigit() else t for t in re.split(r'(\d+)', name)]
+
+
+def kernel_layers(params: optax.Params) -> list[str]:
+  """Paths of the layers holding a ``kernel`` leaf, in natural order.
+
+  Natural order sorts digits by value (``conv2`` before ``conv10``).
+  """
+  names = [
+    _trees.join(n[:-1])
+    for n in _trees.leaves_by_name(_trees.pure(params))
+    if n and n[-1] == 'kernel'
+  ]
+  return sorted(names, key=_natural_key)
+
+
+def default_norm(params: optax.Params, layer: str) -> Optional[str]:
+  """The norm layer of ``layer`` by naming: ``conv3`` -> ``bn3``/``norm3``.
+
+  The last ``conv``/``fc``/``dense``/``linear`` in the layer's path is
+  replaced by ``bn``, ``norm`` or ``batchnorm``; the first candidate that
+  exists in ``params`` with per-channel leaves of the layer's width wins.
+  """
+  table = _trees.leaves_by_name(_trees.pure(params))
+  kernel = table.get((*_trees.split_name(layer), 'kernel'))
+  if kernel is None:
+    return None
+  width = kernel.shape[-1]
+  parts = _trees.split_name(layer)
+  last = parts[-1]
+  m = re.search(r'(conv|fc|dense|linear)(?!.*(conv|fc|dense|linear))', last)
+  if not m:
+    return None
+  for repl in ('bn', 'norm', 'batchnorm', 'batch_norm'):
+    cand = (*parts[:-1], last[: m.start()] + repl + last[m.end() :])
+    leaves = [v for n, v in table.items() if n[:-1] == cand]
+    if leaves and all(v.shape == (width,) for v in leaves):
+      return _trees.join(cand)
+  return None
+
+
+def chain_spec(
+  params: optax.Params,
+  layers: Optional[Sequence[str]] = None,
+  norms: Optional[Mapping[str, Optional[str]]] = None,
+) -> dict[str, Link]:
+  """The spec of a sequential chain: each layer feeds the next one.
+
+  Args:
+    params: the model's params (a pytree or a Flax NNX state).
+    layers: the layer paths in forward order; None for every layer with a
+      ``kernel`` leaf in natural order (right for names like ``conv1``,
+      ``conv2``, ``fc1``, ``fc2`` only if convs come first alphabetically;
+      give the order when in doubt).
+    norms: the norm layer of each layer; missing entries are found by naming
+      (:func:`default_norm`), None means no norm.
+
+  Returns:
+    A dict ``{layer: Link(norm, (next_layer,))}`` for every layer but the
+    last (the last layer's outputs are the model's outputs).
+
+  Raises:
+    ValueError: a layer is missing, or the widths of consecutive layers do
+      not fit (the message names both layers).
+
+  Example:
+    >>> import jax.numpy as jnp
+    >>> import dessilbi_jax as dl
+    >>> params = {
+    ...   'conv1': {'kernel': jnp.zeros((3, 3, 1, 4)), 'bias': jnp.zeros(4)},
+    ...   'bn1': {'scale': jnp.ones(4), 'bias': jnp.zeros(4)},
+    ...   'conv2': {'kernel': jnp.zeros((3, 3, 4, 8))},
+    ...   'fc': {'kernel': jnp.zeros((8 * 4, 10))},
+    ... }
+    >>> spec = dl.chain_spec(params, ['conv1', 'conv2', 'fc'])
+    >>> spec['conv1']
+    Link(norm='bn1', consumers=('conv2',))
+    >>> spec['conv2']
+    Link(norm=None, consumers=('fc',))
+  """
+  order = list(kernel_layers(params) if layers is None else layers)
+  norms = dict(norms or {})
+  spec = {}
+  for producer, consumer in itertools.pairwise(order):
+    norm = (
+      norms[producer] if producer in norms else default_norm(params, producer)
+    )
+    spec[producer] = Link(norm=norm, consumers=(consumer,))
+  check_spec(params, spec)
+  return spec
+
+
+def check_spec(params: optax.Params, spec: Spec) -> None:
+  """Checks that a spec fits the params; errors name the layer.
+
+  Raises:
+    TypeError: a value of the spec is not a :class:`Link`.
+    ValueError: a layer has no kernel, a norm layer has no per-channel
+      leaves of the producer's width, or a consumer's input width does not
+      fit the producer's channels.
+  """
+  check_spec_table(_trees.leaves_by_name(_trees.pure(params)), spec)
+
+
+def check_spec_table(table: dict, spec: Spec) -> None:
+  """:func:`check_spec` on leaves keyed by name."""
+  for layer, link in spec.items():
+    if not isinstance(link, Link):
+      raise TypeError(
+        f'spec[{layer!r}] must be a dessilbi_jax.Link, got {link!r}.'
+      )
+    width = producer_width(table, layer)
+    if link.norm is not None:
+      norm = _trees.split_name(link.norm)
+      leaves = {n: v for n, v in table.items() if n[:-1] == norm}
+      if not leaves:
+        raise ValueError(
+          f'spec[{layer!r}]: norm layer {link.norm!r} has no leaves in the '
+          'params.'
+        )
+      for n, v in leaves.items():
+        if tuple(v.shape) != (width,):
+          raise ValueError(
+            f'spec[{layer!r}]: norm leaf {_trees.join(n)!r} has shape '
+            f'{tuple(v.shape)}, but layer {layer!r} has {width} output '
+            'channels.'
+          )
+    for consumer in link.consumers:
+      consumer_repeat(table, layer, consumer, width)
+
+
+def producer_width(table: dict, layer: str) -> int:
+  """Output channels of ``layer`` (last axis of its kernel)."""
+  kernel = table.get((*_trees.split_name(layer), 'kernel'))
+  if kernel is None:
+    raise ValueError(
+      f'layer {layer!r} has no kernel in the params (expected a leaf '
+      f'{layer + "/kernel"!r}).'
+    )
+  if kernel.ndim < 2:
+    raise ValueError(
+      f'layer {layer!r}: its kernel has rank {kernel.ndim}; expected a conv '
+      '(HWIO) or Dense ((in, out)) kernel.'
+    )
+  return int(kernel.shape[-1])
+
+
+def consumer_repeat(table: dict, layer: str, consumer: str, width: int) -> int:
+  """How many input positions per channel ``consumer`` reads (1 for a conv).
+
+  Raises:
+    ValueError: the consumer's input width does not fit ``width`` channels.
+  """
+  kernel = table.get((*_trees.split_name(consumer), 'kernel'))
+  if kernel is None:
+    raise ValueError(
+      f'spec[{layer!r}]: consumer {consumer!r} has no kernel in the params.'
+    )
+  fan_in = int(kernel.shape[-2])
+  if kernel.ndim >= 3:
+    if fan_in != width:
+      raise ValueError(
+        f'spec[{layer!r}]: consumer {consumer!r} has {fan_in} input '
+        f'channels, but layer {layer!r} has {width} output channels (grouped '
+        'or depthwise convolutions are not supported).'
+      )
+    return 1
+  if fan_in % width:
+    raise ValueError(
+      f'spec[{layer!r}]: consumer {consumer!r} has {fan_in} inputs, not a '
+      f'multiple of the {width} output channels of layer {layer!r}.'
+    )
+  return fan_in // width
+
+
+def link_of(spec: Optional[Spec], params: Any, layer: str) -> Link:
+  """The link of ``layer``: from the spec, else its norm by naming only."""
+  if spec is not None and layer in spec:
+    return spec[layer]
+  return Link(norm=default_norm(params, layer))

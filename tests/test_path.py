@@ -1,0 +1,201 @@
+"""The path at one point: support, W*, residue and the sparsity summary."""
+
+import json
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+import pytest
+from flax import nnx
+
+import dessilbi_jax as dl
+from tests._golden import GOLDEN, STEPS, TOOLBOX_CASES, golden, replay
+
+
+def _trained(steps=40, seed=0):
+  """A conv + dense + bias problem trained until Γ is partly selected."""
+  keys = jax.random.split(jax.random.key(seed), 3)
+  target = {
+    'conv': {
+      'kernel': jax.random.normal(keys[0], (3, 3, 2, 6))
+      * jnp.array([3.0, 0.0, -2.0, 0.1, 0.0, 1.5]),
+      'bias': jnp.ones(6),
+    },
+    'dense': {
+      'kernel': jax.random.normal(keys[1], (6, 4))
+      * (jax.random.uniform(keys[2], (6, 4)) > 0.6)
+      * 3
+    },
+  }
+  params = jax.tree.map(jnp.zeros_like, target)
+  tx = dl.dessilbi(0.05, nu=1.0)
+  state = tx.init(params)
+
+  @jax.jit
+  def step(params, state):
+    grads = jax.grad(
+      lambda p: sum(
+        jnp.sum((a - b) ** 2)
+        for a, b in zip(
+          jax.tree.leaves(p), jax.tree.leaves(target), strict=True
+        )
+      )
+    )(params)
+    updates, state = tx.update(grads, state, params)
+    return optax.apply_updates(params, updates), state
+
+  for _ in range(steps):
+    params, state = step(params, state)
+  return params, state
+
+
+def test_support_per_weight_and_per_group():
+  _, state = _trained()
+  gamma = optax.tree.get(state, 'gamma')
+  per_weight = dl.support(state)
+  np.testing.assert_array_equal(
+    per_weight['conv']['kernel'], gamma['conv']['kernel'] != 0
+  )
+  assert isinstance(per_weight['conv']['bias'], optax.MaskedNode)
+  per_group = dl.support(state, by_group=True)
+  filters = per_group['conv']['kernel']
+  assert filters.shape == (6,) and filters.dtype == bool
+  np.testing.assert_array_equal(
+    filters, np.any(gamma['conv']['kernel'] != 0, axis=(0, 1, 2))
+  )
+  assert 0 < filters.sum() < 6
+  # Lasso leaves: every weight is its own group.
+  np.testing.assert_array_equal(
+    per_group['dense']['kernel'], gamma['dense']['kernel'] != 0
+  )
+  # A custom rule defines other groups: one per input row of the dense kernel.
+  rule = dl.penalty_rule(dense=dl.GroupLasso(axes=0))
+  rows = dl.support(state, by_group=True, penalty=rule)['dense']['kernel']
+  assert rows.shape == (6,)
+
+
+def test_w_star_masks_by_support_and_keeps_uncoupled_leaves():
+  params, state = _trained()
+  ws = dl.w_star(params, state)
+  gamma = optax.tree.get(state, 'gamma')
+  for layer in ('conv', 'dense'):
+    want = np.where(gamma[layer]['kernel'] != 0, params[layer]['kernel'], 0.0)
+    np.testing.assert_array_equal(ws[layer]['kernel'], want)
+  np.testing.assert_array_equal(ws['conv']['bias'], params['conv']['bias'])
+  # Jittable.
+  jitted = jax.jit(dl.w_star)(params, state)
+  jax.tree.map(np.testing.assert_array_equal, jitted, ws)
+
+
+@pytest.mark.parametrize('case', TOOLBOX_CASES)
+def test_w_star_matches_reference_golden(case, x64):
+  del x64
+  params, state = replay(case, STEPS - 1)
+  want = golden(f'{case}/final/w_star')
+  got = dl.w_star(params, state)
+  for layer in want:
+    np.testing.assert_allclose(
+      got[layer]['kernel'], want[layer]['kernel'], rtol=0, atol=1e-12
+    )
+  assert GOLDEN[f'{case}/final/w_star/conv1.weight'].shape == (4, 3, 3, 3)
+
+
+def test_residue_and_summary_count_both_signs():
+  params, state = _trained()
+  gamma = optax.tree.get(state, 'gamma')
+  nu = 2.0
+  want_res = sum(
+    float(np.sum((params[k]['kernel'] - gamma[k]['kernel']) ** 2))
+    for k in ('conv', 'dense')
+  ) / (2 * nu)
+  np.testing.assert_allclose(dl.residue(params, state, nu), want_res, rtol=1e-5)
+  np.testing.assert_allclose(
+    jax.jit(dl.residue)(params, state, nu), want_res, rtol=1e-5
+  )
+
+  s = dl.path_summary(params, state, nu=nu)
+  assert s.step == 40
+  conv, dense = s.layers['conv/kernel'], s.layers['dense/kernel']
+  g_conv, g_dense = (
+    np.asarray(gamma['conv']['kernel']),
+    gamma['dense']['kernel'],
+  )
+  assert conv.penalty == 'group' and dense.penalty == 'elementwise'
+  assert conv.groups_total == 6
+  assert conv.groups_selected == int(np.any(g_conv != 0, axis=(0, 1, 2)).sum())
+  assert conv.weights_selected == int((g_conv != 0).sum())
+  assert dense.weights_selected == int((np.asarray(g_dense) != 0).sum())
+  assert (np.asarray(g_dense) < 0).any()  # negative entries count too
+  assert dense.groups_selected == dense.weights_selected
+  assert dense.groups_total == dense.weights_total == 24
+  total = sum(np.size(x) for x in jax.tree.leaves(params))
+  kept = total - 3 * 3 * 2 * 6 - 24 + conv.weights_selected
+  kept += dense.weights_selected
+  assert (s.params_total, s.params_kept) == (total, kept)
+  assert s.density == pytest.approx(kept / total)
+  np.testing.assert_allclose(s.residue, want_res, rtol=1e-5)
+  np.testing.assert_allclose(conv.residue + dense.residue, want_res, rtol=1e-5)
+  text = str(s)
+  assert 'conv/kernel' in text and 'dense/kernel' in text
+  assert 'density of the whole model' in text
+  assert f'{conv.groups_selected}/6' in text
+  data = json.loads(json.dumps(s.as_dict()))
+  assert data['layers']['conv/kernel']['shape'] == [3, 3, 2, 6]
+  # Without ν there is no residue.
+  assert dl.path_summary(params, state).residue is None
+
+
+class _Net(nnx.Module):
+  def __init__(self, rngs):
+    self.conv1 = nnx.Conv(1, 4, (3, 3), rngs=rngs)
+    self.bn1 = nnx.BatchNorm(4, rngs=rngs)
+    self.fc = nnx.Linear(4 * 4 * 4, 2, rngs=rngs)
+
+  def __call__(self, x):
+    x = nnx.relu(self.bn1(self.conv1(x)))
+    return self.fc(x.reshape(x.shape[0], -1))
+
+
+def test_flax_nnx_states_work_directly():
+  model = _Net(nnx.Rngs(0))
+  optimizer = nnx.Optimizer(model, dl.dessilbi(0.1, nu=0.5), wrt=nnx.Param)
+  x = jax.random.normal(jax.random.key(1), (16, 4, 4, 1))
+  y = jnp.arange(16) % 2
+
+  @nnx.jit
+  def step(model, optimizer):
+    def loss_fn(model):
+      return optax.softmax_cross_entropy_with_integer_labels(model(x), y).mean()
+
+    optimizer.update(model, nnx.grad(loss_fn)(model))
+
+  for _ in range(30):
+    step(model, optimizer)
+  params = nnx.state(model, nnx.Param)
+  filters = dl.support(optimizer.opt_state, by_group=True)['conv1']['kernel']
+  assert filters.shape == (4,)
+  ws = dl.w_star(params, optimizer.opt_state)
+  sparse = nnx.clone(model)
+  nnx.update(sparse, ws)
+  fc = np.asarray(sparse.fc.kernel[...])
+  gamma = nnx.as_pure(optax.tree.get(optimizer.opt_state, 'gamma'))
+  np.testing.assert_array_equal(fc != 0, np.asarray(gamma['fc']['kernel']) != 0)
+  s = dl.path_summary(params, optimizer.opt_state, nu=0.5)
+  assert set(s.layers) == {'conv1/kernel', 'fc/kernel'}
+  assert s.params_total == sum(np.size(p) for p in jax.tree.leaves(params))
+
+
+def test_errors_name_the_problem():
+  params, state = _trained(steps=1)
+  with pytest.raises(ValueError, match='DessiLBIState'):
+    dl.support(optax.sgd(0.1).init(params))
+  with pytest.raises(ValueError, match='dense/kernel'):
+    dl.w_star({'conv': params['conv']}, state)
+  bad = {**params, 'dense': {'kernel': jnp.zeros((4, 6))}}
+  with pytest.raises(ValueError, match=r'dense/kernel.*shape'):
+    dl.w_star(bad, state)
+  with pytest.raises(ValueError, match='uncoupled'):
+    dl.support(
+      state, by_group=True, penalty=dl.penalty_rule(overrides={'dense': None})
+    )

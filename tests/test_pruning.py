@@ -1,0 +1,148 @@
+"""Pruning by the order of selection: exactly the lowest-ranked groups."""
+
+import math
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from flax import nnx
+
+import dessilbi_jax as dl
+
+NS = dl.NOT_SELECTED
+
+
+def _random_case(seed=0):
+  rng = np.random.default_rng(seed)
+  params = {
+    'conv1': {
+      'kernel': jnp.asarray(rng.normal(size=(3, 3, 2, 10)), jnp.float32),
+      'bias': jnp.asarray(rng.normal(size=10), jnp.float32),
+    },
+    'bn1': {
+      'scale': jnp.asarray(rng.normal(size=10), jnp.float32),
+      'bias': jnp.asarray(rng.normal(size=10), jnp.float32),
+    },
+    'fc': {
+      'kernel': jnp.asarray(rng.normal(size=(10, 3)), jnp.float32),
+      'bias': jnp.asarray(rng.normal(size=3), jnp.float32),
+    },
+  }
+  # Few distinct steps, so many ties are broken by norm.
+  steps = np.array([0, 4, 4, 9, NS], np.int64)
+  record = {
+    'conv1': {'kernel': jnp.asarray(rng.choice(steps, 10), jnp.int32)},
+    'fc': {'kernel': jnp.asarray(rng.choice(steps, (10, 3)), jnp.int32)},
+  }
+  return params, record
+
+
+def _expected_pruned(step, norm, n_prune):
+  """Indices of the n_prune worst groups: latest step, then smallest norm."""
+  order = sorted(
+    range(step.size), key=lambda i: (int(step.flat[i]), -float(norm.flat[i]))
+  )
+  return set(order[step.size - n_prune :]) if n_prune else set()
+
+
+@pytest.mark.parametrize('fraction', [0.0, 0.3, 0.5, 1.0])
+def test_layer_pruning_zeroes_exactly_the_lowest_ranked_groups(fraction):
+  params, record = _random_case()
+  pruned, masks = dl.prune(params, record, fraction)
+  kernel = np.asarray(params['conv1']['kernel'])
+  norm = np.linalg.norm(kernel.reshape(-1, 10), axis=0)
+  step = np.asarray(record['conv1']['kernel'])
+  worst = _expected_pruned(step, norm, math.floor(fraction * 10))
+  got_kernel = np.asarray(pruned['conv1']['kernel'])
+  for c in range(10):
+    if c in worst:
+      assert not got_kernel[..., c].any()
+      assert not masks['conv1']['kernel'][..., c].any()
+      for layer, leaf in [('conv1', 'bias'), ('bn1', 'scale'), ('bn1', 'bias')]:
+        assert pruned[layer][leaf][c] == 0
+    else:
+      np.testing.assert_array_equal(got_kernel[..., c], kernel[..., c])
+      for layer, leaf in [('conv1', 'bias'), ('bn1', 'scale'), ('bn1', 'bias')]:
+        assert pruned[layer][leaf][c] == params[layer][leaf][c]
+  # fc: elementwise groups, no bias semantics.
+  fc = np.asarray(params['fc']['kernel'])
+  worst_fc = _expected_pruned(
+    np.asarray(record['fc']['kernel']), np.abs(fc), math.floor(fraction * 30)
+  )
+  got_fc = np.asarray(pruned['fc']['kernel'])
+  for i in range(30):
+    assert got_fc.flat[i] == (0 if i in worst_fc else fc.flat[i])
+  np.testing.assert_array_equal(pruned['fc']['bias'], params['fc']['bias'])
+  assert masks['fc']['bias'].all()
+
+
+def test_global_pruning_ranks_all_groups_together():
+  params, record = _random_case(1)
+  pruned, masks = dl.prune(params, record, 0.25, scope='global')
+  conv_step = np.asarray(record['conv1']['kernel'])
+  conv_norm = np.linalg.norm(
+    np.asarray(params['conv1']['kernel']).reshape(-1, 10), axis=0
+  )
+  fc_step = np.asarray(record['fc']['kernel']).ravel()
+  fc_norm = np.abs(np.asarray(params['fc']['kernel'])).ravel()
+  step = np.concatenate([conv_step, fc_step])
+  norm = np.concatenate([conv_norm, fc_norm])
+  worst = _expected_pruned(step, norm, math.floor(0.25 * 40))
+  got = np.concatenate(
+    [
+      ~np.asarray(masks['conv1']['kernel']).any(axis=(0, 1, 2)),
+      ~np.asarray(masks['fc']['kernel']).ravel(),
+    ]
+  )
+  assert set(np.flatnonzero(got)) == worst
+  assert got.sum() == 10
+  zero = int(np.sum(np.asarray(pruned['fc']['kernel']) == 0))
+  assert zero == int((~np.asarray(masks['fc']['kernel'])).sum())
+
+
+def test_only_named_layers_are_pruned_and_errors():
+  params, record = _random_case()
+  pruned, _ = dl.prune(params, record, 0.5, layers=['conv1'])
+  np.testing.assert_array_equal(pruned['fc']['kernel'], params['fc']['kernel'])
+  assert int(np.sum(~np.asarray(pruned['conv1']['bias'] != 0))) == 5
+  with pytest.raises(ValueError, match="'conv9'"):
+    dl.prune(params, record, 0.5, layers=['conv9'])
+  with pytest.raises(ValueError, match='fraction'):
+    dl.prune(params, record, 1.5)
+  with pytest.raises(TypeError, match='fraction'):
+    dl.prune(params, record, '0.5')
+
+
+class _ConvBn(nnx.Module):
+  def __init__(self, rngs):
+    self.conv1 = nnx.Conv(2, 6, (3, 3), rngs=rngs)
+    self.norm1 = nnx.BatchNorm(6, rngs=rngs)
+
+  def __call__(self, x):
+    return nnx.relu(self.norm1(self.conv1(x)))
+
+
+def test_pruned_channels_output_exactly_zero_with_nnx_batch_norm():
+  model = _ConvBn(nnx.Rngs(0))
+  x = jax.random.normal(jax.random.key(1), (4, 5, 5, 2))
+  model(x)  # running statistics move away from 0 / 1
+  model.norm1.mean[...] = jnp.arange(6.0) - 2.0
+  model.norm1.bias[...] = jnp.ones(6)
+  model.eval()
+  record = {'conv1': {'kernel': jnp.array([0, 1, NS, 2, NS, 3], jnp.int32)}}
+  spec = {'conv1': dl.Link(norm='norm1')}
+  pruned, masks = dl.prune(nnx.state(model, nnx.Param), record, 0.5, spec=spec)
+  nnx.update(model, pruned)
+  out = np.asarray(model(x))
+  keep = np.asarray(masks['conv1']['bias'])
+  np.testing.assert_array_equal(keep, [True, True, False, True, False, False])
+  assert not out[..., ~keep].any()
+  assert out[..., keep].any()
+  # Naming finds the norm too (conv1 -> bn1 or norm1); a spec can opt out.
+  _, masks = dl.prune(nnx.state(model, nnx.Param), record, 0.5)
+  np.testing.assert_array_equal(masks['norm1']['scale'], keep)
+  _, masks = dl.prune(
+    nnx.state(model, nnx.Param), record, 0.5, spec={'conv1': dl.Link()}
+  )
+  assert masks['norm1']['scale'].all()

@@ -1,0 +1,170 @@
+"""Order of selection: the on-device record, rankings, reference compatibility."""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+import pytest
+from flax import nnx
+
+import dessilbi_jax as dl
+from tests._golden import (
+  GOLDEN,
+  STEPS,
+  STEPS_PER_EPOCH,
+  TOOLBOX_CASES,
+  golden,
+  replay,
+)
+
+
+@pytest.mark.parametrize('case', TOOLBOX_CASES)
+def test_epoch_record_and_prune_order_match_reference_golden(case, x64):
+  """``update_prune_order(epoch)`` after every 5 steps, epochs 0, 1, ..."""
+  del x64
+  order = None
+  for t in range(STEPS):
+    if (t + 1) % STEPS_PER_EPOCH:
+      continue
+    params, state = replay(case, t)
+    epoch = (t + 1) // STEPS_PER_EPOCH - 1
+    order = dl.reference_prune_order(params, state, epoch, previous=order)
+  want_record = golden(f'{case}/final/epoch_record')
+  for layer in ('conv1', 'fc'):
+    np.testing.assert_array_equal(
+      order.epoch_record[layer]['kernel'], want_record[layer]['kernel']
+    )
+  # Per filter for the conv (4 filters), per weight (Flax (in, out)) for fc.
+  want_conv = GOLDEN[f'{case}/final/prune_order/conv1.weight']
+  np.testing.assert_allclose(
+    order.prune_order['conv1']['kernel'], want_conv, rtol=0, atol=1e-12
+  )
+  want_fc = GOLDEN[f'{case}/final/prune_order/fc.weight'].T  # (in, out)
+  np.testing.assert_allclose(
+    order.prune_order['fc']['kernel'], want_fc, rtol=0, atol=1e-12
+  )
+  assert order.prune_order['conv1']['kernel'].shape == (4,)
+
+
+def _problem():
+  """A quadratic pull towards a target with strong, weak and zero filters."""
+  target = {
+    'conv': {
+      'kernel': jnp.ones((2, 2, 1, 5)) * jnp.array([3.0, 0.0, 1.5, 0.6, 3.0]),
+      'bias': jnp.ones(5),
+    },
+    'dense': {'kernel': jnp.array([[2.0, 0.0, -1.0], [0.0, 0.5, 0.0]])},
+  }
+
+  def loss(p):
+    return sum(
+      jnp.sum((a - b) ** 2)
+      for a, b in zip(jax.tree.leaves(p), jax.tree.leaves(target), strict=True)
+    )
+
+  return jax.tree.map(jnp.zeros_like, target), loss
+
+
+def test_tracked_record_is_the_first_step_of_support():
+  params, loss = _problem()
+  tx = dl.track_selection(dl.dessilbi(0.05, nu=1.0))
+  state = tx.init(params)
+
+  @jax.jit
+  def step(params, state):
+    updates, state = tx.update(jax.grad(loss)(params), state, params)
+    return optax.apply_updates(params, updates), state
+
+  first = {}
+  for t in range(1, 31):
+    params, state = step(params, state)
+    for layer, g in optax.tree.get(state, 'gamma').items():
+      nz = np.asarray(g['kernel'] != 0)
+      if layer == 'conv':
+        nz = nz.any(axis=(0, 1, 2))
+      prev = first.get(layer, np.full(nz.shape, dl.NOT_SELECTED))
+      first[layer] = np.where(nz & (prev == dl.NOT_SELECTED), t, prev)
+  record = optax.tree.get(state, 'first_step')
+  assert record['conv']['kernel'].dtype == jnp.int32
+  for layer in ('conv', 'dense'):
+    np.testing.assert_array_equal(record[layer]['kernel'], first[layer])
+  assert isinstance(record['conv']['bias'], optax.MaskedNode)
+  conv = np.asarray(record['conv']['kernel'])
+  # The strong filters enter first, the zero filter never.
+  assert conv[0] == conv[4] < conv[2] < dl.NOT_SELECTED
+  assert conv[1] == dl.NOT_SELECTED
+  # The rest of the toolbox finds the core through the wrapper.
+  assert dl.support(state, by_group=True)['conv']['kernel'].sum() >= 3
+
+
+def test_recording_has_no_host_callbacks_and_matches_manual_updates():
+  params, loss = _problem()
+  inner = dl.dessilbi(0.05, nu=1.0)
+  tx = dl.track_selection(inner)
+  jaxpr = jax.make_jaxpr(lambda g, s, p: tx.update(g, s, p))(
+    params, tx.init(params), params
+  )
+  text = str(jaxpr)
+  assert 'callback' not in text and 'io_' not in text
+
+  # init_selection / update_selection by hand, once per "epoch" of 5 steps.
+  state = inner.init(params)
+  record = dl.init_selection(state)
+  update = jax.jit(dl.update_selection)
+  for epoch in range(6):
+    for _ in range(5):
+      updates, state = inner.update(jax.grad(loss)(params), state, params)
+      params = optax.apply_updates(params, updates)
+    record = update(record, state, epoch)
+  conv = np.asarray(record['conv']['kernel'])
+  assert conv[0] < dl.NOT_SELECTED and conv[1] == dl.NOT_SELECTED
+  assert conv.max(initial=0, where=conv < dl.NOT_SELECTED) <= 5
+
+
+def test_track_selection_in_a_flax_nnx_optimizer():
+  model = nnx.Linear(3, 2, rngs=nnx.Rngs(0))
+  tx = dl.track_selection(dl.dessilbi(0.1, nu=0.5))
+  optimizer = nnx.Optimizer(model, tx, wrt=nnx.Param)
+  x = jnp.eye(3)
+  y = jnp.array([[2.0, 0.0], [0.0, 0.0], [0.0, -1.0]])
+
+  @nnx.jit
+  def step(model, optimizer):
+    grads = nnx.grad(lambda m: jnp.sum((m(x) - y) ** 2))(model)
+    optimizer.update(model, grads)
+
+  for _ in range(20):
+    step(model, optimizer)
+  record = nnx.as_pure(optax.tree.get(optimizer.opt_state, 'first_step'))
+  kernel = np.asarray(record['kernel'])
+  assert kernel.shape == (3, 2)
+  assert kernel[0, 0] < dl.NOT_SELECTED and kernel[2, 1] < dl.NOT_SELECTED
+  ranks = dl.rank_groups(nnx.state(model, nnx.Param), record)
+  assert sorted(np.asarray(ranks['kernel']).ravel()) == list(range(6))
+
+
+def test_ranking_earliest_first_ties_by_norm():
+  params = {
+    'conv': {
+      'kernel': jnp.ones((1, 1, 1, 4)) * jnp.array([1.0, 3.0, 2.0, 9.0])
+    },
+    'fc': {'kernel': jnp.array([[0.1, -5.0], [2.0, 0.3]])},
+  }
+  ns = dl.NOT_SELECTED
+  record = {
+    'conv': {'kernel': jnp.array([7, 2, 7, ns], jnp.int32)},
+    'fc': {'kernel': jnp.array([[1, 1], [ns, 3]], jnp.int32)},
+  }
+  ranks = dl.rank_groups(params, record)
+  np.testing.assert_array_equal(ranks['conv']['kernel'], [2, 0, 1, 3])
+  np.testing.assert_array_equal(ranks['fc']['kernel'], [[1, 0], [3, 2]])
+  # Global: all 8 groups ranked together (by step, then norm).
+  g = dl.rank_groups(params, record, scope='global')
+  np.testing.assert_array_equal(g['fc']['kernel'], [[1, 0], [7, 3]])
+  np.testing.assert_array_equal(g['conv']['kernel'], [5, 2, 4, 6])
+  with pytest.raises(ValueError, match='scope'):
+    dl.rank_groups(params, record, scope='model')
+  with pytest.raises(ValueError, match='conv/kernel'):
+    dl.rank_groups(
+      params, {**record, 'conv': {'kernel': jnp.zeros(3, jnp.int32)}}
+    )

@@ -1,0 +1,447 @@
+"""Surgery: orthogonal re-initialisation, widening, slimming, FLOPs."""
+
+import functools
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+import pytest
+from flax import linen, nnx
+from sklearn.datasets import load_digits
+
+import dessilbi_jax as dl
+
+NS = dl.NOT_SELECTED
+
+
+@functools.lru_cache
+def _digits():
+  """Real inputs: scikit-learn's 8x8 digits as NHWC float32."""
+  d = load_digits()
+  x = (d.images.astype(np.float32) / 16.0 - 0.3)[..., None]
+  return jnp.asarray(x[:256]), jnp.asarray(d.target[:256].astype(np.int32))
+
+
+def _train(model, tx, steps, batch=64):
+  """A few DessiLBI steps of an NNX model on the digits."""
+  x, y = _digits()
+  optimizer = nnx.Optimizer(model, tx, wrt=nnx.Param)
+
+  @nnx.jit
+  def step(model, optimizer, xb, yb):
+    def loss_fn(model):
+      return optax.softmax_cross_entropy_with_integer_labels(
+        model(xb), yb
+      ).mean()
+
+    optimizer.update(model, nnx.grad(loss_fn)(model))
+
+  for i in range(steps):
+    j = (i * batch) % (len(x) - batch)
+    step(model, optimizer, x[j : j + batch], y[j : j + batch])
+  return optimizer
+
+
+# ----------------------------------------------------------------------------
+# Models: LeNet-5 (NNX), a VGG-style chain (Linen), a ResNet block (NNX).
+
+
+class LeNet5(nnx.Module):
+  """LeNet-5 for 8x8 digits (SAME padding): 2 convs, 3 Dense layers."""
+
+  def __init__(self, widths=None, *, rngs):
+    w = {'conv1': 6, 'conv2': 16, 'fc1': 120, 'fc2': 84, **(widths or {})}
+    self.conv1 = nnx.Conv(1, w['conv1'], (5, 5), rngs=rngs)
+    self.conv2 = nnx.Conv(w['conv1'], w['conv2'], (5, 5), rngs=rngs)
+    self.fc1 = nnx.Linear(2 * 2 * w['conv2'], w['fc1'], rngs=rngs)
+    self.fc2 = nnx.Linear(w['fc1'], w['fc2'], rngs=rngs)
+    self.fc3 = nnx.Linear(w['fc2'], 10, rngs=rngs)
+
+  def __call__(self, x):
+    x = nnx.max_pool(nnx.relu(self.conv1(x)), (2, 2), (2, 2))
+    x = nnx.max_pool(nnx.relu(self.conv2(x)), (2, 2), (2, 2))
+    x = nnx.relu(self.fc1(x.reshape(x.shape[0], -1)))
+    return self.fc3(nnx.relu(self.fc2(x)))
+
+
+# Hidden Dense layers grouped per neuron, so whole neurons can be removed.
+LENET_RULE = dl.penalty_rule(
+  dense=dl.GroupLasso(axes=-1), overrides={'fc3': dl.Lasso()}
+)
+
+
+class Vgg(linen.Module):
+  widths: tuple[int, ...] = (8, 8, 16)
+
+  @linen.compact
+  def __call__(self, x, train=False):
+    for i, w in enumerate(self.widths):
+      x = linen.Conv(w, (3, 3), use_bias=False, name=f'conv{i + 1}')(x)
+      x = linen.BatchNorm(use_running_average=not train, name=f'bn{i + 1}')(x)
+      x = linen.relu(x)
+      if i % 2:
+        x = linen.max_pool(x, (2, 2), (2, 2))
+    return linen.Dense(10, name='fc')(x.reshape(x.shape[0], -1))
+
+
+class Block(nnx.Module):
+  def __init__(self, channels, hidden, rngs):
+    self.conv1 = nnx.Conv(channels, hidden, (3, 3), use_bias=False, rngs=rngs)
+    self.bn1 = nnx.BatchNorm(hidden, rngs=rngs)
+    self.conv2 = nnx.Conv(hidden, channels, (3, 3), use_bias=False, rngs=rngs)
+    self.bn2 = nnx.BatchNorm(channels, rngs=rngs)
+
+  def __call__(self, x):
+    y = nnx.relu(self.bn1(self.conv1(x)))
+    return nnx.relu(x + self.bn2(self.conv2(y)))
+
+
+class ResNet(nnx.Module):
+  def __init__(self, hidden=8, *, rngs):
+    self.stem = nnx.Conv(1, 4, (3, 3), rngs=rngs)
+    self.block = Block(4, hidden, rngs)
+    self.fc = nnx.Linear(4, 10, rngs=rngs)
+
+  def __call__(self, x):
+    x = self.block(nnx.relu(self.stem(x)))
+    return self.fc(x.mean(axis=(1, 2)))
+
+
+def _build(cls, *args):
+  """A model built in one compiled program (fast on CPU)."""
+  return nnx.jit(lambda: cls(*args, rngs=nnx.Rngs(0)))()
+
+
+@nnx.jit
+def _call(model, x):
+  return model(x)
+
+
+def _shell(cls, *args):
+  """An abstract model to load a state into (no initialisation at all)."""
+  return nnx.eval_shape(lambda: cls(*args, rngs=nnx.Rngs(0)))
+
+
+@functools.lru_cache
+def _trained_lenet_cached():
+  model = _build(LeNet5)
+  tx = dl.track_selection(
+    dl.dessilbi(0.1, nu=1.0, penalty=LENET_RULE), LENET_RULE
+  )
+  optimizer = _train(model, tx, 30)
+  return model, nnx.as_pure(optimizer.opt_state), tx
+
+
+def _trained_lenet():
+  """LeNet-5 after 30 DessiLBI steps (shared): a copy, its state, its tx."""
+  model, opt_state, tx = _trained_lenet_cached()
+  return nnx.clone(model), opt_state, tx
+
+
+@functools.lru_cache
+def _vgg_variables():
+  x, _ = _digits()
+  return jax.jit(Vgg().init)(jax.random.key(0), x[:2])
+
+
+RESNET_SPEC = {
+  'block/conv1': dl.Link(norm='block/bn1', consumers='block/conv2')
+}
+
+
+# ----------------------------------------------------------------------------
+# Re-initialisation.
+
+
+def test_reinit_is_orthogonal_to_kept_filters_and_resets_state():
+  model, state, _ = _trained_lenet()
+  params = nnx.as_pure(nnx.state(model, nnx.Param))
+  # A fixed split of the conv2 filters, half kept.
+  keep = np.arange(16) % 2 == 0
+  new_params, new_state = dl.reinit_unselected(
+    jax.random.key(1),
+    params,
+    state,
+    ['conv2'],
+    keep={'conv2': keep},
+    penalty=LENET_RULE,
+  )
+  old = np.asarray(params['conv2']['kernel']).reshape(-1, 16)
+  new = np.asarray(new_params['conv2']['kernel']).reshape(-1, 16)
+  np.testing.assert_array_equal(new[:, keep], old[:, keep])
+  inner = new[:, keep].T @ new[:, ~keep]
+  scale = np.linalg.norm(new[:, keep]) * np.linalg.norm(new[:, ~keep])
+  assert np.abs(inner).max() < 1e-5 * scale
+  # The new filters are orthonormal among themselves (up to their norm).
+  gram = new[:, ~keep].T @ new[:, ~keep]
+  np.testing.assert_allclose(gram, np.diag(np.diag(gram)), atol=1e-4)
+  np.testing.assert_allclose(
+    np.sqrt(np.diag(gram)),
+    np.linalg.norm(old[:, keep], axis=0).mean(),
+    rtol=1e-4,
+  )
+  assert not np.asarray(new_params['conv2']['bias'])[~keep].any()
+  for field in ('z', 'gamma', 'trace'):
+    buf = optax.tree.get(new_state, field)['conv2']['kernel']
+    old_buf = optax.tree.get(state, field)['conv2']['kernel']
+    assert not np.asarray(buf)[..., ~keep].any(), field
+    np.testing.assert_array_equal(
+      np.asarray(buf)[..., keep], np.asarray(old_buf)[..., keep]
+    )
+  bias_trace = optax.tree.get(new_state, 'trace')['conv2']['bias']
+  assert not np.asarray(bias_trace)[~keep].any()
+  record = optax.tree.get(new_state, 'first_step')['conv2']['kernel']
+  assert (np.asarray(record)[~keep] == NS).all()
+  # Other layers are untouched.
+  np.testing.assert_array_equal(
+    new_params['conv1']['kernel'], params['conv1']['kernel']
+  )
+
+
+def test_reinit_defaults_to_the_support_and_errors():
+  params = {
+    'conv': {
+      'kernel': jnp.asarray(
+        np.random.default_rng(0).normal(size=(1, 1, 3, 5)), jnp.float32
+      )
+    }
+  }
+  state = dl.scale_by_dessilbi(0.1).init(params)
+  gamma = jnp.zeros((1, 1, 3, 5)).at[..., 1].set(1.0).at[..., 3].set(2.0)
+  state = state._replace(gamma={'conv': {'kernel': gamma}})
+  new, _ = dl.reinit_unselected(jax.random.key(0), params, state, ['conv'])
+  w = np.asarray(new['conv']['kernel']).reshape(3, 5)
+  np.testing.assert_allclose(w[:, [1, 3]].T @ w[:, [0, 2, 4]], 0, atol=1e-6)
+  # 3 new filters in the 1-dimensional complement of 2 kept 3-d filters:
+  # orthogonal to the kept ones, not to each other.
+  with pytest.raises(ValueError, match=r"'conv'.*span the whole"):
+    keep = {'conv': np.array([True, True, True, False, False])}
+    dl.reinit_unselected(jax.random.key(0), params, state, ['conv'], keep=keep)
+  with pytest.raises(ValueError, match="'fc'"):
+    dl.reinit_unselected(jax.random.key(0), params, state, ['fc'])
+
+
+# ----------------------------------------------------------------------------
+# Widening.
+
+
+def test_widen_keeps_the_function_and_carries_optimizer_state():
+  model, opt_state, tx = _trained_lenet()
+  x, _ = _digits()
+  before = _call(model, x)
+  spec = dl.chain_spec(
+    nnx.state(model, nnx.Param), ['conv1', 'conv2', 'fc1', 'fc2', 'fc3']
+  )
+  out = dl.widen(
+    jax.random.key(0),
+    nnx.state(model, nnx.Param),
+    spec,
+    'conv2',
+    4,
+    opt_state=opt_state,
+  )
+  assert out.widths == {'conv2': 20}
+  wide = _shell(LeNet5, {'conv2': 20})
+  nnx.update(wide, out.params)
+  np.testing.assert_allclose(_call(wide, x), before, rtol=1e-5, atol=1e-5)
+  # The new filters are live (orthogonal to the old ones), their outgoing
+  # weights start at zero.
+  k = np.asarray(wide.conv2.kernel[...]).reshape(-1, 20)
+  assert np.abs(k[:, :16].T @ k[:, 16:]).max() < 1e-4
+  assert np.linalg.norm(k[:, 16:], axis=0).min() > 0
+  fc1 = np.asarray(wide.fc1.kernel[...]).reshape(4, 20, 120)
+  assert not fc1[:, 16:].any()
+  np.testing.assert_array_equal(
+    fc1[:, :16], np.asarray(model.fc1.kernel[...]).reshape(4, 16, 120)
+  )
+  # Optimizer state: old entries carried over, new ones zero / NOT_SELECTED.
+  old_state = opt_state
+  for field in ('z', 'gamma', 'trace'):
+    old_buf = np.asarray(optax.tree.get(old_state, field)['conv2']['kernel'])
+    buf = np.asarray(optax.tree.get(out.opt_state, field)['conv2']['kernel'])
+    np.testing.assert_array_equal(buf[..., :16], old_buf)
+    assert not buf[..., 16:].any()
+    fc_buf = np.asarray(optax.tree.get(out.opt_state, field)['fc1']['kernel'])
+    assert fc_buf.shape == (80, 120)
+  record = optax.tree.get(out.opt_state, 'first_step')['conv2']['kernel']
+  assert record.shape == (20,) and (np.asarray(record)[16:] == NS).all()
+  # The wide model trains on with the carried state.
+  new_optimizer = nnx.Optimizer(wide, tx, wrt=nnx.Param)
+  dl.set_nnx_opt_state(new_optimizer, out.opt_state)
+  np.testing.assert_array_equal(
+    nnx.as_pure(optax.tree.get(new_optimizer.opt_state, 'z'))['conv2'][
+      'kernel'
+    ],
+    optax.tree.get(out.opt_state, 'z')['conv2']['kernel'],
+  )
+
+
+def test_widen_linen_with_batch_stats_and_errors():
+  model = Vgg()
+  x, _ = _digits()
+  variables = _vgg_variables()
+  params, stats = variables['params'], variables['batch_stats']
+  stats = jax.tree.map(lambda s: s + 0.3, stats)
+  before = jax.jit(model.apply)({'params': params, 'batch_stats': stats}, x)
+  spec = dl.chain_spec(params, ['conv1', 'conv2', 'conv3', 'fc'])
+  assert spec['conv1'] == dl.Link(norm='bn1', consumers=('conv2',))
+  out = dl.widen(jax.random.key(0), params, spec, 'conv1', 3, batch_stats=stats)
+  wide = Vgg(widths=(11, 8, 16))
+  after = jax.jit(wide.apply)(
+    {'params': out.params, 'batch_stats': out.batch_stats}, x
+  )
+  np.testing.assert_allclose(after, before, rtol=1e-5, atol=1e-5)
+  np.testing.assert_array_equal(out.batch_stats['bn1']['var'][8:], 1.0)
+  with pytest.raises(ValueError, match=r"'fc'.*not in the spec"):
+    dl.widen(jax.random.key(0), params, spec, 'fc', 2)
+  bad = {'conv3': dl.Link(norm='bn3', consumers=('conv2',))}
+  with pytest.raises(ValueError, match=r"'conv2' has 8 input.*'conv3' has 16"):
+    dl.widen(jax.random.key(0), params, bad, 'conv3', 2)
+
+
+# ----------------------------------------------------------------------------
+# Slimming.
+
+
+def test_slim_lenet5_nnx_equals_pruned_model_with_fewer_params_and_flops():
+  model, opt_state, tx = _trained_lenet()
+  record = optax.tree.get(opt_state, 'first_step')
+  hidden = ['conv1', 'conv2', 'fc1', 'fc2']
+  pruned, masks = dl.prune(
+    nnx.state(model, nnx.Param), record, 0.5, layers=hidden, penalty=LENET_RULE
+  )
+  nnx.update(model, pruned)
+  spec = dl.chain_spec(pruned, [*hidden, 'fc3'])
+  out = dl.slim(nnx.state(model), spec, masks, opt_state=opt_state)
+  assert out.widths == {'conv1': 3, 'conv2': 8, 'fc1': 60, 'fc2': 42}
+  small = _shell(LeNet5, out.widths)
+  nnx.update(small, out.params)
+  x, _ = _digits()
+  np.testing.assert_allclose(
+    _call(small, x), _call(model, x), rtol=1e-5, atol=1e-5
+  )
+
+  def forward(state, graphdef, x):
+    return nnx.merge(graphdef, state)(x)
+
+  g_big, s_big = nnx.split(model)
+  g_small, s_small = nnx.split(small)
+  before = (dl.param_count(s_big), dl.flops(forward, s_big, g_big, x))
+  del forward
+  fwd = lambda s, x, g=g_small: nnx.merge(g, s)(x)  # noqa: E731
+  after = (dl.param_count(s_small), dl.flops(fwd, s_small, x))
+  assert after[0] < before[0] / 2
+  assert after[1] < before[1] / 2
+  # The carried optimizer state fits an optimizer of the small model.
+  small_opt = nnx.Optimizer(small, tx, wrt=nnx.Param)
+  dl.set_nnx_opt_state(small_opt, out.opt_state)
+  gamma = nnx.as_pure(optax.tree.get(small_opt.opt_state, 'gamma'))
+  assert gamma['fc1']['kernel'].shape == (2 * 2 * 8, 60)
+
+
+def test_slim_vgg_linen_with_batch_stats_and_the_support():
+  model = Vgg()
+  x, y = _digits()
+  variables = _vgg_variables()
+  params, stats = variables['params'], variables['batch_stats']
+  tx = dl.dessilbi(0.1, nu=1.0)
+  opt_state = tx.init(params)
+
+  @jax.jit
+  def step(params, stats, opt_state):
+    def loss_fn(params):
+      logits, new = model.apply(
+        {'params': params, 'batch_stats': stats},
+        x,
+        train=True,
+        mutable=['batch_stats'],
+      )
+      loss = optax.softmax_cross_entropy_with_integer_labels(logits, y)
+      return loss.mean(), new['batch_stats']
+
+    grads, stats = jax.grad(loss_fn, has_aux=True)(params)
+    updates, opt_state = tx.update(grads, opt_state, params)
+    return optax.apply_updates(params, updates), stats, opt_state
+
+  for _ in range(20):
+    params, stats, opt_state = step(params, stats, opt_state)
+  # The sparse model W*, with the norm of every unselected filter zeroed
+  # (prune with fraction 0 on the support: the channel semantics only).
+  keep = dl.support(opt_state, by_group=True)
+  selected = {
+    k: np.asarray(keep[k]['kernel']) for k in ('conv1', 'conv2', 'conv3')
+  }
+  assert all(0 < v.sum() < v.size for v in selected.values()), selected
+  sparse = dl.w_star(params, opt_state)
+  for i, layer in enumerate(('conv1', 'conv2', 'conv3'), 1):
+    for leaf in ('scale', 'bias'):
+      sparse[f'bn{i}'][leaf] = jnp.where(
+        selected[layer], sparse[f'bn{i}'][leaf], 0.0
+      )
+  spec = dl.chain_spec(params, ['conv1', 'conv2', 'conv3', 'fc'])
+  out = dl.slim(sparse, spec, keep, batch_stats=stats, opt_state=opt_state)
+  widths = tuple(out.widths[k] for k in ('conv1', 'conv2', 'conv3'))
+  assert widths == tuple(int(v.sum()) for v in selected.values())
+  small = Vgg(widths=widths)
+  want = jax.jit(model.apply)({'params': sparse, 'batch_stats': stats}, x)
+  got = jax.jit(small.apply)(
+    {'params': out.params, 'batch_stats': out.batch_stats}, x
+  )
+  np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-5)
+  # The carried state has the small model's layout: the step goes on.
+  small_params = out.params
+  jax.eval_shape(
+    tx.update,
+    jax.tree.map(jnp.zeros_like, small_params),
+    out.opt_state,
+    small_params,
+  )
+  f_big = dl.flops(
+    lambda p, s, x: model.apply({'params': p, 'batch_stats': s}, x),
+    params,
+    stats,
+    x,
+  )
+  f_small = dl.flops(
+    lambda p, s, x: small.apply({'params': p, 'batch_stats': s}, x),
+    out.params,
+    out.batch_stats,
+    x,
+  )
+  assert f_small < f_big
+  assert dl.param_count(out.params) < dl.param_count(params)
+
+
+def test_slim_resnet_block_inside_and_errors_name_the_layer():
+  model = _build(ResNet)
+  x, _ = _digits()
+  _call(model, x)
+  model.block.bn1.mean[...] = jnp.linspace(-1, 1, 8)
+  model.eval()
+  record = {
+    'block': {
+      'conv1': {'kernel': jnp.array([0, NS, 1, NS, 2, 3, NS, NS], jnp.int32)}
+    }
+  }
+  pruned, masks = dl.prune(nnx.state(model, nnx.Param), record, 0.5)
+  nnx.update(model, pruned)
+  out = dl.slim(nnx.state(model), RESNET_SPEC, masks)
+  assert out.widths == {'block/conv1': 4}
+  small = _shell(ResNet, 4)
+  small.eval()
+  nnx.update(small, out.params)
+  np.testing.assert_allclose(
+    _call(small, x), _call(model, x), rtol=1e-5, atol=1e-5
+  )
+  assert small.block.bn1.mean.shape == (4,)
+  # The block's second conv feeds the residual addition: not in the spec.
+  with pytest.raises(ValueError, match="'block/conv2' is not in the spec"):
+    dl.slim(nnx.state(model), RESNET_SPEC, {'block/conv2': np.ones(4, bool)})
+  with pytest.raises(ValueError, match="'block/conv1' would lose all"):
+    dl.slim(nnx.state(model), RESNET_SPEC, {'block/conv1': np.zeros(8, bool)})
+  bad = {'block/conv1': dl.Link(norm='block/bn2', consumers=('block/conv2',))}
+  with pytest.raises(ValueError, match=r"'block/conv1'.*'block/bn2/.*4"):
+    dl.slim(nnx.state(model), bad, masks)
+  with pytest.raises(ValueError, match=r"'block/conv1'.*shape"):
+    dl.slim(nnx.state(model), RESNET_SPEC, {'block/conv1': np.ones(3, bool)})
