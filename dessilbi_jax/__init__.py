@@ -5,6 +5,7 @@ from dessilbi_jax.flops import flops, param_count
 from dessilbi_jax.path import (
   LayerSummary,
   PathSummary,
+  get_gamma,
   path_summary,
   residue,
   support,
@@ -43,6 +44,9 @@ from dessilbi_jax.surgery import (
 from dessilbi_jax.topology import Link, chain_spec, check_spec, default_norm
 from dessilbi_jax.transform import (
   DessiLBIState,
+  GroupGamma,
+  LassoGamma,
+  expand_gamma,
   resolve_penalties,
   scale_by_dessilbi,
 )
@@ -53,8 +57,10 @@ __all__ = [
   'NOT_SELECTED',
   'REFERENCE_NEVER',
   'DessiLBIState',
+  'GroupGamma',
   'GroupLasso',
   'Lasso',
+  'LassoGamma',
   'LayerSummary',
   'Link',
   'PathSummary',
@@ -68,7 +74,9 @@ __all__ = [
   'default_norm',
   'default_penalty',
   'dessilbi',
+  'expand_gamma',
   'flops',
+  'get_gamma',
   'group_shrink',
   'init_selection',
   'matrix_mask',

@@ -23,7 +23,7 @@ from dessilbi_jax.penalties import (
   PenaltyRule,
   default_penalty,
 )
-from dessilbi_jax.transform import resolve_penalties
+from dessilbi_jax.transform import expand_gamma, resolve_penalties
 
 Names = tuple[str, ...]
 
@@ -111,6 +111,7 @@ def core_state(opt_state: Any, arg: str = 'opt_state') -> Core:
         'the state of an optimizer built with dessilbi_jax.dessilbi or '
         'dessilbi_jax.scale_by_dessilbi (for Flax NNX: optimizer.opt_state).'
       )
+  fields['gamma'] = expand_gamma(fields['gamma'], fields['z'])
   return Core(**fields)
 
 

@@ -31,6 +31,7 @@ def dessilbi(
   penalty: Optional[PenaltyRule] = None,
   state_dtype: Optional[jax.typing.DTypeLike] = None,
   freeze: bool = False,
+  store_gamma: bool = True,
 ) -> optax.GradientTransformationExtraArgs:
   r"""DessiLBI: SGD with momentum on a coupled loss, with a sparse path Γ.
 
@@ -63,6 +64,9 @@ def dessilbi(
     state_dtype: dtype of the momentum buffer, z and Γ; None for the params'.
     freeze: stop selected filters (groups with ``Γ_g ≠ 0``) from moving, as
       the reference's ``step_with_freeze``; see :func:`scale_by_dessilbi`.
+    store_gamma: keep Γ in the state (default), or rebuild it from z and a
+      per-group factor (less memory, same path; read Γ with
+      :func:`~dessilbi_jax.get_gamma`).
 
   Returns:
     An :class:`optax.GradientTransformationExtraArgs`; its state is a tuple
@@ -107,6 +111,7 @@ def dessilbi(
     penalty=penalty,
     state_dtype=state_dtype,
     freeze=freeze,
+    store_gamma=store_gamma,
   )
   mask = matrix_mask if weight_decay_mask is None else weight_decay_mask
   parts = [optax.add_decayed_weights(weight_decay, mask)]

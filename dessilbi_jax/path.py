@@ -19,6 +19,33 @@ from dessilbi_jax import _trees
 from dessilbi_jax.penalties import GroupLasso, PenaltyRule
 
 
+def get_gamma(opt_state: optax.OptState) -> Any:
+  """Γ, the sparse structure, as arrays laid out like the params.
+
+  Works for both storages of the core (``store_gamma=True``, the default, and
+  ``store_gamma=False``, where Γ is rebuilt from z) and finds the core inside
+  chains, wrappers and Flax NNX optimizer states.
+
+  Args:
+    opt_state: an optimizer state containing a
+      :class:`~dessilbi_jax.DessiLBIState`.
+
+  Returns:
+    Γ: arrays at coupled leaves, empty nodes at uncoupled ones.
+
+  Example:
+    >>> import jax.numpy as jnp, optax
+    >>> import dessilbi_jax as dl
+    >>> params = {'w': jnp.array([[3.0, 0.2]])}
+    >>> tx = dl.dessilbi(1.0, nu=1.0, momentum=None, store_gamma=False)
+    >>> state = tx.init(params)
+    >>> _, state = tx.update({'w': jnp.zeros((1, 2))}, state, params)
+    >>> dl.get_gamma(state)['w']
+    Array([[2., 0.]], dtype=float32)
+  """
+  return _trees.core_state(opt_state).gamma
+
+
 def support(
   opt_state: optax.OptState,
   *,

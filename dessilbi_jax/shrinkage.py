@@ -67,6 +67,27 @@ def group_shrink(
     Array([[2.4, 0. ],
            [3.2, 0. ]], dtype=float32)
   """
+  return z * group_factor(z, lam, reduce_axes=reduce_axes)
+
+
+@functools.partial(jax.jit, static_argnames=('reduce_axes',))
+def group_factor(
+  z: jax.Array,
+  lam: jax.typing.ArrayLike,
+  reduce_axes: Sequence[int],
+) -> jax.Array:
+  r"""The per-group factor of :func:`group_shrink`: ``max(0, 1 - λ/‖z_g‖₂)``.
+
+  Args:
+    z: input array.
+    lam: threshold λ >= 0.
+    reduce_axes: the axes each group spans (static).
+
+  Returns:
+    An array of z's dtype with size 1 along ``reduce_axes`` (one entry per
+    group); ``group_shrink(z, ...) == z * group_factor(z, ...)``. It is 0
+    exactly for groups with ``‖z_g‖ <= λ``, zero-norm groups included.
+  """
   reduce_axes = tuple(reduce_axes)
   lam = jnp.asarray(lam, z.dtype)
   sq = jnp.sum(jnp.square(z), axis=reduce_axes, keepdims=True)
@@ -75,8 +96,7 @@ def group_shrink(
   nonzero = sq > 0
   safe_norm = jnp.sqrt(jnp.where(nonzero, sq, 1))
   selected = nonzero & (safe_norm > lam)
-  factor = jnp.where(selected, 1 - lam / safe_norm, 0)
-  return z * factor
+  return jnp.where(selected, 1 - lam / safe_norm, 0)
 
 
 def group_threshold(penalty: GroupLasso, shape: Sequence[int]) -> float:

@@ -15,7 +15,7 @@ from dessilbi_jax.penalties import (
   default_penalty,
   path_str,
 )
-from dessilbi_jax.shrinkage import prox
+from dessilbi_jax.shrinkage import group_factor, group_threshold, soft_threshold
 
 
 class DessiLBIState(NamedTuple):
@@ -31,6 +31,61 @@ class DessiLBIState(NamedTuple):
   count: jax.Array
   z: optax.Updates
   gamma: optax.Updates
+
+
+class GroupGamma(NamedTuple):
+  """Γ of a group-lasso leaf stored compactly: ``Γ = kappa · (z · factor)``.
+
+  Used by ``scale_by_dessilbi(..., store_gamma=False)``; ``factor`` has one
+  entry per group (size 1 along the group's axes), ``kappa`` is a scalar.
+  """
+
+  kappa: jax.Array
+  factor: jax.Array
+
+
+class LassoGamma(NamedTuple):
+  """Γ of a lasso leaf stored compactly: ``Γ = kappa · soft(z, lam)``."""
+
+  kappa: jax.Array
+  lam: jax.Array
+
+
+def _is_compact(x: Any) -> bool:
+  return isinstance(x, (GroupGamma, LassoGamma))
+
+
+def _expand(gamma: Any, z: jax.Array) -> jax.Array:
+  """Γ of one leaf, from its stored form (an array, or a compact node)."""
+  if isinstance(gamma, GroupGamma):
+    return gamma.kappa * (z * gamma.factor)
+  if isinstance(gamma, LassoGamma):
+    return gamma.kappa * soft_threshold(z, gamma.lam)
+  return gamma
+
+
+def expand_gamma(gamma: Any, z: Any) -> Any:
+  """Γ as arrays laid out like the params, from either storage of the state.
+
+  Args:
+    gamma: the ``gamma`` field of a :class:`DessiLBIState`: arrays, or
+      :class:`GroupGamma` / :class:`LassoGamma` nodes when the optimizer was
+      built with ``store_gamma=False``.
+    z: the state's ``z`` field.
+
+  Returns:
+    Γ, with arrays at coupled leaves and empty nodes at uncoupled ones.
+  """
+  if not any(map(_is_compact, jax.tree.leaves(gamma, is_leaf=_is_compact))):
+    return gamma
+  # Match by key path: empty nodes may differ between the two trees (Flax NNX
+  # turns optax.MaskedNode() into ()).
+  z_by_path = dict(jax.tree_util.tree_leaves_with_path(z))
+  return jax.tree_util.tree_map_with_path(
+    lambda path, g: _expand(g, z_by_path[path]) if _is_compact(g) else g,
+    gamma,
+    is_leaf=_is_compact,
+  )
 
 
 def _normalise_path(path: tuple[Any, ...]) -> tuple[Any, ...]:
@@ -99,6 +154,7 @@ def scale_by_dessilbi(
   penalty: Optional[PenaltyRule] = None,
   state_dtype: Optional[jax.typing.DTypeLike] = None,
   freeze: bool = False,
+  store_gamma: bool = True,
 ) -> optax.GradientTransformation:
   r"""The DessiLBI (split Linearized Bregman Iteration) core.
 
@@ -136,6 +192,12 @@ def scale_by_dessilbi(
       leaves move as usual, as in the reference's ``step_with_freeze``. The
       state's layout does not depend on it, so a run can switch to a frozen
       optimizer mid-path with the same state.
+    store_gamma: if false, Γ is not stored: the state keeps, per coupled
+      leaf, κ and the per-group shrink factor (:class:`GroupGamma`) or κ and λ
+      (:class:`LassoGamma`), and Γ is rebuilt from z where needed. This saves
+      a third of the coupled leaves' optimizer memory and one pass over them
+      per step, with the same trajectory. Read Γ with
+      :func:`dessilbi_jax.get_gamma`, which works for both storages.
 
   Returns:
     A :class:`optax.GradientTransformation` whose state is a
@@ -169,6 +231,8 @@ def scale_by_dessilbi(
   _checks.check_positive('nu', nu)
   if not isinstance(freeze, bool):
     raise TypeError(f'freeze must be a bool, got {freeze!r}.')
+  if not isinstance(store_gamma, bool):
+    raise TypeError(f'store_gamma must be a bool, got {store_gamma!r}.')
   if penalty is not None and not callable(penalty):
     raise TypeError(
       'penalty must be a rule (path, leaf) -> Penalty | None, or None for '
@@ -179,24 +243,42 @@ def scale_by_dessilbi(
   def init_fn(params):
     penalties, treedef = resolve_penalties(params, penalty)
 
-    def zeros_where_coupled():
-      out = []
-      for leaf, choice in zip(
-        treedef.flatten_up_to(params), penalties, strict=True
-      ):
-        if not hasattr(leaf, 'dtype'):
-          out.append(leaf)  # placeholder of optax.tree.map_params
-        elif choice is None:
-          out.append(optax.MaskedNode())
-        else:
-          out.append(jnp.zeros_like(leaf, dtype=state_dtype))
-      return treedef.unflatten(out)
-
+    z, gamma = [], []
+    for leaf, choice in zip(
+      treedef.flatten_up_to(params), penalties, strict=True
+    ):
+      if not hasattr(leaf, 'dtype'):  # placeholder of optax.tree.map_params
+        z.append(leaf)
+        gamma.append(leaf)
+      elif choice is None:
+        z.append(optax.MaskedNode())
+        gamma.append(optax.MaskedNode())
+      else:
+        zeros = jnp.zeros_like(leaf, dtype=state_dtype)
+        z.append(zeros)
+        gamma.append(
+          jnp.zeros_like(zeros) if store_gamma else _compact(zeros, choice)
+        )
     return DessiLBIState(
       count=jnp.zeros([], jnp.int32),
-      z=zeros_where_coupled(),
-      gamma=zeros_where_coupled(),
+      z=treedef.unflatten(z),
+      gamma=treedef.unflatten(gamma),
     )
+
+  def _compact(z, choice, factor=None):
+    """Γ's compact form for z (Γ = 0 at init, when no factor is given)."""
+    scale = jnp.asarray(kappa, z.dtype)
+    if isinstance(choice, Lasso):
+      return LassoGamma(kappa=scale, lam=jnp.asarray(choice.lam, z.dtype))
+    if factor is None:
+      factor = jnp.zeros(
+        [
+          1 if a in choice.reduce_axes(z.ndim) else n
+          for a, n in enumerate(z.shape)
+        ],
+        z.dtype,
+      )
+    return GroupGamma(kappa=scale, factor=factor)
 
   def update_fn(updates, state, params=None):
     if params is None:
@@ -222,6 +304,7 @@ def scale_by_dessilbi(
         new_z.append(z)
         new_gamma.append(gamma)
         continue
+      gamma = _expand(gamma, z)
       diff = w - gamma
       update = -step * (d + diff / nu)
       z_next = z + z_step * diff
@@ -233,7 +316,15 @@ def scale_by_dessilbi(
       new_updates.append(update.astype(w.dtype))
       z_next = z_next.astype(z.dtype)
       new_z.append(z_next)
-      new_gamma.append((kappa * prox(z_next, choice)).astype(gamma.dtype))
+      # Γ⁺ = κ·Prox(z⁺), computed the same way whether it is stored or rebuilt
+      # from z⁺ at the next step (store_gamma=False), so both give one path.
+      if isinstance(choice, Lasso):
+        compact = _compact(z_next, choice)
+      else:
+        thr = group_threshold(choice, z_next.shape)
+        factor = group_factor(z_next, thr, choice.reduce_axes(z_next.ndim))
+        compact = _compact(z_next, choice, factor)
+      new_gamma.append(_expand(compact, z_next) if store_gamma else compact)
 
     new_state = DessiLBIState(
       count=optax.safe_increment(state.count),

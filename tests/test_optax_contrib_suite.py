@@ -18,7 +18,12 @@ import dessilbi_jax as dl
 # The hyper-parameters under test: the documented defaults (κ = 1, ν = 100,
 # momentum 0.9) with a learning rate the Rosenbrock target tolerates.
 DESSILBI_CASES = [
-  {'opt_name': 'dessilbi', 'opt_kwargs': {'learning_rate': 1e-3}}
+  {'opt_name': 'dessilbi', 'opt_kwargs': {'learning_rate': 1e-3}},
+  # Γ rebuilt from z instead of stored: the same checks must hold.
+  {
+    'opt_name': 'dessilbi',
+    'opt_kwargs': {'learning_rate': 1e-3, 'store_gamma': False},
+  },
 ]
 
 _SUITE = 'optax.contrib._common_test'

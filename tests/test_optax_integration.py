@@ -310,3 +310,42 @@ def test_freeze_stops_selected_filters_only():
   # Elementwise and uncoupled leaves are not frozen.
   assert bool(jnp.all(updates['dense']['kernel'] != 0))
   assert bool(jnp.all(updates['dense']['bias'] != 0))
+
+
+@pytest.mark.parametrize('freeze', [False, True])
+def test_store_gamma_false_gives_the_same_path_with_less_memory(freeze):
+  params, loss = _problem()
+  kw = dict(learning_rate=0.05, kappa=2.0, nu=1.0, freeze=freeze)
+  stored, stored_state = _run(dl.dessilbi(**kw), params, loss, 40)
+  compact, compact_state = _run(
+    dl.dessilbi(**kw, store_gamma=False), params, loss, 40
+  )
+  # Bit-identical params, z and Γ.
+  _assert_trees_close(compact, stored, rtol=0, atol=0)
+  _assert_trees_close(
+    optax.tree.get(compact_state, 'z'),
+    optax.tree.get(stored_state, 'z'),
+    rtol=0,
+    atol=0,
+  )
+  gamma = dl.get_gamma(compact_state)
+  _assert_trees_close(gamma, dl.get_gamma(stored_state), rtol=0, atol=0)
+  assert any(bool(jnp.any(g != 0)) for g in jax.tree.leaves(gamma))
+  # Γ is not stored: a per-filter factor and scalars instead.
+  core = compact_state[-1]
+  assert isinstance(core.gamma['conv']['kernel'], dl.GroupGamma)
+  assert core.gamma['conv']['kernel'].factor.shape == (1, 1, 1, 4)
+  assert isinstance(core.gamma['dense']['kernel'], dl.LassoGamma)
+
+  def nbytes(tree):
+    return sum(x.nbytes for x in jax.tree.leaves(tree))
+
+  coupled = params['conv']['kernel'].nbytes + params['dense']['kernel'].nbytes
+  assert nbytes(stored_state) - nbytes(compact_state) >= coupled - 64
+  # The toolbox reads either storage.
+  _assert_trees_close(
+    dl.w_star(compact, compact_state),
+    dl.w_star(stored, stored_state),
+    rtol=0,
+    atol=0,
+  )

@@ -45,7 +45,7 @@ def _to_flax(prefix):
   return tree
 
 
-def _optimizer(case, freeze=False):
+def _optimizer(case, freeze=False, store_gamma=True):
   hp = META['cases'][case]
   momentum = hp['momentum'] or None
   if hp['impl'] == 'lottery':
@@ -69,6 +69,7 @@ def _optimizer(case, freeze=False):
       weight_decay=hp['weight_decay'],
       weight_decay_mask=mask,
       penalty=penalty,
+      store_gamma=store_gamma,
     )
   return dl.dessilbi(
     learning_rate=hp['lr'],
@@ -77,6 +78,7 @@ def _optimizer(case, freeze=False):
     momentum=momentum,
     weight_decay=hp['weight_decay'],
     freeze=freeze,
+    store_gamma=store_gamma,
   )
 
 
@@ -88,10 +90,11 @@ def _at(tree, t):
 CASES = list(META['cases'])
 
 
+@pytest.mark.parametrize('store_gamma', [True, False])
 @pytest.mark.parametrize('case', CASES)
-def test_trajectory_matches_reference(case, x64):
+def test_trajectory_matches_reference(case, store_gamma, x64):
   del x64
-  tx = _optimizer(case)
+  tx = _optimizer(case, store_gamma=store_gamma)
   params = jax.tree.map(jax.numpy.asarray, _to_flax('init'))
   state = tx.init(params)
   grads_all = _to_flax('grads')
@@ -104,7 +107,9 @@ def test_trajectory_matches_reference(case, x64):
   # core_freeze switches to the freezing step from `freeze_from` on; the state
   # carries over unchanged.
   freeze_from = META['cases'][case].get('freeze_from', STEPS)
-  step_frozen = jax.jit(_optimizer(case, freeze=True).update)
+  step_frozen = jax.jit(
+    _optimizer(case, freeze=True, store_gamma=store_gamma).update
+  )
 
   for t in range(STEPS):
     grads = _at(grads_all, t)
@@ -114,7 +119,7 @@ def test_trajectory_matches_reference(case, x64):
     got = {
       'W': params,
       'z': optax.tree.get(state, 'z'),
-      'gamma': optax.tree.get(state, 'gamma'),
+      'gamma': dl.get_gamma(state),
     }
     if has_momentum:
       got['m'] = optax.tree.get(state, 'trace')
