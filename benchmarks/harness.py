@@ -35,16 +35,34 @@ except ImportError:  # run as a script from the repository root
 OPTIMIZERS: dict[str, Callable[[], optax.GradientTransformation]] = {
   'sgd': lambda: optax.sgd(0.1, momentum=0.9),
   'dessilbi': lambda: dl.dessilbi(0.1, nu=100.0),
+  # Γ rebuilt from z: less state, one pass less per step.
+  'dessilbi_z': lambda: dl.dessilbi(0.1, nu=100.0, store_gamma=False),
   'adam': lambda: optax.adam(1e-3),
 }
+
+# An instruction line of HLO text: `%name = <shape or (tuple shape)> opcode(`.
+_INSTRUCTION = re.compile(
+  r'^\s*(?:ROOT )?%[\w.\-]+ = (?:\([^=]*?\)|\S+) ([\w-]+)\(', re.M
+)
 
 
 def hlo_counts(compiled) -> dict[str, int]:
   """Number of fusions and copies in a compiled computation's entry."""
   text = compiled.as_text()
   entry = text[text.index('ENTRY') :]
-  ops = collections.Counter(re.findall(r'= \S+ (\w+)\(', entry))
+  ops = collections.Counter(_INSTRUCTION.findall(entry))
   return {'fusions': ops.get('fusion', 0), 'copies': ops.get('copy', 0)}
+
+
+def memory(compiled) -> dict[str, int]:
+  """XLA's memory analysis of a compiled computation (bytes)."""
+  stats = compiled.memory_analysis()
+  if stats is None:
+    return {}
+  return {
+    key: int(getattr(stats, f'{key}_size_in_bytes'))
+    for key in ('argument', 'output', 'temp', 'alias')
+  }
 
 
 def state_bytes(state) -> int:
@@ -99,8 +117,36 @@ def copy_tree(tree):
   return jax.tree.map(jnp.copy, tree)
 
 
+def bytes_moved(params, opt_state) -> int:
+  """Bytes an update moves at least: read g, W and the state; write W and
+  the state."""
+  param_bytes = state_bytes(params)
+  return param_bytes + 2 * (param_bytes + state_bytes(opt_state))
+
+
+def copy_bandwidth(n: int, k: int, repeats: int) -> float:
+  """Device bandwidth (bytes/s, read + write) of a flat elementwise pass."""
+  run = jax.jit(
+    lambda x: jax.lax.fori_loop(0, k, lambda i, x: x + 1, x),
+    donate_argnums=0,
+  )
+  x = run(jnp.zeros((n,), jnp.float32))
+  jax.block_until_ready(x)
+  times = []
+  for _ in range(repeats):
+    t0 = time.perf_counter()
+    x = run(x)
+    jax.block_until_ready(x)
+    times.append((time.perf_counter() - t0) / k)
+  return 2 * 4 * n / statistics.median(times)
+
+
 def bench_step(args) -> dict:
   module, params, stats, x, y = build(args.model, args.batch)
+  # One throwaway compile first, so that the first optimizer's compile time
+  # does not include the convolutions' autotuning.
+  warm = make_train_step(module, optax.sgd(0.1))
+  warm.lower(params, stats, optax.sgd(0.1).init(params), x, y).compile()
   runners = {}
   for name in args.optimizers:
     tx = OPTIMIZERS[name]()
@@ -117,6 +163,7 @@ def bench_step(args) -> dict:
       'carry': (p, s, o),
       'compile_s': compile_s,
       'hlo': hlo_counts(compiled),
+      'memory': memory(compiled),
       'state_bytes': state_bytes(o),
       'loop_ms': [],
       'call_ms': [],
@@ -164,7 +211,9 @@ def bench_update(args) -> dict:
       'run_1': run_1,
       'carry': (p, o),
       'hlo': hlo_counts(compiled),
+      'memory': memory(compiled),
       'state_bytes': state_bytes(o),
+      'bytes_moved': bytes_moved(params, o),
       'device_ms': [],
       'call_ms': [],
     }
@@ -181,7 +230,67 @@ def bench_update(args) -> dict:
         jax.block_until_ready(p)
       r['call_ms'].append((time.perf_counter() - t0) / 10 * 1e3)
       r['carry'] = (p, o)
-  return summarise(args, runners, ('device_ms', 'call_ms'))
+  out = summarise(args, runners, ('device_ms', 'call_ms'))
+  n = sum(p.size for p in jax.tree.leaves(params))
+  bandwidth = copy_bandwidth(n, args.k, args.repeats)
+  out['copy_bandwidth_GBps'] = bandwidth / 1e9
+  for name, row in out['results'].items():
+    row['bytes_moved'] = runners[name]['bytes_moved']
+    row['floor_ms'] = row['bytes_moved'] / bandwidth * 1e3
+    row['device_vs_floor'] = row['device_ms'] / row['floor_ms']
+  return out
+
+
+def bench_scaling(args) -> dict:
+  """Update time (k updates per jit) and state bytes against model size.
+
+  The params are 8 conv kernels 3x3xCxC (and 8 biases) with C chosen for
+  each total size, so the leaf count stays fixed while the size grows.
+  """
+  out = {
+    'mode': 'scaling',
+    'device': str(jax.devices()[0].device_kind),
+    'backend': jax.default_backend(),
+    'jax': jax.__version__,
+    'rows': [],
+  }
+  for size in args.sizes:
+    c = max(4, round((size / (8 * 9)) ** 0.5))
+    params = {
+      f'conv{i}': {'kernel': jnp.zeros((3, 3, c, c)), 'bias': jnp.zeros(c)}
+      for i in range(8)
+    }
+    grads = jax.tree.map(lambda p: 1e-3 * jnp.ones_like(p), params)
+    n = sum(p.size for p in jax.tree.leaves(params))
+    row = {'params': n}
+    for name in args.optimizers:
+      tx = OPTIMIZERS[name]()
+      run_k = make_update(tx, args.k)
+      p, o = copy_tree(params), tx.init(params)
+      p, o = run_k(p, o, grads)
+      jax.block_until_ready(p)
+      times = []
+      for _ in range(args.repeats):
+        t0 = time.perf_counter()
+        p, o = run_k(p, o, grads)
+        jax.block_until_ready(p)
+        times.append((time.perf_counter() - t0) / args.k * 1e3)
+      row[name] = {
+        'device_ms': statistics.median(times),
+        'state_bytes': state_bytes(o),
+      }
+      del p, o
+    out['rows'].append(row)
+    print(
+      f'{n:>11,d} params  '
+      + '  '.join(
+        f'{k} {v["device_ms"]:8.3f} ms {v["state_bytes"] / 2**20:8.1f} MiB'
+        for k, v in row.items()
+        if k != 'params'
+      ),
+      flush=True,
+    )
+  return out
 
 
 def summarise(args, runners, keys) -> dict:
@@ -196,7 +305,7 @@ def summarise(args, runners, keys) -> dict:
   base = runners.get('sgd')
   for name, r in runners.items():
     row = {key: statistics.median(r[key]) for key in keys}
-    row.update(hlo=r['hlo'], state_bytes=r['state_bytes'])
+    row.update(hlo=r['hlo'], memory=r['memory'], state_bytes=r['state_bytes'])
     if 'compile_s' in r:
       row['compile_s'] = r['compile_s']
     if base is not None:
@@ -211,7 +320,7 @@ def print_table(out: dict) -> None:
   for name, row in out['results'].items():
     cols = [f'{name:9s}']
     for key, value in row.items():
-      if key.endswith('_ms'):
+      if key.endswith('_ms') and key != 'floor_ms':
         ratio = row.get(f'{key}_vs_sgd')
         cols.append(
           f'{key} {value:8.3f}' + (f' ({ratio:.2f}x)' if ratio else '')
@@ -219,7 +328,12 @@ def print_table(out: dict) -> None:
     cols.append(
       f'copies {row["hlo"]["copies"]} fusions {row["hlo"]["fusions"]}'
     )
+    if 'floor_ms' in row:
+      ratio = row['device_vs_floor']
+      cols.append(f'floor {row["floor_ms"]:.3f} ({ratio:.2f}x)')
     cols.append(f'state {row["state_bytes"] / 2**20:.1f} MiB')
+    if row.get('memory'):
+      cols.append(f'temp {row["memory"]["temp"] / 2**20:.1f} MiB')
     if 'compile_s' in row:
       cols.append(f'compile {row["compile_s"]:.1f} s')
     print('  '.join(cols))
@@ -227,17 +341,27 @@ def print_table(out: dict) -> None:
 
 def main(argv=None):
   parser = argparse.ArgumentParser(description=__doc__.split('\n\n')[0])
-  parser.add_argument('mode', choices=('step', 'update'))
+  parser.add_argument('mode', choices=('step', 'update', 'scaling'))
   parser.add_argument('--model', choices=sorted(MODELS), default='lenet5')
   parser.add_argument('--batch', type=int, default=None)
   parser.add_argument('--optimizers', nargs='+', default=list(OPTIMIZERS))
   parser.add_argument('--steps', type=int, default=50, help='steps per timing')
   parser.add_argument('--k', type=int, default=20, help='updates per jit')
   parser.add_argument('--repeats', type=int, default=9)
+  parser.add_argument(
+    '--sizes',
+    type=float,
+    nargs='+',
+    default=[1e5, 1e6, 1e7],
+    help='parameter counts for the scaling mode',
+  )
   parser.add_argument('--json', default=None, help='write results here')
   args = parser.parse_args(argv)
-  out = bench_step(args) if args.mode == 'step' else bench_update(args)
-  print_table(out)
+  if args.mode == 'scaling':
+    out = bench_scaling(args)
+  else:
+    out = bench_step(args) if args.mode == 'step' else bench_update(args)
+    print_table(out)
   if args.json:
     with open(args.json, 'w', encoding='utf-8') as f:
       json.dump(out, f, indent=2)
