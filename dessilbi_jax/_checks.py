@@ -4,7 +4,15 @@ import math
 from typing import Any, Optional
 
 import jax
+import jax.numpy as jnp
 import numpy as np
+
+from dessilbi_jax.penalties import path_str
+
+NO_PARAMS_MSG = (
+  'params: DessiLBI needs the current parameters; call '
+  'update(updates, state, params) with params.'
+)
 
 
 def concrete_scalar(name: str, value: Any) -> Optional[float]:
@@ -54,3 +62,228 @@ def check_unit_interval(name: str, value: Any) -> None:
   v = concrete_scalar(name, value)
   if v is not None and not 0 <= v < 1:
     raise ValueError(f'{name} must lie in [0, 1), got {v}.')
+
+
+# Trees handed to `init` and `update`. Everything below looks at structures,
+# shapes and dtypes only: it runs once per trace, costs nothing inside a jit
+# and never reads a value (no host syncs).
+
+_STATE_FIELDS = ('count', 'z', 'gamma')
+_RESTORE_HINT = (
+  'init it with the same params and penalty rule, or restore a checkpoint '
+  'into the structure that tx.init(params) (or jax.eval_shape(tx.init, '
+  'params)) returns'
+)
+
+
+def _is_empty(x: Any) -> bool:
+  """None, ``optax.MaskedNode()`` or ``()``: nodes that hold no arrays."""
+  return x is None or (isinstance(x, tuple) and not x)
+
+
+def _leaf_paths(tree: Any, keep_empty: bool = False) -> list[str]:
+  is_leaf = _is_empty if keep_empty else None
+  out = []
+  for path, _ in jax.tree_util.tree_flatten_with_path(tree, is_leaf)[0]:
+    if path and isinstance(path[-1], jax.tree_util.GetAttrKey):
+      if path[-1].name in ('value', 'raw_value'):
+        path = path[:-1]
+    out.append(path_str(path) or '<root>')
+  return out
+
+
+def _describe(leaf: Any) -> str:
+  if leaf is None:
+    return 'None'
+  if hasattr(leaf, 'shape') and hasattr(leaf, 'dtype'):
+    return f'an array of shape {tuple(leaf.shape)} and dtype {leaf.dtype}'
+  return f'a {type(leaf).__name__}'
+
+
+def _is_array(leaf: Any) -> bool:
+  return hasattr(leaf, 'shape') and hasattr(leaf, 'dtype')
+
+
+def _up_to(name: str, treedef: Any, tree: Any, params: Any) -> list[Any]:
+  """Flattens ``tree`` up to the params' structure, or says what differs."""
+  try:
+    return treedef.flatten_up_to(tree)
+  except (ValueError, TypeError):
+    pass
+  # A params leaf is present when the tree has it, or a subtree under it (Γ
+  # may be stored as a node); empty nodes count, as they mark uncoupled leaves.
+  want = _leaf_paths(params, keep_empty=True)
+  got = _leaf_paths(tree, keep_empty=True)
+
+  def under(a, b):
+    return a == b or a.startswith(b + '/')
+
+  missing = [w for w in want if not any(under(g, w) for g in got)]
+  extra = [g for g in got if not any(under(g, w) for w in want)]
+  detail = []
+  if missing:
+    detail.append(f'missing {missing[:5]}')
+  if extra:
+    detail.append(f'unexpected {extra[:5]}')
+  if not detail:
+    detail.append(
+      f'containers differ: {treedef} against {jax.tree.structure(tree)}'
+    )
+  raise ValueError(
+    f'{name} does not have the structure of params: {"; ".join(detail)}.'
+  )
+
+
+def check_param_leaves(params: Any) -> None:
+  """Python numbers as leaves: neither an array nor a placeholder."""
+  for name, leaf in zip(
+    _leaf_paths(params), jax.tree.leaves(params), strict=True
+  ):
+    if isinstance(leaf, (bool, int, float, complex)):
+      raise TypeError(
+        f'params: leaf {name!r} is a Python {type(leaf).__name__}, not an '
+        'array; wrap it with jnp.asarray so that its dtype is explicit.'
+      )
+
+
+def check_update_trees(
+  updates: Any,
+  state: Any,
+  params: Any,
+  penalties: list[Any],
+  treedef: Any,
+) -> None:
+  """Checks ``update``'s arguments against the params, at trace time.
+
+  ``updates`` must mirror ``params`` leaf by leaf (same structure and shapes,
+  real floating dtypes; the dtype may differ); ``state`` must be the
+  ``DessiLBIState`` that ``init`` built for these params and this penalty
+  rule: arrays of the params' shapes where a leaf is coupled, empty nodes
+  where it is not.
+
+  Raises:
+    TypeError: a wrong type of state, a leaf that is not an array, or a
+      gradient with a dtype that is not real floating-point.
+    ValueError: a structure or a shape that does not match the params'.
+  """
+  fields = getattr(type(state), '_fields', None)
+  if fields != _STATE_FIELDS:
+    raise TypeError(
+      f'state must be the DessiLBIState that init returned, got '
+      f'{type(state).__name__}; {_RESTORE_HINT}.'
+    )
+  if jnp.ndim(state.count) != 0:
+    raise ValueError(
+      f'state.count must be a scalar, got shape {jnp.shape(state.count)}.'
+    )
+  names, leaves = check_gradients(updates, params, treedef)
+
+  for field in ('z', 'gamma'):
+    tree = getattr(state, field)
+    for name, w, s, choice in zip(
+      names,
+      leaves,
+      _up_to(f'state.{field}', treedef, tree, params),
+      penalties,
+      strict=True,
+    ):
+      coupled = choice is not None
+      # Γ may be stored compactly (a node of per-group factors): only z is
+      # required to be an array; both must be empty exactly where uncoupled.
+      holds = _is_array(s) if field == 'z' else bool(jax.tree.leaves(s))
+      if coupled and not holds:
+        raise ValueError(
+          f'state.{field}: leaf {name!r} is coupled to a sparse Γ by the '
+          f'penalty rule, but the state holds {_describe(s)} there: the '
+          f'state was built for other params or another penalty rule; '
+          f'{_RESTORE_HINT}.'
+        )
+      if not coupled and holds:
+        raise ValueError(
+          f'state.{field}: leaf {name!r} is not coupled by the penalty rule, '
+          f'but the state holds {_describe(s)} there: the state was built '
+          f'for another penalty rule; {_RESTORE_HINT}.'
+        )
+      if not (coupled and _is_array(s)):
+        continue
+      if tuple(s.shape) != tuple(w.shape):
+        raise ValueError(
+          f'state.{field}: leaf {name!r} has shape {tuple(s.shape)}, its '
+          f'parameter {tuple(w.shape)}: the state belongs to another model; '
+          f'{_RESTORE_HINT}.'
+        )
+      if not jnp.issubdtype(s.dtype, jnp.floating):
+        raise TypeError(
+          f'state.{field}: leaf {name!r} has dtype {s.dtype}; z and Γ must '
+          'be floating-point.'
+        )
+
+
+def check_gradients(
+  updates: Any, params: Any, treedef: Any = None
+) -> tuple[list[str], list[Any]]:
+  """Checks that ``updates`` mirror ``params`` leaf by leaf, at trace time.
+
+  Same structure and shapes, real floating dtypes (the dtype may differ from
+  the param's).
+
+  Returns:
+    The params' leaf names and leaves, in flattening order.
+
+  Raises:
+    TypeError: a leaf that is not an array, or a gradient with a dtype that
+      is not real floating-point.
+    ValueError: a structure or a shape that does not match the params'.
+  """
+  if treedef is None:
+    treedef = jax.tree.structure(params)
+  names = _leaf_paths(params)
+  leaves = treedef.flatten_up_to(params)
+  check_param_leaves(params)
+  for name, w in zip(names, leaves, strict=True):
+    if not _is_array(w):
+      raise TypeError(f'params: leaf {name!r} is {_describe(w)}, not an array.')
+
+  for name, w, d in zip(
+    names, leaves, _up_to('updates', treedef, updates, params), strict=True
+  ):
+    if not _is_array(d):
+      raise TypeError(
+        f'updates: leaf {name!r} is {_describe(d)}; expected an array '
+        f'of shape {tuple(w.shape)} like its parameter.'
+      )
+    if tuple(d.shape) != tuple(w.shape):
+      raise ValueError(
+        f'updates: leaf {name!r} has shape {tuple(d.shape)}, its parameter '
+        f'{tuple(w.shape)}; gradients must have the shapes of the params.'
+      )
+    if d.dtype == jax.dtypes.float0:
+      raise TypeError(
+        f'updates: leaf {name!r} has dtype float0, the gradient of an '
+        'integer input (jax.grad(..., allow_int=True)); exclude the leaf from '
+        'the optimizer.'
+      )
+    if not jnp.issubdtype(d.dtype, jnp.floating):
+      raise TypeError(
+        f'updates: leaf {name!r} has dtype {d.dtype}; DessiLBI needs real '
+        'floating-point gradients (cast them, or exclude the leaf from the '
+        'optimizer).'
+      )
+  return names, leaves
+
+
+def check_state_dtype(value: Any) -> None:
+  """``state_dtype`` is None or a floating-point dtype."""
+  if value is None:
+    return
+  try:
+    dtype = jnp.dtype(value)
+  except TypeError as e:
+    raise TypeError(
+      f'state_dtype must be a floating-point dtype or None, got {value!r}.'
+    ) from e
+  if not jnp.issubdtype(dtype, jnp.floating):
+    raise TypeError(
+      f'state_dtype must be a floating-point dtype or None, got {dtype}: z '
+      'and Γ accumulate small steps and would be truncated.'
+    )

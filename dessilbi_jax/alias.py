@@ -20,6 +20,26 @@ def matrix_mask(params: optax.Params) -> Any:
   return jax.tree.map(lambda p: jnp.ndim(p) > 1, params)
 
 
+def _check_gradients() -> optax.GradientTransformation:
+  """Passes updates through after checking them against the params.
+
+  Heads the chain of :func:`dessilbi`, so that a gradient of the wrong shape
+  or dtype is reported before weight decay and momentum broadcast it.
+  """
+
+  def init_fn(params):
+    del params
+    return optax.EmptyState()
+
+  def update_fn(updates, state, params=None):
+    if params is None:
+      raise ValueError(_checks.NO_PARAMS_MSG)
+    _checks.check_gradients(updates, params)
+    return updates, state
+
+  return optax.GradientTransformation(init_fn, update_fn)
+
+
 def dessilbi(
   learning_rate: optax.ScalarOrSchedule,
   kappa: jax.typing.ArrayLike = 1.0,
@@ -37,7 +57,8 @@ def dessilbi(
 
   The optimizer of the reference implementation, built from Optax's pieces:
   ``optax.chain(optax.add_decayed_weights(weight_decay, mask),
-  optax.trace(momentum, nesterov), scale_by_dessilbi(...))``. The direction is
+  optax.trace(momentum, nesterov), scale_by_dessilbi(...))``, headed by a
+  check of the gradients against the params. The direction is
   ``d = m`` with ``m ← β·m + g + wd·W`` (PyTorch-SGD momentum, weight decay
   inside the buffer; ``d = g + wd·W + β·m`` with Nesterov), and the core
   applies the linearized Bregman step of :func:`scale_by_dessilbi`:
@@ -114,7 +135,7 @@ def dessilbi(
     store_gamma=store_gamma,
   )
   mask = matrix_mask if weight_decay_mask is None else weight_decay_mask
-  parts = [optax.add_decayed_weights(weight_decay, mask)]
+  parts = [_check_gradients(), optax.add_decayed_weights(weight_decay, mask)]
   if momentum is not None:
     parts.append(
       optax.trace(

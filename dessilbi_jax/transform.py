@@ -229,6 +229,7 @@ def scale_by_dessilbi(
   _checks.check_learning_rate(learning_rate)
   _checks.check_positive('kappa', kappa)
   _checks.check_positive('nu', nu)
+  _checks.check_state_dtype(state_dtype)
   if not isinstance(freeze, bool):
     raise TypeError(f'freeze must be a bool, got {freeze!r}.')
   if not isinstance(store_gamma, bool):
@@ -241,6 +242,7 @@ def scale_by_dessilbi(
     )
 
   def init_fn(params):
+    _checks.check_param_leaves(params)
     penalties, treedef = resolve_penalties(params, penalty)
 
     z, gamma = [], []
@@ -271,19 +273,18 @@ def scale_by_dessilbi(
     if isinstance(choice, Lasso):
       return LassoGamma(kappa=scale, lam=jnp.asarray(choice.lam, z.dtype))
     if factor is None:
-      factor = jnp.zeros(
-        [
-          1 if a in choice.reduce_axes(z.ndim) else n
-          for a, n in enumerate(z.shape)
-        ],
-        z.dtype,
+      # The factor of z = 0 is 0; computing it the way update does gives it
+      # the same sharding as the factors that updates produce.
+      factor = group_factor(
+        z, group_threshold(choice, z.shape), choice.reduce_axes(z.ndim)
       )
     return GroupGamma(kappa=scale, factor=factor)
 
   def update_fn(updates, state, params=None):
     if params is None:
-      raise ValueError(optax.NO_PARAMS_MSG)
+      raise ValueError(_checks.NO_PARAMS_MSG)
     penalties, treedef = resolve_penalties(params, penalty)
+    _checks.check_update_trees(updates, state, params, penalties, treedef)
     lr = (
       learning_rate(state.count) if callable(learning_rate) else learning_rate
     )

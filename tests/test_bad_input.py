@@ -95,8 +95,9 @@ def test_rule_returning_garbage_names_the_leaf():
     tx.init(PARAMS)
 
 
-def test_update_without_params():
-  tx = dl.dessilbi(0.1)
+@pytest.mark.parametrize('make', [dl.dessilbi, dl.scale_by_dessilbi])
+def test_update_without_params(make):
+  tx = make(0.1)
   state = tx.init(PARAMS)
   with pytest.raises(ValueError, match='params'):
     tx.update(PARAMS, state)

@@ -1,0 +1,197 @@
+"""DessiLBI on 8 host CPU devices; run by tests/test_multidevice.py.
+
+Run as a script in a process started with
+``XLA_FLAGS=--xla_force_host_platform_device_count=8``. It prints one JSON
+object of measurements (largest differences to the one-device trajectory,
+sharding and type checks) for the test to assert on.
+"""
+
+import json
+import sys
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+from jax.sharding import AxisType, NamedSharding
+from jax.sharding import PartitionSpec as P
+
+import dessilbi_jax as dl
+
+STEPS = 25
+BATCH = 64
+TX = dl.dessilbi(0.05, nu=0.05, weight_decay=1e-3)
+
+
+def problem():
+  """A conv-shaped regression: 16 filters, a sparse teacher using 4."""
+  k = jax.random.split(jax.random.key(0), 5)
+  teacher = jax.random.normal(k[0], (8, 8, 8, 16)) * (jnp.arange(16) < 4)
+  head = jax.random.normal(k[1], (16, 8))
+  x = jax.random.normal(k[2], (BATCH, 8, 8, 8))
+  y = jnp.einsum('bhwc,hwco->bo', x, teacher) @ head / 16
+  params = {
+    'conv': {'kernel': 0.02 * jax.random.normal(k[3], (8, 8, 8, 16))},
+    'dense': {
+      'kernel': 0.1 * jax.random.normal(k[4], (16, 8)),
+      'bias': jnp.zeros(8),
+    },
+  }
+  return params, x, y
+
+
+def loss(params, x, y):
+  # A contraction over an explicitly sharded axis must be told how to shard
+  # its output (like the batch); automatic axes leave it to the compiler.
+  kw = {}
+  if jax.sharding.get_abstract_mesh().are_all_axes_explicit:
+    kw['out_sharding'] = P(jax.typeof(x).sharding.spec[0], None)
+  h = jnp.einsum('bhwc,hwco->bo', x, params['conv']['kernel'], **kw)
+  h = jnp.einsum('bi,io->bo', h, params['dense']['kernel'], **kw)
+  return jnp.mean((h + params['dense']['bias'] - y) ** 2)
+
+
+@jax.jit
+def step(params, state, x, y):
+  grads = jax.grad(loss)(params, x, y)
+  updates, state = TX.update(grads, state, params)
+  return optax.apply_updates(params, updates), state
+
+
+def run(params, x, y):
+  state = first = TX.init(params)
+  for _ in range(STEPS):
+    params, state = step(params, state, x, y)
+  return params, first, state
+
+
+def max_diff(a, b):
+  diffs = jax.tree.map(
+    lambda u, v: float(np.max(np.abs(np.asarray(u) - np.asarray(v)))), a, b
+  )
+  return max(jax.tree.leaves(diffs), default=0.0)
+
+
+def same_sharding(tree, ref):
+  """Each leaf of ``tree`` is sharded as the leaf of ``ref`` at its place."""
+  ok = jax.tree.map(
+    lambda s, p: s.sharding.is_equivalent_to(p.sharding, p.ndim), tree, ref
+  )
+  return all(jax.tree.leaves(ok))
+
+
+def coupled(tree):
+  return {'conv': tree['conv'], 'dense': tree['dense']['kernel']}
+
+
+def put(a, mesh, spec):
+  return jax.device_put(a, NamedSharding(mesh, spec))
+
+
+def trajectories():
+  """Data-parallel and sharded runs against the one-device run."""
+  params, x, y = problem()
+  ref_params, _, ref_state = run(params, x, y)
+  gamma = optax.tree.get(ref_state, 'gamma')['conv']['kernel']
+  selected = int(jnp.sum(jnp.any(gamma != 0, axis=(0, 1, 2))))
+
+  auto, explicit = AxisType.Auto, AxisType.Explicit
+  model = ((8,), ('model',), P())  # mesh shape, axis names, batch spec
+  variants = {
+    # name: (mesh shape, axis names, batch, conv kernel, dense kernel, kinds)
+    'data': ((8,), ('data',), P('data'), P(), P(), (auto, explicit)),
+    'axis0': (*model, P('model'), P('model'), (auto,)),
+    'axis1': (*model, P(None, 'model'), P(None, 'model'), (explicit,)),
+    'axis2': (*model, P(None, None, 'model'), P(), (explicit,)),
+    'filters': (*model, P(None, None, None, 'model'), P(), (auto, explicit)),
+    'data_x_filters': (
+      (2, 4),
+      ('data', 'model'),
+      P('data'),
+      P(None, None, None, 'model'),
+      P('model'),
+      (auto,),
+    ),
+  }
+  cases = {}
+  for name, (shape, axes, batch, conv, dense, kinds) in variants.items():
+    for kind in kinds:
+      mesh = jax.make_mesh(shape, axes, axis_types=(kind,) * len(shape))
+      with jax.set_mesh(mesh):
+        p = {
+          'conv': {'kernel': put(params['conv']['kernel'], mesh, conv)},
+          'dense': {
+            'kernel': put(params['dense']['kernel'], mesh, dense),
+            'bias': put(params['dense']['bias'], mesh, P()),
+          },
+        }
+        new, first, state = run(p, put(x, mesh, batch), put(y, mesh, batch))
+      # With automatic axes the compiler may re-shard the params (the Dense
+      # kernel's inputs take the conv filters' sharding); the state follows
+      # whatever sharding the params get.
+      state_trees = [
+        coupled(optax.tree.get(state, 'z')),
+        coupled(optax.tree.get(state, 'gamma')),
+      ]
+      cases[f'{name}/{kind.name}'] = {
+        'params': max_diff(new, ref_params),
+        'state': max_diff(state, ref_state),
+        'init_follows_params': same_sharding(
+          coupled(optax.tree.get(first, 'z')), coupled(p)
+        ),
+        'state_follows_params': all(
+          same_sharding(t, coupled(new)) for t in state_trees
+        )
+        and same_sharding(optax.tree.get(state, 'trace'), new),
+        'params_keep_sharding': same_sharding(new, p),
+      }
+  return {'selected_filters': selected, 'cases': cases}
+
+
+def types_stable():
+  """As optax/_src/sharding_test.py: with sharding in types, the state's
+  types (shape, dtype, sharding) are the same after init and after updates,
+  eager or jitted."""
+  mesh = jax.make_mesh((8,), ('x',), axis_types=(AxisType.Explicit,))
+  out = {}
+  with jax.set_mesh(mesh):
+    for name, dtype, tx in (
+      ('dessilbi', jnp.float32, dl.dessilbi(1.0, nu=1.0)),
+      ('dessilbi', jnp.bfloat16, dl.dessilbi(1.0, nu=1.0)),
+      (
+        'core_f32_state',
+        jnp.float16,
+        dl.scale_by_dessilbi(1.0, state_dtype=jnp.float32),
+      ),
+      (
+        'core_compact_gamma',
+        jnp.float32,
+        dl.scale_by_dessilbi(1.0, store_gamma=False),
+      ),
+    ):
+      p = {
+        'conv': jnp.ones(
+          (3, 3, 8, 16), dtype, out_sharding=P(*[None] * 3, 'x')
+        ),
+        'dense': jnp.ones((2, 8, 4), dtype, out_sharding=P(None, 'x')),
+        'b': jnp.ones((8,), dtype, out_sharding=P('x')),
+      }
+      s0 = tx.init(p)
+      s1 = tx.update(p, s0, p)[1]
+      s2 = jax.jit(tx.init)(p)
+      s3 = jax.jit(tx.update)(p, s0, p)[1]
+      s4 = jax.jit(tx.update)(p, s3, p)[1]
+      t = [jax.tree.map(jax.typeof, s) for s in (s0, s1, s2, s3, s4)]
+      out[f'{name}/{jnp.dtype(dtype).name}'] = all(ti == t[0] for ti in t)
+  return out
+
+
+def main():
+  assert jax.device_count() == 8, jax.devices()
+  out = trajectories()
+  out['types_stable'] = types_stable()
+  json.dump(out, sys.stdout)
+
+
+if __name__ == '__main__':
+  main()

@@ -1,0 +1,85 @@
+"""Eight devices: data parallelism and sharded params give the one-device path.
+
+The suite runs on one device; this test starts a process with eight host CPU
+devices (``--xla_force_host_platform_device_count=8``) running
+``tests/_multidevice.py`` and asserts on what it measures.
+"""
+
+import json
+import os
+import pathlib
+import subprocess
+import sys
+
+import jax
+import pytest
+
+# Sharding in types (explicit mesh axes) arrived in JAX 0.7.
+pytestmark = pytest.mark.skipif(
+  not all(hasattr(jax, n) for n in ('set_mesh', 'typeof')),
+  reason='needs jax.set_mesh and jax.typeof',
+)
+SCRIPT = pathlib.Path(__file__).with_name('_multidevice.py')
+
+
+@pytest.fixture(scope='module')
+def measured():
+  env = {
+    **os.environ,
+    'XLA_FLAGS': (
+      os.environ.get('XLA_FLAGS', '')
+      + ' --xla_force_host_platform_device_count=8'
+    ).strip(),
+    'JAX_PLATFORMS': 'cpu',
+  }
+  out = subprocess.run(
+    [sys.executable, str(SCRIPT)],
+    env=env,
+    capture_output=True,
+    text=True,
+    timeout=300,
+    check=False,
+  )
+  assert out.returncode == 0, out.stderr[-4000:]
+  return json.loads(out.stdout)
+
+
+def test_sharded_and_data_parallel_paths_match_one_device(measured):
+  # The path is not trivial: some filters are selected, not all.
+  assert 0 < measured['selected_filters'] < 16
+  cases = measured['cases']
+  # Data parallel; each axis of the conv kernel sharded (axes 0-2 split every
+  # group's norm across devices, axis 3 splits the filters); a 2-D mesh.
+  # Automatic and explicit axis types are both covered.
+  assert set(cases) == {
+    'data/Auto',
+    'data/Explicit',
+    'axis0/Auto',
+    'axis1/Explicit',
+    'axis2/Explicit',
+    'filters/Auto',
+    'filters/Explicit',
+    'data_x_filters/Auto',
+  }
+  for name, case in cases.items():
+    assert case['params'] <= 1e-5, (name, case)
+    assert case['state'] <= 1e-5, (name, case)
+
+
+def test_state_follows_the_params_sharding(measured):
+  for name, case in measured['cases'].items():
+    assert case['init_follows_params'], name
+    assert case['state_follows_params'], name
+    if name.endswith('Explicit'):  # sharding is part of the type
+      assert case['params_keep_sharding'], name
+
+
+def test_state_types_are_stable_under_sharding_in_types(measured):
+  types = dict(measured['types_stable'])
+  assert len(types) == 4
+  types.pop('core_compact_gamma/float32')
+  assert all(types.values()), types
+
+
+def test_compact_gamma_state_types_are_stable(measured):
+  assert measured['types_stable']['core_compact_gamma/float32']
