@@ -44,8 +44,6 @@ from dessilbi_jax.surgery import (
 from dessilbi_jax.topology import Link, chain_spec, check_spec, default_norm
 from dessilbi_jax.transform import (
   DessiLBIState,
-  GroupGamma,
-  LassoGamma,
   expand_gamma,
   resolve_penalties,
   scale_by_dessilbi,
@@ -57,10 +55,8 @@ __all__ = [
   'NOT_SELECTED',
   'REFERENCE_NEVER',
   'DessiLBIState',
-  'GroupGamma',
   'GroupLasso',
   'Lasso',
-  'LassoGamma',
   'LayerSummary',
   'Link',
   'PathSummary',

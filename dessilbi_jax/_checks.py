@@ -188,9 +188,7 @@ def check_update_trees(
       strict=True,
     ):
       coupled = choice is not None
-      # Γ may be stored compactly (a node of per-group factors): only z is
-      # required to be an array; both must be empty exactly where uncoupled.
-      holds = _is_array(s) if field == 'z' else bool(jax.tree.leaves(s))
+      holds = _is_array(s)
       if coupled and not holds:
         raise ValueError(
           f'state.{field}: leaf {name!r} is coupled to a sparse Γ by the '
@@ -204,9 +202,13 @@ def check_update_trees(
           f'but the state holds {_describe(s)} there: the state was built '
           f'for another penalty rule; {_RESTORE_HINT}.'
         )
-      if not (coupled and _is_array(s)):
+      if not coupled:
         continue
-      if tuple(s.shape) != tuple(w.shape):
+      shapes = [tuple(w.shape)]
+      if field == 'gamma' and hasattr(choice, 'group_shape'):
+        # store_gamma=False keeps one scale per group of a group-lasso leaf.
+        shapes.append(choice.group_shape(w.shape))
+      if tuple(s.shape) not in shapes:
         raise ValueError(
           f'state.{field}: leaf {name!r} has shape {tuple(s.shape)}, its '
           f'parameter {tuple(w.shape)}: the state belongs to another model; '

@@ -100,6 +100,11 @@ class GroupLasso:
     keep = self.group_axes(ndim)
     return tuple(a for a in range(ndim) if a not in keep)
 
+  def group_shape(self, shape: Sequence[int]) -> tuple[int, ...]:
+    """The shape of one entry per group: size 1 along the reduced axes."""
+    reduce_axes = self.reduce_axes(len(shape))
+    return tuple(1 if a in reduce_axes else n for a, n in enumerate(shape))
+
 
 Penalty = Union[Lasso, GroupLasso]
 PenaltyRule = Callable[[KeyPath, Any], Union[Penalty, None]]

@@ -339,8 +339,12 @@ def reference_prune_order(
   )
 
   def record(names, g):
+    # At least float32, so that epochs stay exact beside bfloat16 Γ.
+    dtype = jnp.promote_types(g.dtype, jnp.float32)
     now = jnp.where(
-      jnp.abs(g) > 0, jnp.asarray(epoch, g.dtype), REFERENCE_NEVER
+      jnp.abs(g) > 0,
+      jnp.asarray(epoch, dtype),
+      jnp.asarray(REFERENCE_NEVER, dtype),
     )
     if old is None:
       return jnp.minimum(now, REFERENCE_NEVER)

@@ -136,6 +136,17 @@ class _Edit:
       shape = param_shapes.get(key)
       if shape is not None and tuple(x.shape) == shape:
         return _take(x, self.src, axis, fill, repeat)
+      if (
+        state
+        and shape is not None
+        and x.ndim == len(shape)
+        and all(a in (1, b) for a, b in zip(x.shape, shape, strict=True))
+      ):
+        # One entry per group (store_gamma=False's scale): it follows an edit
+        # of the group axis; along a broadcast axis of size 1 it stays.
+        if x.shape[axis] == 1 and shape[axis] != 1:
+          return x
+        return _take(x, self.src, axis, fill, repeat)
       if not state:
         raise ValueError(
           f'{where}: leaf {_trees.join(names)!r} has shape {tuple(x.shape)}, '

@@ -33,58 +33,35 @@ class DessiLBIState(NamedTuple):
   gamma: optax.Updates
 
 
-class GroupGamma(NamedTuple):
-  """Γ of a group-lasso leaf stored compactly: ``Γ = kappa · (z · factor)``.
+def _expand(gamma: jax.Array, z: jax.Array) -> jax.Array:
+  """Γ of one coupled leaf, from what the state stores there.
 
-  Used by ``scale_by_dessilbi(..., store_gamma=False)``; ``factor`` has one
-  entry per group (size 1 along the group's axes), ``kappa`` is a scalar.
+  That is Γ itself, or (``store_gamma=False``, group-lasso leaves) the
+  per-group scale ``κ·max(0, 1 - λ/‖z_g‖)``, with one entry per group, from
+  which ``Γ = z · scale``.
   """
-
-  kappa: jax.Array
-  factor: jax.Array
-
-
-class LassoGamma(NamedTuple):
-  """Γ of a lasso leaf stored compactly: ``Γ = kappa · soft(z, lam)``."""
-
-  kappa: jax.Array
-  lam: jax.Array
-
-
-def _is_compact(x: Any) -> bool:
-  return isinstance(x, (GroupGamma, LassoGamma))
-
-
-def _expand(gamma: Any, z: jax.Array) -> jax.Array:
-  """Γ of one leaf, from its stored form (an array, or a compact node)."""
-  if isinstance(gamma, GroupGamma):
-    return gamma.kappa * (z * gamma.factor)
-  if isinstance(gamma, LassoGamma):
-    return gamma.kappa * soft_threshold(z, gamma.lam)
-  return gamma
+  if tuple(gamma.shape) == tuple(z.shape):
+    return gamma
+  return z * gamma
 
 
 def expand_gamma(gamma: Any, z: Any) -> Any:
   """Γ as arrays laid out like the params, from either storage of the state.
 
   Args:
-    gamma: the ``gamma`` field of a :class:`DessiLBIState`: arrays, or
-      :class:`GroupGamma` / :class:`LassoGamma` nodes when the optimizer was
-      built with ``store_gamma=False``.
+    gamma: the ``gamma`` field of a :class:`DessiLBIState`: Γ, or for
+      group-lasso leaves of an optimizer built with ``store_gamma=False``, the
+      per-group scale (size 1 along the group's axes) with ``Γ = z · scale``.
     z: the state's ``z`` field.
 
   Returns:
     Γ, with arrays at coupled leaves and empty nodes at uncoupled ones.
   """
-  if not any(map(_is_compact, jax.tree.leaves(gamma, is_leaf=_is_compact))):
-    return gamma
   # Match by key path: empty nodes may differ between the two trees (Flax NNX
   # turns optax.MaskedNode() into ()).
   z_by_path = dict(jax.tree_util.tree_leaves_with_path(z))
   return jax.tree_util.tree_map_with_path(
-    lambda path, g: _expand(g, z_by_path[path]) if _is_compact(g) else g,
-    gamma,
-    is_leaf=_is_compact,
+    lambda path, g: _expand(g, z_by_path[path]), gamma
   )
 
 
@@ -192,11 +169,12 @@ def scale_by_dessilbi(
       leaves move as usual, as in the reference's ``step_with_freeze``. The
       state's layout does not depend on it, so a run can switch to a frozen
       optimizer mid-path with the same state.
-    store_gamma: if false, Γ is not stored: the state keeps, per coupled
-      leaf, κ and the per-group shrink factor (:class:`GroupGamma`) or κ and λ
-      (:class:`LassoGamma`), and Γ is rebuilt from z where needed. This saves
-      a third of the coupled leaves' optimizer memory and one pass over them
-      per step, with the same trajectory. Read Γ with
+    store_gamma: if false, Γ of group-lasso leaves (conv filters) is not
+      stored: the state keeps one scale per group, ``κ·max(0, 1 - λ/‖z_g‖)``,
+      and Γ is rebuilt as ``z · scale`` where needed. This saves a third of
+      those leaves' optimizer memory and a pass over them per step, with the
+      same trajectory up to float rounding (XLA may fuse ``z · scale`` into
+      the W update). Lasso leaves keep Γ. Read Γ with
       :func:`dessilbi_jax.get_gamma`, which works for both storages.
 
   Returns:
@@ -258,27 +236,27 @@ def scale_by_dessilbi(
       else:
         zeros = jnp.zeros_like(leaf, dtype=state_dtype)
         z.append(zeros)
-        gamma.append(
-          jnp.zeros_like(zeros) if store_gamma else _compact(zeros, choice)
-        )
+        gamma.append(_new_gamma(zeros, choice))
     return DessiLBIState(
       count=jnp.zeros([], jnp.int32),
       z=treedef.unflatten(z),
       gamma=treedef.unflatten(gamma),
     )
 
-  def _compact(z, choice, factor=None):
-    """Γ's compact form for z (Γ = 0 at init, when no factor is given)."""
-    scale = jnp.asarray(kappa, z.dtype)
+  def _new_gamma(z, choice):
+    """What the state stores for Γ = κ·Prox(z): Γ, or the per-group scale.
+
+    Both storages compute Γ as ``z · scale`` for group-lasso leaves, so they
+    follow one path (up to the rounding of fused multiply-adds).
+    """
+    kappa_z = jnp.asarray(kappa, z.dtype)
     if isinstance(choice, Lasso):
-      return LassoGamma(kappa=scale, lam=jnp.asarray(choice.lam, z.dtype))
-    if factor is None:
-      # The factor of z = 0 is 0; computing it the way update does gives it
-      # the same sharding as the factors that updates produce.
-      factor = group_factor(
-        z, group_threshold(choice, z.shape), choice.reduce_axes(z.ndim)
-      )
-    return GroupGamma(kappa=scale, factor=factor)
+      return kappa_z * soft_threshold(z, choice.lam)
+    thr = group_threshold(choice, z.shape)
+    scale = kappa_z * group_factor(z, thr, choice.reduce_axes(z.ndim))
+    if store_gamma or scale.shape == z.shape:
+      return z * scale
+    return scale
 
   def update_fn(updates, state, params=None):
     if params is None:
@@ -317,15 +295,7 @@ def scale_by_dessilbi(
       new_updates.append(update.astype(w.dtype))
       z_next = z_next.astype(z.dtype)
       new_z.append(z_next)
-      # Γ⁺ = κ·Prox(z⁺), computed the same way whether it is stored or rebuilt
-      # from z⁺ at the next step (store_gamma=False), so both give one path.
-      if isinstance(choice, Lasso):
-        compact = _compact(z_next, choice)
-      else:
-        thr = group_threshold(choice, z_next.shape)
-        factor = group_factor(z_next, thr, choice.reduce_axes(z_next.ndim))
-        compact = _compact(z_next, choice, factor)
-      new_gamma.append(_expand(compact, z_next) if store_gamma else compact)
+      new_gamma.append(_new_gamma(z_next, choice))
 
     new_state = DessiLBIState(
       count=optax.safe_increment(state.count),

@@ -320,32 +320,33 @@ def test_store_gamma_false_gives_the_same_path_with_less_memory(freeze):
   compact, compact_state = _run(
     dl.dessilbi(**kw, store_gamma=False), params, loss, 40
   )
-  # Bit-identical params, z and Γ.
-  _assert_trees_close(compact, stored, rtol=0, atol=0)
+  # The same path up to float rounding (XLA may contract z * scale into the
+  # W update instead of rounding Γ first), and the same support.
+  tol = dict(rtol=1e-5, atol=1e-7)
+  _assert_trees_close(compact, stored, **tol)
   _assert_trees_close(
-    optax.tree.get(compact_state, 'z'),
-    optax.tree.get(stored_state, 'z'),
-    rtol=0,
-    atol=0,
+    optax.tree.get(compact_state, 'z'), optax.tree.get(stored_state, 'z'), **tol
   )
   gamma = dl.get_gamma(compact_state)
-  _assert_trees_close(gamma, dl.get_gamma(stored_state), rtol=0, atol=0)
+  _assert_trees_close(gamma, dl.get_gamma(stored_state), **tol)
+  _assert_trees_close(
+    dl.support(compact_state), dl.support(stored_state), rtol=0, atol=0
+  )
   assert any(bool(jnp.any(g != 0)) for g in jax.tree.leaves(gamma))
-  # Γ is not stored: a per-filter factor and scalars instead.
+  # The conv's Γ is not stored: one scale per filter instead; the lasso
+  # leaf keeps its Γ.
   core = compact_state[-1]
-  assert isinstance(core.gamma['conv']['kernel'], dl.GroupGamma)
-  assert core.gamma['conv']['kernel'].factor.shape == (1, 1, 1, 4)
-  assert isinstance(core.gamma['dense']['kernel'], dl.LassoGamma)
+  assert core.gamma['conv']['kernel'].shape == (1, 1, 1, 4)
+  assert core.gamma['dense']['kernel'].shape == (4, 3)
 
   def nbytes(tree):
     return sum(x.nbytes for x in jax.tree.leaves(tree))
 
-  coupled = params['conv']['kernel'].nbytes + params['dense']['kernel'].nbytes
-  assert nbytes(stored_state) - nbytes(compact_state) >= coupled - 64
+  saved = params['conv']['kernel'].nbytes - 4 * 4
+  assert nbytes(stored_state) - nbytes(compact_state) == saved
   # The toolbox reads either storage.
   _assert_trees_close(
     dl.w_star(compact, compact_state),
     dl.w_star(stored, stored_state),
-    rtol=0,
-    atol=0,
+    **tol,
   )

@@ -168,3 +168,12 @@ def test_ranking_earliest_first_ties_by_norm():
     dl.rank_groups(
       params, {**record, 'conv': {'kernel': jnp.zeros(3, jnp.int32)}}
     )
+
+
+def test_reference_epochs_stay_exact_beside_bfloat16_gamma():
+  params = {'w': jnp.ones((1, 2), jnp.bfloat16)}
+  state = dl.scale_by_dessilbi(1.0).init(params)
+  state = state._replace(gamma={'w': jnp.array([[0.0, 1.0]], jnp.bfloat16)})
+  order = dl.reference_prune_order(params, state, epoch=257)
+  assert order.epoch_record['w'].dtype == jnp.float32
+  np.testing.assert_array_equal(order.epoch_record['w'], [[2000.0, 257.0]])

@@ -445,3 +445,44 @@ def test_slim_resnet_block_inside_and_errors_name_the_layer():
     dl.slim(nnx.state(model), bad, masks)
   with pytest.raises(ValueError, match=r"'block/conv1'.*shape"):
     dl.slim(nnx.state(model), RESNET_SPEC, {'block/conv1': np.ones(3, bool)})
+
+
+def test_slim_and_widen_carry_a_state_with_gamma_rebuilt_from_z():
+  # store_gamma=False keeps one scale per filter instead of Γ: slimming and
+  # widening must carry it like z, and the result must keep training.
+  key = jax.random.key(0)
+  params = {
+    'conv1': {'kernel': jax.random.normal(key, (3, 3, 1, 6)) * 0.3},
+    'conv2': {'kernel': jax.random.normal(key, (3, 3, 6, 4)) * 0.3},
+  }
+  tx = dl.dessilbi(0.5, nu=0.5, store_gamma=False)
+  state = tx.init(params)
+  grads = jax.tree.map(lambda p: -jnp.ones_like(p), params)
+  for _ in range(20):
+    updates, state = tx.update(grads, state, params)
+    params = optax.apply_updates(params, updates)
+  gamma = dl.get_gamma(state)
+  spec = dl.chain_spec(params, ['conv1', 'conv2'])
+  keep = {'conv1': np.array([True, False, True, True, False, True])}
+  out = dl.slim(params, spec, keep, opt_state=state)
+  slim_gamma = dl.get_gamma(out.opt_state)
+  np.testing.assert_array_equal(
+    slim_gamma['conv1']['kernel'], gamma['conv1']['kernel'][..., keep['conv1']]
+  )
+  np.testing.assert_array_equal(
+    slim_gamma['conv2']['kernel'],
+    gamma['conv2']['kernel'][:, :, keep['conv1'], :],
+  )
+  small = jax.tree.map(lambda p: -jnp.ones_like(p), out.params)
+  updates, _ = tx.update(small, out.opt_state, out.params)
+  assert updates['conv1']['kernel'].shape == (3, 3, 1, 4)
+
+  grown = dl.widen(key, params, spec, 'conv1', 2, opt_state=state)
+  grown_gamma = dl.get_gamma(grown.opt_state)['conv1']['kernel']
+  assert grown_gamma.shape == (3, 3, 1, 8)
+  np.testing.assert_array_equal(grown_gamma[..., :6], gamma['conv1']['kernel'])
+  assert not bool(jnp.any(grown_gamma[..., 6:] != 0))
+  updates, _ = tx.update(
+    jax.tree.map(jnp.ones_like, grown.params), grown.opt_state, grown.params
+  )
+  assert updates['conv2']['kernel'].shape == (3, 3, 8, 4)
