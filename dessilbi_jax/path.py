@@ -299,6 +299,23 @@ class PathSummary:
     return self.table()
 
 
+@functools.partial(jax.jit, static_argnames=('choices',))
+def _layer_stats(arrays, choices):
+  """Selected groups, selected weights and ‖W − Γ‖² of each coupled leaf."""
+  out = []
+  for (w, g), choice in zip(arrays, choices, strict=True):
+    nz = g != 0
+    diff = (w - g).astype(jnp.promote_types(w.dtype, jnp.float32))
+    out.append(
+      (
+        jnp.sum(_trees.group_any(nz, choice)),
+        jnp.sum(nz),
+        jnp.sum(jnp.square(diff)),
+      )
+    )
+  return out
+
+
 def path_summary(
   params: optax.Params,
   opt_state: optax.OptState,
@@ -340,22 +357,15 @@ def path_summary(
   all_params = jax.tree.leaves(_trees.pure(params))
   params_total = int(sum(np.size(p) for p in all_params))
 
-  @jax.jit
-  def stats(pairs_arrays, count):
-    out = []
-    for (names, _, _), (w, g) in zip(pairs, pairs_arrays, strict=True):
-      nz = g != 0
-      diff = (w - g).astype(jnp.promote_types(w.dtype, jnp.float32))
-      out.append(
-        (
-          jnp.sum(_trees.group_any(nz, penalties[names])),
-          jnp.sum(nz),
-          jnp.sum(jnp.square(diff)),
-        )
-      )
-    return out, count
-
-  got, count = jax.device_get(stats([(w, g) for _, w, g in pairs], core.count))
+  got, count = jax.device_get(
+    (
+      _layer_stats(
+        [(w, g) for _, w, g in pairs],
+        tuple(penalties[names] for names, _, _ in pairs),
+      ),
+      core.count,
+    )
+  )
   layers = {}
   total_residue = 0.0
   for (names, w, _), (groups, weights, sq) in zip(pairs, got, strict=True):

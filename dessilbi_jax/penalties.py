@@ -14,6 +14,7 @@ other choices, or per-layer overrides, with :func:`penalty_rule`.
 
 import dataclasses
 import math
+import numbers
 import re
 from collections.abc import Callable, Mapping, Sequence
 from typing import Any, Union
@@ -25,9 +26,9 @@ KeyPath = tuple[Any, ...]
 
 
 def _check_lam(lam: float) -> float:
-  if isinstance(lam, bool) or not isinstance(lam, (int, float)):
+  if isinstance(lam, bool) or not isinstance(lam, numbers.Real):
     raise TypeError(
-      f'lam must be a Python number (the shrinkage threshold λ), got '
+      f'lam must be a real number (the shrinkage threshold λ), got '
       f'{type(lam).__name__}.'
     )
   if not math.isfinite(lam) or lam < 0:

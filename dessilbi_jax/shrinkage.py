@@ -37,7 +37,6 @@ def soft_threshold(z: jax.Array, lam: jax.typing.ArrayLike) -> jax.Array:
   return jnp.sign(z) * jnp.maximum(jnp.abs(z) - lam, 0)
 
 
-@functools.partial(jax.jit, static_argnames=('reduce_axes',))
 def group_shrink(
   z: jax.Array,
   lam: jax.typing.ArrayLike,
@@ -67,10 +66,15 @@ def group_shrink(
     Array([[2.4, 0. ],
            [3.2, 0. ]], dtype=float32)
   """
-  return z * group_factor(z, lam, reduce_axes=reduce_axes)
+  reduce_axes = tuple(reduce_axes)
+  return _group_shrink(z, lam, reduce_axes=reduce_axes)
 
 
 @functools.partial(jax.jit, static_argnames=('reduce_axes',))
+def _group_shrink(z, lam, reduce_axes):
+  return z * _group_factor(z, lam, reduce_axes=reduce_axes)
+
+
 def group_factor(
   z: jax.Array,
   lam: jax.typing.ArrayLike,
@@ -88,7 +92,11 @@ def group_factor(
     group); ``group_shrink(z, ...) == z * group_factor(z, ...)``. It is 0
     exactly for groups with ``‖z_g‖ <= λ``, zero-norm groups included.
   """
-  reduce_axes = tuple(reduce_axes)
+  return _group_factor(z, lam, reduce_axes=tuple(reduce_axes))
+
+
+@functools.partial(jax.jit, static_argnames=('reduce_axes',))
+def _group_factor(z, lam, reduce_axes):
   lam = jnp.asarray(lam, z.dtype)
   sq = jnp.sum(jnp.square(z), axis=reduce_axes, keepdims=True)
   # Double `where`: the square root is only taken of non-zero sums, so neither

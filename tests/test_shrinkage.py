@@ -129,3 +129,13 @@ def test_exact_zero_values_and_gradients(dtype):
     jnp.zeros((4, 2), dtype)
   )
   assert bool(jnp.all(jnp.isfinite(g)))
+
+
+def test_reduce_axes_may_be_a_list_and_lam_a_numpy_scalar():
+  z = np.random.default_rng(3).normal(size=(4, 3))
+  np.testing.assert_array_equal(
+    dl.group_shrink(z, 0.5, reduce_axes=[0]),
+    dl.group_shrink(z, 0.5, reduce_axes=(0,)),
+  )
+  assert dl.Lasso(np.float32(0.25)).lam == 0.25
+  assert dl.GroupLasso(lam=np.float64(2.0)).lam == 2.0
