@@ -124,7 +124,9 @@ def penalty_rule(
   """Builds a penalty rule from per-rank defaults and per-path overrides.
 
   Args:
-    conv: the penalty of rank >= 3 leaves (Flax conv kernels, HWIO).
+    conv: the penalty of rank >= 3 leaves (Flax conv kernels, HWIO). Other
+      rank-3 kernels (``DenseGeneral``, attention projections) are matched too:
+      name them in ``overrides`` to give them another penalty.
     dense: the penalty of rank-2 leaves (Flax Dense kernels, ``(in, out)``).
     overrides: maps regular expressions to penalties; the first pattern that
       ``re.search`` finds in a leaf's path string (``'layer/kernel'``) decides
