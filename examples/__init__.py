@@ -1,0 +1,1 @@
+"""Examples of dessilbi_jax: the main job, its workflows and their pieces."""

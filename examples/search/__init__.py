@@ -1,0 +1,1 @@
+"""The hyper-parameter search of examples/README.md (harness and results)."""

@@ -1,0 +1,1 @@
+"""The workflows: pruning by selection order, winning tickets, growing."""

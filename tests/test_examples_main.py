@@ -1,0 +1,160 @@
+"""The main job and the workflows run end to end on the bundled digits."""
+
+import json
+import pathlib
+import sys
+
+import numpy as np
+import pytest
+
+sys.path.insert(0, str(pathlib.Path(__file__).parents[1]))
+
+from examples import train
+from examples.workflows import grow, prune, tickets
+
+# Small batches, a strong coupling and a low threshold: the path starts
+# within an epoch on the 1,347 training digits.
+FAST = [
+  '--dataset',
+  'digits',
+  '--batch-size',
+  '32',
+  '--nu',
+  '2',
+  '--lam',
+  '1',
+  '--warmup',
+  '0',
+  '--no-progress',
+]
+
+
+def _find(tree, key):
+  """The first value under ``key`` in nested dicts and lists."""
+  if isinstance(tree, dict):
+    if key in tree:
+      return tree[key]
+    tree = list(tree.values())
+  if isinstance(tree, (list, tuple)):
+    for t in tree:
+      found = _find(t, key)
+      if found is not None:
+        return found
+  return None
+
+
+def test_main_job_writes_everything(tmp_path):
+  m = train.main(
+    [*FAST, '--epochs', '2', '--lr-step', '1', '--out', str(tmp_path)]
+  )
+  files = m['files']
+  for name in ('selected_filters', 'norm_paths', 'accuracy'):
+    path = pathlib.Path(files[name])
+    assert path.suffix == '.png' and path.stat().st_size > 10_000
+  with open(tmp_path / 'metrics.json', encoding='utf-8') as f:
+    saved = json.load(f)
+  assert [r['epoch'] for r in saved['epochs']] == [1, 2]
+  assert [r['epoch'] for r in saved['sgd_epochs']] == [1, 2]
+  for r in saved['epochs']:
+    assert np.isfinite(r['loss']) and 0 <= r['wstar_acc'] <= 1
+    assert set(r['selected']) == {'conv1', 'conv2', 'conv3'}
+    assert 0 <= r['conv_filter_share'] <= 1
+  final = saved['final']
+  assert final['acc'] > 0.6 and final['sgd_acc'] > 0.6  # chance is 0.1
+  assert final['wstar_acc'] > 0.5
+  sel = final['selected']
+  assert sel['conv1'][1] == 6 and sel['conv3'][1] == 120
+  assert 0 < sum(v[0] for v in sel.values()) < 142
+  # The slimmed W* is the W* network: same accuracy, fewer params and FLOPs.
+  slim, dense = saved['slim'], saved['dense']
+  assert slim['acc'] == pytest.approx(final['wstar_acc'], abs=0.003)
+  assert slim['params'] < dense['params'] and slim['flops'] < dense['flops']
+  assert slim['widths']['conv3'] == max(sel['conv3'][0], 1)
+  assert set(saved['prune_by_selection_order']['acc']) == {'50%', '70%', '90%'}
+
+  import orbax.checkpoint as ocp
+
+  with ocp.StandardCheckpointer() as ckpt:
+    restored = ckpt.restore(pathlib.Path(files['checkpoint']))
+  assert restored['params']['conv3']['kernel'].shape == (2, 2, 16, 120)
+  gamma = _find(restored['opt_state'], 'gamma')
+  selected = np.any(gamma['conv3']['kernel'] != 0, axis=(0, 1, 2)).sum()
+  assert selected == sel['conv3'][0]
+
+
+def test_missing_dataset_is_a_clear_error(tmp_path):
+  with pytest.raises(SystemExit, match='train-images-idx3-ubyte'):
+    train.main(
+      ['--dataset', 'mnist', '--data-dir', str(tmp_path), '--no-progress']
+    )
+
+
+def test_bad_flags_are_rejected():
+  with pytest.raises(SystemExit):
+    train.main(['--dataset', 'digits', '--nu', '0'])
+
+
+def test_pruning_workflow(tmp_path):
+  out = prune.main(
+    [
+      *FAST,
+      '--epochs',
+      '1',
+      '--fractions',
+      '0.5,0.9',
+      '--finetune-epochs',
+      '1',
+      '--out',
+      str(tmp_path),
+    ]
+  )
+  assert out['layers'] == ['conv3']
+  for name, r in out['results'].items():
+    for key in ('no fine-tune', 'fine-tuned'):
+      assert len(r[key]) == 2 and all(0 <= a <= 1 for a in r[key]), name
+  assert pathlib.Path(out['files']['plot']).stat().st_size > 10_000
+
+
+def test_tickets_workflow(tmp_path):
+  out = tickets.main(
+    [*FAST, '--epochs', '1', '--at', '1', '--out', str(tmp_path)]
+  )
+  names = [(r['name'], r['epoch']) for r in out['results']]
+  assert names == [('dense', None), ('ticket', 1), ('random', 1)]
+  ticket, random = out['results'][1], out['results'][2]
+  assert ticket['selected'] == random['selected']  # same sparsity per layer
+  assert 0 < ticket['conv_filter_share'] < 1
+  assert all(0 <= r['acc'] <= 1 for r in out['results'])
+
+
+def test_growing_workflow(tmp_path):
+  out = grow.main(
+    [
+      *FAST,
+      '--start',
+      '2,4,8',
+      '--round-epochs',
+      '1',
+      '--max-rounds',
+      '1',
+      '--final-epochs',
+      '1',
+      '--threshold',
+      '0.3',
+      '--baselines',
+      'sgd',
+      '--out',
+      str(tmp_path),
+    ]
+  )
+  first = out['grown']['rounds'][0]
+  assert first['widths'] == {'conv1': 2, 'conv2': 4, 'conv3': 8}
+  assert first['grown']  # everything selected in a narrow net: it widens
+  widths = out['grown']['widths']
+  assert all(widths[k] == 2 * first['widths'][k] for k in first['grown'])
+  assert set(out['fixed']) == {'sgd'}
+  assert (
+    out['grown']['dense_cost']['params']
+    < out['fixed']['sgd']['dense_cost']['params']
+  )
+  assert out['epochs'] == out['growth_epochs'] + 1
