@@ -17,6 +17,7 @@ import optax
 
 from dessilbi_jax import _trees
 from dessilbi_jax.penalties import GroupLasso, PenaltyRule
+from dessilbi_jax.topology import Spec, channel_masks
 
 
 def get_gamma(opt_state: optax.OptState) -> Any:
@@ -92,17 +93,33 @@ def _support(gamma, by_group, penalty):
   )
 
 
-def w_star(params: optax.Params, opt_state: optax.OptState) -> optax.Params:
+def w_star(
+  params: optax.Params,
+  opt_state: optax.OptState,
+  *,
+  channels: bool = False,
+  spec: Optional[Spec] = None,
+  penalty: Optional[PenaltyRule] = None,
+) -> optax.Params:
   r"""W*: the weights masked by Γ's support (the sparse model on the path).
 
   .. math::
     W^* = W \odot \mathbb{1}[Γ \ne 0]
 
-  Uncoupled leaves (biases, normalisation parameters) are returned unchanged.
+  Uncoupled leaves (biases, normalisation parameters) are returned unchanged,
+  unless ``channels`` is set.
 
   Args:
     params: the weights W (a pytree, or a Flax NNX ``State``).
     opt_state: the optimizer state holding Γ.
+    channels: also zero, for every unselected output filter of a
+      group-lasso kernel, its bias and its norm layer's scale and shift, so
+      that the filter's output is exactly zero: the network
+      :func:`~dessilbi_jax.slim` builds from the support.
+    spec: with ``channels``, the model's spec (a ``Link`` per layer) to
+      find norm layers; None to find them by naming (``conv3`` → ``bn3``).
+    penalty: with ``channels``, the optimizer's penalty rule if not the
+      default (it defines the groups).
 
   Returns:
     A pytree laid out like the (pure) params. For Flax NNX, load it into a
@@ -118,7 +135,23 @@ def w_star(params: optax.Params, opt_state: optax.OptState) -> optax.Params:
     Array([[0., 2.],
            [0., 0.]], dtype=float32)
   """
-  return _w_star(_trees.pure(params), _trees.core_state(opt_state).gamma)
+  params = _trees.pure(params)
+  gamma = _trees.core_state(opt_state).gamma
+  out = _w_star(params, gamma)
+  if not channels:
+    return out
+  table = _trees.leaves_by_name(out)
+  gammas = _trees.leaves_by_name(gamma)
+  masks = {}
+  for names, choice in _trees.penalties_by_name(gamma, penalty).items():
+    g = gammas[names]
+    if names[-1] == 'kernel' and _trees.is_output_grouped(choice, g.ndim):
+      keep = _trees.group_any(g != 0, choice)
+      masks.update(channel_masks(table, names, keep, spec, out))
+  return _trees.map_with_names(
+    lambda names, w: jnp.where(masks[names], w, 0) if names in masks else w,
+    out,
+  )
 
 
 @jax.jit

@@ -11,7 +11,7 @@ import optax
 from dessilbi_jax import _trees
 from dessilbi_jax.penalties import PenaltyRule
 from dessilbi_jax.selection import _rank_groups
-from dessilbi_jax.topology import Spec, link_of
+from dessilbi_jax.topology import Spec, channel_masks
 
 
 def _check_fraction(fraction: float) -> float:
@@ -134,16 +134,7 @@ def _prune(params, record, fraction, scope, spec, penalty):
       _trees.expand_groups(keep, choice, w.ndim), w.shape
     )
     if names[-1] == 'kernel' and _trees.is_output_grouped(choice, w.ndim):
-      layer = _trees.join(names[:-1])
-      bias = (*names[:-1], 'bias')
-      if bias in table and table[bias].shape == keep.shape:
-        masks[bias] = keep
-      norm = link_of(spec, params, layer).norm
-      if norm is not None:
-        norm_names = _trees.split_name(norm)
-        for other, v in table.items():
-          if other[:-1] == norm_names and v.shape == keep.shape:
-            masks[other] = keep
+      masks.update(channel_masks(table, names, keep, spec, params))
 
   def mask_of(names, w):
     return masks.get(names, jnp.ones(w.shape, bool))

@@ -235,3 +235,35 @@ def link_of(spec: Optional[Spec], params: Any, layer: str) -> Link:
   if spec is not None and layer in spec:
     return spec[layer]
   return Link(norm=default_norm(params, layer))
+
+
+def channel_masks(
+  table: dict, kernel: _trees.Names, keep: Any, spec: Optional[Spec], params
+) -> dict:
+  """Masks of the leaves that go with a kernel's output filters.
+
+  The layer's bias and its norm layer's per-channel parameters (scale,
+  shift), when their shape is one entry per filter: zeroing a filter together
+  with them makes its output exactly zero.
+
+  Args:
+    table: the params' leaves by name.
+    kernel: the name of the kernel leaf (``(..., 'kernel')``).
+    keep: one boolean per output filter.
+    spec: the model's spec, or None to find the norm layer by naming.
+    params: the params (for naming rules).
+
+  Returns:
+    ``{leaf name: keep}`` for the bias and norm leaves found.
+  """
+  masks = {}
+  bias = (*kernel[:-1], 'bias')
+  if bias in table and tuple(table[bias].shape) == tuple(keep.shape):
+    masks[bias] = keep
+  norm = link_of(spec, params, _trees.join(kernel[:-1])).norm
+  if norm is not None:
+    norm_names = _trees.split_name(norm)
+    for other, v in table.items():
+      if other[:-1] == norm_names and tuple(v.shape) == tuple(keep.shape):
+        masks[other] = keep
+  return masks

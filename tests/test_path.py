@@ -199,3 +199,34 @@ def test_errors_name_the_problem():
     dl.support(
       state, by_group=True, penalty=dl.penalty_rule(overrides={'dense': None})
     )
+
+
+def test_w_star_with_channels_zeroes_bias_and_norm_of_unselected_filters():
+  params = {
+    'conv1': {'kernel': jnp.ones((3, 3, 1, 3)), 'bias': jnp.ones(3)},
+    'bn1': {'scale': jnp.ones(3), 'bias': jnp.ones(3)},
+    'fc': {'kernel': jnp.ones((3, 2)), 'bias': jnp.ones(2)},
+  }
+  state = dl.scale_by_dessilbi(1.0).init(params)
+  conv_gamma = jnp.zeros((3, 3, 1, 3)).at[..., 0].set(1.0).at[..., 2].set(2.0)
+  fc_gamma = jnp.zeros((3, 2)).at[0, 0].set(1.0)
+  state = state._replace(
+    gamma={
+      **state.gamma,
+      'conv1': {**state.gamma['conv1'], 'kernel': conv_gamma},
+      'fc': {**state.gamma['fc'], 'kernel': fc_gamma},
+    }
+  )
+  plain = dl.w_star(params, state)
+  np.testing.assert_array_equal(plain['conv1']['bias'], [1, 1, 1])
+  np.testing.assert_array_equal(plain['bn1']['scale'], [1, 1, 1])
+  out = dl.w_star(params, state, channels=True)
+  np.testing.assert_array_equal(
+    out['conv1']['kernel'], plain['conv1']['kernel']
+  )
+  np.testing.assert_array_equal(out['conv1']['bias'], [1, 0, 1])
+  np.testing.assert_array_equal(out['bn1']['scale'], [1, 0, 1])
+  np.testing.assert_array_equal(out['bn1']['bias'], [1, 0, 1])
+  # Elementwise leaves have no channels to drop: only the kernel is masked.
+  np.testing.assert_array_equal(out['fc']['bias'], [1, 1])
+  np.testing.assert_array_equal(out['fc']['kernel'], [[1, 0], [0, 0], [0, 0]])
