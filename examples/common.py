@@ -287,8 +287,7 @@ def wstar_model(model, optimizer, rule, spec) -> nnx.Module:
   network (the function of the slimmed model)."""
   params = nnx.to_pure_dict(nnx.state(model, nnx.Param))
   st = opt_state(optimizer)
-  ws = dl.w_star(params, st)
-  ws = channel_masked(ws, selected_filters(st, rule), spec)
+  ws = dl.w_star(params, st, channels=True, spec=spec, penalty=rule)
   clone = nnx.clone(model)
   nnx.update(clone, ws)
   return clone
