@@ -64,12 +64,8 @@ def _assert_filter_groups(gamma_kernel):
   assert np.all(nz.all(axis=0) | ~nz.any(axis=0))
 
 
-def test_nnx_optimizer_trains_with_group_and_elementwise_penalties():
-  model = NnxNet(nnx.Rngs(0))
-  _check_default_penalties(
-    nnx.state(model, nnx.Param), 'conv1/kernel', 'fc/kernel'
-  )
-  optimizer = nnx.Optimizer(model, dl.dessilbi(0.1, nu=0.5), wrt=nnx.Param)
+def _nnx_step():
+  """A jitted NNX train step on the test data; returns the loss."""
   x, y = _data()
 
   def loss_fn(model):
@@ -82,6 +78,16 @@ def test_nnx_optimizer_trains_with_group_and_elementwise_penalties():
     optimizer.update(model, grads)
     return loss
 
+  return step
+
+
+def test_nnx_optimizer_trains_with_group_and_elementwise_penalties():
+  model = NnxNet(nnx.Rngs(0))
+  _check_default_penalties(
+    nnx.state(model, nnx.Param), 'conv1/kernel', 'fc/kernel'
+  )
+  optimizer = nnx.Optimizer(model, dl.dessilbi(0.1, nu=0.5), wrt=nnx.Param)
+  step = _nnx_step()
   losses = [float(step(model, optimizer)) for _ in range(60)]
   assert losses[-1] < 0.5 * losses[0]
   gamma = optax.tree.get(nnx.as_pure(optimizer.opt_state), 'gamma')
@@ -128,17 +134,7 @@ def test_linen_train_state_trains_with_group_and_elementwise_penalties():
 
 
 def test_nnx_optimizer_with_gamma_rebuilt_from_z_follows_the_same_path():
-  x, y = _data()
-
-  def loss_fn(model):
-    logits = model(x)
-    return optax.softmax_cross_entropy_with_integer_labels(logits, y).mean()
-
-  @nnx.jit
-  def step(model, optimizer):
-    grads = nnx.grad(loss_fn)(model)
-    optimizer.update(model, grads)
-
+  step = _nnx_step()
   runs = []
   for store_gamma in (True, False):
     model = NnxNet(nnx.Rngs(0))
