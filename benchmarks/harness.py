@@ -9,12 +9,15 @@ Usage::
   python benchmarks/harness.py step --model lenet5            # train step
   python benchmarks/harness.py update --model resnet18        # update alone
   python benchmarks/harness.py step --model resnet18 --json out.json
+  python benchmarks/harness.py memory --model resnet18 --batch 32   # peaks
 """
 
 import argparse
 import collections
 import json
+import multiprocessing
 import re
+import resource
 import statistics
 import sys
 import time
@@ -293,6 +296,88 @@ def bench_scaling(args) -> dict:
   return out
 
 
+# The baseline of the memory mode: a stateless optimizer, so that what the
+# others add at peak (state, and temporaries of their update) shows as a delta.
+BASELINE = 'gd'
+
+
+def _peak_bytes() -> tuple[int, str]:
+  """Peak memory of this process so far: the device's allocator where it
+  reports one (GPU, TPU), else the process's peak resident set (CPU)."""
+  stats = jax.devices()[0].memory_stats()
+  if stats and 'peak_bytes_in_use' in stats:
+    return int(stats['peak_bytes_in_use']), 'device peak_bytes_in_use'
+  # Linux reports ru_maxrss in KiB.
+  return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024, 'peak RSS'
+
+
+def _memory_one(model: str, batch: int | None, name: str, steps: int) -> dict:
+  """Runs a few train steps with one optimizer; meant for a fresh process."""
+  module, params, stats, x, y = build(model, batch)
+  tx = optax.sgd(0.1) if name == BASELINE else OPTIMIZERS[name]()
+  step = make_train_step(module, tx)
+  o = tx.init(params)
+  compiled = step.lower(params, stats, o, x, y).compile()
+  p, s = params, stats
+  for _ in range(steps):
+    p, s, o, loss = step(p, s, o, x, y)
+  jax.block_until_ready(loss)
+  peak, source = _peak_bytes()
+  return {
+    'peak_bytes': peak,
+    'source': source,
+    'state_bytes': state_bytes(o),
+    'memory': memory(compiled),
+  }
+
+
+def compiled_peak(mem: dict[str, int]) -> int:
+  """The buffers a compiled step holds at once, by XLA's buffer assignment:
+  arguments + outputs + temporaries, less the outputs aliased to (donated)
+  arguments."""
+  return mem['argument'] + mem['output'] + mem['temp'] - mem['alias']
+
+
+def bench_memory(args) -> dict:
+  """Peak memory of a train step per optimizer, each in a fresh process.
+
+  Two figures per optimizer, each also as the difference from a stateless
+  ``optax.sgd`` (no momentum) measured the same way: the measured peak (the
+  device allocator's on GPU/TPU; on CPU the process's resident set, which
+  also counts compilation and varies by tens of MiB between runs), and the
+  compiled step's own peak by XLA's buffer assignment (exact, every backend).
+  """
+  spawn = multiprocessing.get_context('spawn')
+  out = {
+    'mode': 'memory',
+    'model': args.model,
+    'device': str(jax.devices()[0].device_kind),
+    'backend': jax.default_backend(),
+    'jax': jax.__version__,
+    'results': {},
+  }
+  names = [BASELINE] + [n for n in args.optimizers if n != BASELINE]
+  for name in names:
+    with spawn.Pool(1) as pool:
+      row = pool.apply(_memory_one, (args.model, args.batch, name, 3))
+    row['compiled_peak_bytes'] = compiled_peak(row['memory'])
+    out['results'][name] = row
+  base = out['results'][BASELINE]
+  mib = 2**20
+  print(f'memory / {args.model} on {out["device"]} ({out["backend"]})')
+  for name, row in out['results'].items():
+    for key in ('peak_bytes', 'compiled_peak_bytes'):
+      row[key.replace('_bytes', '_over_baseline_bytes')] = row[key] - base[key]
+    print(
+      f'{name:10s} state {row["state_bytes"] / mib:7.1f} MiB'
+      f'  compiled peak {row["compiled_peak_bytes"] / mib:8.1f} MiB'
+      f' (+{row["compiled_peak_over_baseline_bytes"] / mib:.1f})'
+      f'  {row["source"]} {row["peak_bytes"] / mib:8.1f} MiB'
+      f' (+{row["peak_over_baseline_bytes"] / mib:.1f})'
+    )
+  return out
+
+
 def summarise(args, runners, keys) -> dict:
   out = {
     'mode': args.mode,
@@ -341,7 +426,7 @@ def print_table(out: dict) -> None:
 
 def main(argv=None):
   parser = argparse.ArgumentParser(description=__doc__.split('\n\n')[0])
-  parser.add_argument('mode', choices=('step', 'update', 'scaling'))
+  parser.add_argument('mode', choices=('step', 'update', 'scaling', 'memory'))
   parser.add_argument('--model', choices=sorted(MODELS), default='lenet5')
   parser.add_argument('--batch', type=int, default=None)
   parser.add_argument('--optimizers', nargs='+', default=list(OPTIMIZERS))
@@ -359,6 +444,8 @@ def main(argv=None):
   args = parser.parse_args(argv)
   if args.mode == 'scaling':
     out = bench_scaling(args)
+  elif args.mode == 'memory':
+    out = bench_memory(args)
   else:
     out = bench_step(args) if args.mode == 'step' else bench_update(args)
     print_table(out)
