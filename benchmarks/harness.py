@@ -14,8 +14,10 @@ Usage::
 
 import argparse
 import collections
+import gzip
 import json
 import multiprocessing
+import os
 import re
 import resource
 import statistics
@@ -30,9 +32,11 @@ import optax
 import dessilbi_jax as dl
 
 try:
+  from benchmarks import multitensor
   from benchmarks.models import MODELS
 except ImportError:  # run as a script from the repository root
   sys.path.insert(0, __file__.rsplit('/', 2)[0])
+  from benchmarks import multitensor
   from benchmarks.models import MODELS
 
 OPTIMIZERS: dict[str, Callable[[], optax.GradientTransformation]] = {
@@ -42,6 +46,29 @@ OPTIMIZERS: dict[str, Callable[[], optax.GradientTransformation]] = {
   'dessilbi_z': lambda: dl.dessilbi(0.1, nu=100.0, store_gamma=False),
   'adam': lambda: optax.adam(1e-3),
 }
+DEFAULT_OPTIMIZERS = list(OPTIMIZERS)
+# The multi-tensor Pallas prototype (benchmarks/multitensor.py): Triton on a
+# GPU, interpret mode (slow) elsewhere. `dessilbi_mt:32x32x8` sets the filters
+# per program, rows per loop iteration and warps.
+MULTITENSOR = ('dessilbi_mt', 'dessilbi_mt_z')
+
+
+def make_optimizer(name: str) -> optax.GradientTransformation:
+  """The optimizer a command-line name stands for."""
+  if name in OPTIMIZERS:
+    return OPTIMIZERS[name]()
+  base, _, tiles = name.partition(':')
+  if base not in MULTITENSOR:
+    known = ', '.join([*OPTIMIZERS, *MULTITENSOR])
+    raise ValueError(f'unknown optimizer {name!r}; known: {known}.')
+  kwargs = {}
+  if tiles:
+    cols, rows, warps = (int(v) for v in tiles.split('x'))
+    kwargs = {'tile_cols': cols, 'tile_rows': rows, 'num_warps': warps}
+  return multitensor.dessilbi_multitensor(
+    0.1, nu=100.0, store_gamma=base == 'dessilbi_mt', **kwargs
+  )
+
 
 # An instruction line of HLO text: `%name = <shape or (tuple shape)> opcode(`.
 _INSTRUCTION = re.compile(
@@ -54,7 +81,22 @@ def hlo_counts(compiled) -> dict[str, int]:
   text = compiled.as_text()
   entry = text[text.index('ENTRY') :]
   ops = collections.Counter(_INSTRUCTION.findall(entry))
-  return {'fusions': ops.get('fusion', 0), 'copies': ops.get('copy', 0)}
+  return {
+    'fusions': ops.get('fusion', 0),
+    'copies': ops.get('copy', 0),
+    'custom_calls': ops.get('custom-call', 0),
+  }
+
+
+def save_hlo(args, name: str, compiled) -> None:
+  """Writes the compiled computation's text to --hlo-dir (gzipped)."""
+  if not getattr(args, 'hlo_dir', None):
+    return
+  os.makedirs(args.hlo_dir, exist_ok=True)
+  safe = re.sub(r'[^\w.-]', '_', name)
+  path = os.path.join(args.hlo_dir, f'{args.mode}_{args.model}_{safe}.hlo.gz')
+  with gzip.open(path, 'wt', encoding='utf-8') as f:
+    f.write(compiled.as_text())
 
 
 def memory(compiled) -> dict[str, int]:
@@ -152,13 +194,14 @@ def bench_step(args) -> dict:
   warm.lower(params, stats, optax.sgd(0.1).init(params), x, y).compile()
   runners = {}
   for name in args.optimizers:
-    tx = OPTIMIZERS[name]()
+    tx = make_optimizer(name)
     step = make_train_step(module, tx)
     p, s = copy_tree(params), copy_tree(stats)
     o = tx.init(p)
     t0 = time.perf_counter()
     compiled = step.lower(p, s, o, x, y).compile()
     compile_s = time.perf_counter() - t0
+    save_hlo(args, name, compiled)
     p, s, o, loss = step(p, s, o, x, y)
     jax.block_until_ready(loss)
     runners[name] = {
@@ -195,7 +238,7 @@ def bench_update(args) -> dict:
   grads = jax.tree.map(lambda p: 1e-3 * jnp.ones_like(p), params)
   runners = {}
   for name in args.optimizers:
-    tx = OPTIMIZERS[name]()
+    tx = make_optimizer(name)
     run_k = make_update(tx, args.k)
     run_1 = jax.jit(
       lambda p, o, g, tx=tx: (lambda u, o: (optax.apply_updates(p, u), o))(
@@ -206,6 +249,7 @@ def bench_update(args) -> dict:
     p = copy_tree(params)
     o = tx.init(p)
     compiled = run_1.lower(p, o, grads).compile()
+    save_hlo(args, name, compiled)
     p, o = run_k(p, o, grads)
     p, o = run_1(p, o, grads)
     jax.block_until_ready(p)
@@ -267,7 +311,7 @@ def bench_scaling(args) -> dict:
     n = sum(p.size for p in jax.tree.leaves(params))
     row = {'params': n}
     for name in args.optimizers:
-      tx = OPTIMIZERS[name]()
+      tx = make_optimizer(name)
       run_k = make_update(tx, args.k)
       p, o = copy_tree(params), tx.init(params)
       p, o = run_k(p, o, grads)
@@ -314,7 +358,7 @@ def _peak_bytes() -> tuple[int, str]:
 def _memory_one(model: str, batch: int | None, name: str, steps: int) -> dict:
   """Runs a few train steps with one optimizer; meant for a fresh process."""
   module, params, stats, x, y = build(model, batch)
-  tx = optax.sgd(0.1) if name == BASELINE else OPTIMIZERS[name]()
+  tx = optax.sgd(0.1) if name == BASELINE else make_optimizer(name)
   step = make_train_step(module, tx)
   o = tx.init(params)
   compiled = step.lower(params, stats, o, x, y).compile()
@@ -410,9 +454,10 @@ def print_table(out: dict) -> None:
         cols.append(
           f'{key} {value:8.3f}' + (f' ({ratio:.2f}x)' if ratio else '')
         )
-    cols.append(
-      f'copies {row["hlo"]["copies"]} fusions {row["hlo"]["fusions"]}'
-    )
+    hlo = row['hlo']
+    cols.append(f'copies {hlo["copies"]} fusions {hlo["fusions"]}')
+    if hlo.get('custom_calls'):
+      cols.append(f'custom calls {hlo["custom_calls"]}')
     if 'floor_ms' in row:
       ratio = row['device_vs_floor']
       cols.append(f'floor {row["floor_ms"]:.3f} ({ratio:.2f}x)')
@@ -429,7 +474,7 @@ def main(argv=None):
   parser.add_argument('mode', choices=('step', 'update', 'scaling', 'memory'))
   parser.add_argument('--model', choices=sorted(MODELS), default='lenet5')
   parser.add_argument('--batch', type=int, default=None)
-  parser.add_argument('--optimizers', nargs='+', default=list(OPTIMIZERS))
+  parser.add_argument('--optimizers', nargs='+', default=DEFAULT_OPTIMIZERS)
   parser.add_argument('--steps', type=int, default=50, help='steps per timing')
   parser.add_argument('--k', type=int, default=20, help='updates per jit')
   parser.add_argument('--repeats', type=int, default=9)
@@ -441,6 +486,9 @@ def main(argv=None):
     help='parameter counts for the scaling mode',
   )
   parser.add_argument('--json', default=None, help='write results here')
+  parser.add_argument(
+    '--hlo-dir', default=None, help='write the compiled HLO texts here'
+  )
   args = parser.parse_args(argv)
   if args.mode == 'scaling':
     out = bench_scaling(args)

@@ -1,0 +1,91 @@
+"""The multi-tensor Pallas prototype (benchmarks/multitensor.py) follows
+``dessilbi`` step for step (Pallas interpret mode on the CPU), and lowers to a
+single Triton kernel for a GPU."""
+
+import pathlib
+import sys
+
+import jax
+import jax.numpy as jnp
+import optax
+import pytest
+
+import dessilbi_jax as dl
+
+sys.path.insert(0, str(pathlib.Path(__file__).parents[1]))
+
+from benchmarks.multitensor import dessilbi_multitensor
+
+
+def _params():
+  k = jax.random.split(jax.random.key(0), 4)
+  # Widths that are not powers of 2, rows that are not multiples of a tile,
+  # a bias (uncoupled), a Dense kernel (lasso) and conv kernels (groups).
+  return {
+    'conv1': {
+      'kernel': jax.random.normal(k[0], (3, 3, 3, 20)),
+      'bias': jax.random.normal(k[1], (20,)),
+    },
+    'conv2': {'kernel': jax.random.normal(k[2], (3, 3, 20, 40))},
+    'fc': {'kernel': jax.random.normal(k[3], (70, 10)), 'bias': jnp.zeros(10)},
+  }
+
+
+def _run(tx, params, steps):
+  state = tx.init(params)
+  update = jax.jit(tx.update)
+  for t in range(steps):
+    grads = jax.tree.map(lambda p, t=t: jnp.sin(p * (t + 1)), params)
+    updates, state = update(grads, state, params)
+    params = optax.apply_updates(params, updates)
+  return params, state
+
+
+@pytest.mark.parametrize('store_gamma', [True, False])
+@pytest.mark.parametrize('tiles', [(16, 64), (8, 8)])
+def test_follows_dessilbi(store_gamma, tiles):
+  kwargs = dict(
+    learning_rate=0.5, nu=2.0, weight_decay=1e-2, store_gamma=store_gamma
+  )
+  params = _params()
+  want = _run(dl.dessilbi(**kwargs), params, 4)
+  got = _run(
+    dessilbi_multitensor(
+      **kwargs, tile_cols=tiles[0], tile_rows=tiles[1], block=64
+    ),
+    params,
+    4,
+  )
+  assert jax.tree.structure(got) == jax.tree.structure(want)
+  for a, b in zip(jax.tree.leaves(got), jax.tree.leaves(want), strict=True):
+    assert a.shape == b.shape and a.dtype == b.dtype
+    assert jnp.allclose(a, b, rtol=1e-5, atol=1e-6)
+  # The comparison means something: some filters are selected, not all.
+  gamma = dl.expand_gamma(want[1][3].gamma, want[1][3].z)
+  filters = jnp.any(gamma['conv1']['kernel'] != 0, axis=(0, 1, 2))
+  assert 0 < int(filters.sum()) < 20
+
+
+def test_bad_settings_raise_early():
+  with pytest.raises(ValueError, match='tile_cols must be a power of 2'):
+    dessilbi_multitensor(0.1, tile_cols=12)
+  # Groups along the input channels: not the layout the kernel supports.
+  rule = dl.penalty_rule(conv=dl.GroupLasso(axes=(2,)))
+  tx = dessilbi_multitensor(0.1, penalty=rule)
+  params = _params()
+  with pytest.raises(ValueError, match='all axes but the last'):
+    tx.update(params, tx.init(params), params)
+
+
+def test_lowers_to_one_triton_kernel():
+  params = _params()
+  tx = dessilbi_multitensor(0.1, interpret=False)
+  state = tx.init(params)
+  lowered = (
+    jax.jit(lambda g, s, p: tx.update(g, s, p))
+    .trace(params, state, params)
+    .lower(lowering_platforms=('cuda',))
+  )
+  text = lowered.as_text()
+  assert text.count('stablehlo.custom_call') == 1
+  assert 'triton' in text.lower()
