@@ -1,11 +1,15 @@
 """The key GPU measurements in one run (about 5 minutes on an H100).
 
-Runs, side by side in one process, the update alone on CIFAR ResNet-18 params
-(device time with 20 updates per jit, per call, and the bandwidth floor), the
-update's scaling from 1e5 to 1e8 parameters, and whole train steps (ResNet-18
-and VGG-16 batch 256, LeNet-5 batch 128) for ``dessilbi`` (Γ stored or rebuilt
-from z) against ``optax.sgd(momentum=0.9)`` (and ``optax.adam`` for the
-update), and writes everything to one JSON file.
+Runs, side by side in one process, the per-kernel probes (``probes.py``), the
+update alone on CIFAR ResNet-18 params (device time with 20 updates per jit,
+per call, and the bandwidth floor) for ``dessilbi`` (Γ stored or rebuilt from
+z), its multi-tensor Pallas prototype (``multitensor.py``, three tilings),
+``optax.sgd(momentum=0.9)`` and ``optax.adam``; the update's scaling from 1e5
+to 1e8 parameters; whole train steps (ResNet-18 and VGG-16 batch 256, LeNet-5
+batch 128); and the peak memory of a ResNet-18 train step per optimizer. It
+writes everything to one JSON file (a failing run is recorded with its error
+and the others go on) and the compiled HLO of the ResNet-18 update and step
+to ``hlo/``, for reading the kernels XLA made after the machine is gone.
 
 Usage::
 
@@ -17,24 +21,52 @@ import json
 import os
 import sys
 import time
+import traceback
 
 import jax
 
 try:
-  from benchmarks import harness
+  from benchmarks import harness, probes
 except ImportError:  # run as a script from the repository root
   sys.path.insert(0, __file__.rsplit('/', 2)[0])
-  from benchmarks import harness
+  from benchmarks import harness, probes
 
+# (entry point, arguments); {hlo} is replaced by the HLO folder.
 RUNS = [
-  'update --model resnet18 --repeats 15',
-  'scaling --sizes 1e5 1e6 1e7 1e8 --k 10 --repeats 7'
-  ' --optimizers sgd dessilbi dessilbi_z',
-  'step --model resnet18 --steps 50 --repeats 9'
-  ' --optimizers sgd dessilbi dessilbi_z',
-  'step --model lenet5 --steps 100 --repeats 9'
-  ' --optimizers sgd dessilbi dessilbi_z',
-  'step --model vgg16 --steps 30 --repeats 5 --optimizers sgd dessilbi',
+  (probes.main, 'probes --k 20 --repeats 15'),
+  (
+    harness.main,
+    'update --model resnet18 --repeats 15 --hlo-dir {hlo} --optimizers'
+    ' sgd dessilbi dessilbi_z adam dessilbi_mt dessilbi_mt_z',
+  ),
+  (
+    harness.main,
+    'update --model resnet18 --repeats 9 --optimizers sgd dessilbi'
+    ' dessilbi_mt:32x32x4 dessilbi_mt:8x128x4 dessilbi_mt:16x64x8',
+  ),
+  (
+    harness.main,
+    'scaling --sizes 1e5 1e6 1e7 1e8 --k 10 --repeats 7'
+    ' --optimizers sgd dessilbi dessilbi_z',
+  ),
+  (
+    harness.main,
+    'step --model resnet18 --steps 50 --repeats 9 --hlo-dir {hlo}'
+    ' --optimizers sgd dessilbi dessilbi_z dessilbi_mt',
+  ),
+  (
+    harness.main,
+    'step --model lenet5 --steps 100 --repeats 9'
+    ' --optimizers sgd dessilbi dessilbi_z',
+  ),
+  (
+    harness.main,
+    'step --model vgg16 --steps 30 --repeats 5 --optimizers sgd dessilbi',
+  ),
+  (
+    harness.main,
+    'memory --model resnet18 --optimizers sgd dessilbi dessilbi_z adam',
+  ),
 ]
 
 
@@ -44,9 +76,18 @@ def main(argv=None):
   args = parser.parse_args(argv)
   results = {'devices': [str(d) for d in jax.devices()], 'runs': []}
   path = os.path.join(args.out, 'gpu_check.json')
-  for run in RUNS:
+  hlo = os.path.join(args.out, 'hlo')
+  for entry, run in RUNS:
+    run = run.format(hlo=hlo)
+    argv = run.split()
+    if entry is probes.main:
+      argv = argv[1:]
     t0 = time.perf_counter()
-    out = harness.main(run.split())
+    try:
+      out = entry(argv)
+    except Exception:  # record it and run the rest
+      out = {'error': traceback.format_exc()}
+      print(out['error'], flush=True)
     out['wall_s'] = time.perf_counter() - t0
     out['argv'] = run
     results['runs'].append(out)

@@ -16,11 +16,11 @@ import argparse
 import collections
 import gzip
 import json
-import multiprocessing
 import os
 import re
 import resource
 import statistics
+import subprocess
 import sys
 import time
 from collections.abc import Callable
@@ -63,7 +63,12 @@ def make_optimizer(name: str) -> optax.GradientTransformation:
     raise ValueError(f'unknown optimizer {name!r}; known: {known}.')
   kwargs = {}
   if tiles:
-    cols, rows, warps = (int(v) for v in tiles.split('x'))
+    parts = tiles.split('x')
+    if len(parts) != 3 or not all(v.isdigit() for v in parts):
+      raise ValueError(
+        f'{name!r}: expected {base}:COLSxROWSxWARPS, e.g. {base}:16x64x4.'
+      )
+    cols, rows, warps = (int(v) for v in parts)
     kwargs = {'tile_cols': cols, 'tile_rows': rows, 'num_warps': warps}
   return multitensor.dessilbi_multitensor(
     0.1, nu=100.0, store_gamma=base == 'dessilbi_mt', **kwargs
@@ -76,11 +81,13 @@ _INSTRUCTION = re.compile(
 )
 
 
-def hlo_counts(compiled) -> dict[str, int]:
-  """Number of fusions and copies in a compiled computation's entry."""
+def hlo_counts(compiled, entry_only: bool = True) -> dict[str, int]:
+  """Fusions, copies and custom calls in a compiled computation's entry (or
+  in all its computations)."""
   text = compiled.as_text()
-  entry = text[text.index('ENTRY') :]
-  ops = collections.Counter(_INSTRUCTION.findall(entry))
+  if entry_only:
+    text = text[text.index('ENTRY') :]
+  ops = collections.Counter(_INSTRUCTION.findall(text))
   return {
     'fusions': ops.get('fusion', 0),
     'copies': ops.get('copy', 0),
@@ -351,7 +358,15 @@ def _peak_bytes() -> tuple[int, str]:
   stats = jax.devices()[0].memory_stats()
   if stats and 'peak_bytes_in_use' in stats:
     return int(stats['peak_bytes_in_use']), 'device peak_bytes_in_use'
-  # Linux reports ru_maxrss in KiB.
+  # VmHWM is this process image's own peak; ru_maxrss would also count the
+  # parent's resident set at the time it forked this process (Linux).
+  try:
+    with open('/proc/self/status', encoding='ascii') as f:
+      for line in f:
+        if line.startswith('VmHWM:'):
+          return int(line.split()[1]) * 1024, 'peak RSS'
+  except OSError:
+    pass
   return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024, 'peak RSS'
 
 
@@ -375,6 +390,30 @@ def _memory_one(model: str, batch: int | None, name: str, steps: int) -> dict:
   }
 
 
+def _in_fresh_process(fn, *args):
+  """``fn(*args)`` run by a new Python process (fn a function of this module
+  returning JSON data), so that its memory peak is its own."""
+  root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+  code = (
+    'import json, sys; from benchmarks import harness; '
+    f'print(json.dumps(harness.{fn.__name__}(*json.loads(sys.argv[1]))))'
+  )
+  env = dict(os.environ)
+  env['PYTHONPATH'] = os.pathsep.join(
+    p for p in (root, env.get('PYTHONPATH')) if p
+  )
+  done = subprocess.run(
+    [sys.executable, '-c', code, json.dumps(args)],
+    env=env,
+    capture_output=True,
+    text=True,
+    check=False,
+  )
+  if done.returncode:
+    raise RuntimeError(f'{fn.__name__}{args} failed:\n{done.stderr}')
+  return json.loads(done.stdout.strip().splitlines()[-1])
+
+
 def compiled_peak(mem: dict[str, int]) -> int:
   """The buffers a compiled step holds at once, by XLA's buffer assignment:
   arguments + outputs + temporaries, less the outputs aliased to (donated)
@@ -391,7 +430,6 @@ def bench_memory(args) -> dict:
   also counts compilation and varies by tens of MiB between runs), and the
   compiled step's own peak by XLA's buffer assignment (exact, every backend).
   """
-  spawn = multiprocessing.get_context('spawn')
   out = {
     'mode': 'memory',
     'model': args.model,
@@ -402,8 +440,7 @@ def bench_memory(args) -> dict:
   }
   names = [BASELINE] + [n for n in args.optimizers if n != BASELINE]
   for name in names:
-    with spawn.Pool(1) as pool:
-      row = pool.apply(_memory_one, (args.model, args.batch, name, 3))
+    row = _in_fresh_process(_memory_one, args.model, args.batch, name, 3)
     row['compiled_peak_bytes'] = compiled_peak(row['memory'])
     out['results'][name] = row
   base = out['results'][BASELINE]
@@ -469,7 +506,8 @@ def print_table(out: dict) -> None:
     print('  '.join(cols))
 
 
-def main(argv=None):
+def parse_args(argv=None) -> argparse.Namespace:
+  """The harness's command line, with the optimizer names checked."""
   parser = argparse.ArgumentParser(description=__doc__.split('\n\n')[0])
   parser.add_argument('mode', choices=('step', 'update', 'scaling', 'memory'))
   parser.add_argument('--model', choices=sorted(MODELS), default='lenet5')
@@ -490,6 +528,16 @@ def main(argv=None):
     '--hlo-dir', default=None, help='write the compiled HLO texts here'
   )
   args = parser.parse_args(argv)
+  for name in args.optimizers:
+    try:
+      make_optimizer(name)
+    except ValueError as e:
+      parser.error(f'--optimizers: {e}')
+  return args
+
+
+def main(argv=None):
+  args = parse_args(argv)
   if args.mode == 'scaling':
     out = bench_scaling(args)
   elif args.mode == 'memory':

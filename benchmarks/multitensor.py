@@ -81,7 +81,7 @@ def dessilbi_multitensor(
     block: elements per program of a flat leaf (a power of 2).
     tile_cols: filters per program of a group-lasso leaf (a power of 2).
     tile_rows: rows per loop iteration of those programs (a power of 2).
-    num_warps: Triton warps per program.
+    num_warps: Triton warps per program (a power of 2).
     interpret: run the kernel in Pallas interpret mode; None for "unless the
       default backend is a GPU".
   """
@@ -89,6 +89,7 @@ def dessilbi_multitensor(
     ('block', block),
     ('tile_cols', tile_cols),
     ('tile_rows', tile_rows),
+    ('num_warps', num_warps),
   ):
     if not isinstance(value, int) or value < 1 or value & (value - 1):
       raise ValueError(f'{name} must be a power of 2, got {value!r}.')

@@ -1,0 +1,58 @@
+"""The benchmark scripts' plumbing: command lines, result fields (no timings
+are asserted; those belong to the benchmarks themselves)."""
+
+import pathlib
+import sys
+
+import pytest
+
+sys.path.insert(0, str(pathlib.Path(__file__).parents[1]))
+
+from benchmarks import gpu_check, harness, probes
+
+
+def test_gpu_check_runs_parse():
+  # A typo here would only show on a GPU machine, after minutes of others.
+  for entry, run in gpu_check.RUNS:
+    argv = run.format(hlo='hlo').split()
+    if entry is probes.main:
+      assert argv[0] == 'probes'
+      continue
+    args = harness.parse_args(argv)
+    assert args.optimizers
+
+
+def test_unknown_optimizer_is_refused_before_running(capsys):
+  with pytest.raises(SystemExit):
+    harness.parse_args(['update', '--optimizers', 'sgd', 'dessilbi_mt:4x4'])
+  assert '--optimizers' in capsys.readouterr().err
+
+
+def test_update_mode_reports_floor_and_kernels(tmp_path):
+  out = harness.main(
+    [
+      'update',
+      '--model',
+      'lenet5',
+      '--k',
+      '1',
+      '--repeats',
+      '1',
+      '--optimizers',
+      'sgd',
+      'dessilbi',
+      'dessilbi_mt:8x16x4',
+      '--hlo-dir',
+      str(tmp_path),
+    ]
+  )
+  rows = out['results']
+  assert set(rows) == {'sgd', 'dessilbi', 'dessilbi_mt:8x16x4'}
+  # Same state for the prototype as for dessilbi: m + z + Γ.
+  assert (
+    rows['dessilbi_mt:8x16x4']['state_bytes']
+    == (rows['dessilbi']['state_bytes'])
+  )
+  assert rows['dessilbi']['bytes_moved'] > rows['sgd']['bytes_moved']
+  assert rows['dessilbi']['device_ms_vs_sgd'] > 0
+  assert len(list(tmp_path.glob('update_lenet5_*.hlo.gz'))) == 3
