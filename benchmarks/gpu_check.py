@@ -4,7 +4,8 @@ Runs, side by side in one process, the per-kernel probes (``probes.py``), the
 update alone on CIFAR ResNet-18 params (device time with 20 updates per jit,
 per call, and the bandwidth floor) for ``dessilbi`` (Γ stored or rebuilt from
 z), its multi-tensor Pallas prototype (``multitensor.py``, three tilings),
-``optax.sgd(momentum=0.9)`` and ``optax.adam``; the update's scaling from 1e5
+``optax.sgd(momentum=0.9)`` and ``optax.adam``, and with bfloat16 params
+(state in bfloat16, or float32 z, Γ and momentum); the update's scaling from 1e5
 to 1e8 parameters; whole train steps (ResNet-18 and VGG-16 batch 256, LeNet-5
 batch 128); and the peak memory of a ResNet-18 train step per optimizer. It
 writes everything to one JSON file (a failing run is recorded with its error
@@ -43,6 +44,11 @@ RUNS = [
     harness.main,
     'update --model resnet18 --repeats 9 --optimizers sgd dessilbi'
     ' dessilbi_mt:32x32x4 dessilbi_mt:8x128x4 dessilbi_mt:16x64x8',
+  ),
+  (
+    harness.main,
+    'update --model resnet18 --dtype bfloat16 --repeats 9'
+    ' --optimizers sgd dessilbi dessilbi_f32',
   ),
   (
     harness.main,

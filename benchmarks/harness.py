@@ -47,6 +47,10 @@ OPTIMIZERS: dict[str, Callable[[], optax.GradientTransformation]] = {
   'adam': lambda: optax.adam(1e-3),
 }
 DEFAULT_OPTIMIZERS = list(OPTIMIZERS)
+# With --dtype bfloat16: momentum, z and Γ in float32 beside bfloat16 params.
+OPTIMIZERS['dessilbi_f32'] = lambda: dl.dessilbi(
+  0.1, nu=100.0, state_dtype=jnp.float32
+)
 # The multi-tensor Pallas prototype (benchmarks/multitensor.py): Triton on a
 # GPU, interpret mode (slow) elsewhere. `dessilbi_mt:32x32x8` sets the filters
 # per program, rows per loop iteration and warps.
@@ -121,15 +125,16 @@ def state_bytes(state) -> int:
   return sum(x.size * x.dtype.itemsize for x in jax.tree.leaves(state))
 
 
-def build(model_name: str, batch: int | None):
+def build(model_name: str, batch: int | None, dtype: str = 'float32'):
+  """A model, its params (cast to dtype), BatchNorm statistics and a batch."""
   module, shape, default_batch = MODELS[model_name]
   batch = batch or default_batch
   x = jax.random.normal(jax.random.key(0), (batch, *shape))
   y = jax.random.randint(jax.random.key(1), (batch,), 0, 10)
   variables = module.init(jax.random.key(2), x[:2])
-  params = variables['params']
+  params = jax.tree.map(lambda p: p.astype(dtype), variables['params'])
   stats = variables.get('batch_stats', {})
-  return module, params, stats, x, y
+  return module, params, stats, x.astype(dtype), y
 
 
 def make_train_step(module, tx):
@@ -194,7 +199,7 @@ def copy_bandwidth(n: int, k: int, repeats: int) -> float:
 
 
 def bench_step(args) -> dict:
-  module, params, stats, x, y = build(args.model, args.batch)
+  module, params, stats, x, y = build(args.model, args.batch, args.dtype)
   # One throwaway compile first, so that the first optimizer's compile time
   # does not include the convolutions' autotuning.
   warm = make_train_step(module, optax.sgd(0.1))
@@ -241,7 +246,7 @@ def bench_step(args) -> dict:
 
 
 def bench_update(args) -> dict:
-  _, params, _, _, _ = build(args.model, 2)
+  _, params, _, _, _ = build(args.model, 2, args.dtype)
   grads = jax.tree.map(lambda p: 1e-3 * jnp.ones_like(p), params)
   runners = {}
   for name in args.optimizers:
@@ -512,6 +517,12 @@ def parse_args(argv=None) -> argparse.Namespace:
   parser.add_argument('mode', choices=('step', 'update', 'scaling', 'memory'))
   parser.add_argument('--model', choices=sorted(MODELS), default='lenet5')
   parser.add_argument('--batch', type=int, default=None)
+  parser.add_argument(
+    '--dtype',
+    choices=('float32', 'bfloat16'),
+    default='float32',
+    help='dtype of the params and the batch (step and update modes)',
+  )
   parser.add_argument('--optimizers', nargs='+', default=DEFAULT_OPTIMIZERS)
   parser.add_argument('--steps', type=int, default=50, help='steps per timing')
   parser.add_argument('--k', type=int, default=20, help='updates per jit')
