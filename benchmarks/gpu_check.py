@@ -3,7 +3,8 @@
 Runs, side by side in one process, the per-kernel probes (``probes.py``), the
 update alone on CIFAR ResNet-18 params (device time with 20 updates per jit,
 per call, and the bandwidth floor) for ``dessilbi`` (Γ stored or rebuilt from
-z), its multi-tensor Pallas prototype (``multitensor.py``, three tilings),
+z), its multi-tensor Pallas prototype (``multitensor.py``: updates, no Γ,
+or writing the new params itself; three tilings),
 ``optax.sgd(momentum=0.9)`` and ``optax.adam``, and with bfloat16 params
 (state in bfloat16, or float32 z, Γ and momentum); the update's scaling from 1e5
 to 1e8 parameters; whole train steps (ResNet-18 and VGG-16 batch 256, LeNet-5
@@ -38,7 +39,7 @@ RUNS = [
   (
     harness.main,
     'update --model resnet18 --repeats 15 --hlo-dir {hlo} --optimizers'
-    ' sgd dessilbi dessilbi_z adam dessilbi_mt dessilbi_mt_z',
+    ' sgd dessilbi dessilbi_z adam dessilbi_mt dessilbi_mt_z dessilbi_mt_apply',
   ),
   (
     harness.main,
@@ -58,7 +59,7 @@ RUNS = [
   (
     harness.main,
     'step --model resnet18 --steps 50 --repeats 9 --hlo-dir {hlo}'
-    ' --optimizers sgd dessilbi dessilbi_z dessilbi_mt',
+    ' --optimizers sgd dessilbi dessilbi_z dessilbi_mt dessilbi_mt_apply',
   ),
   (
     harness.main,

@@ -52,13 +52,15 @@ OPTIMIZERS['dessilbi_f32'] = lambda: dl.dessilbi(
   0.1, nu=100.0, state_dtype=jnp.float32
 )
 # The multi-tensor Pallas prototype (benchmarks/multitensor.py): Triton on a
-# GPU, interpret mode (slow) elsewhere. `dessilbi_mt:32x32x8` sets the filters
-# per program, rows per loop iteration and warps.
-MULTITENSOR = ('dessilbi_mt', 'dessilbi_mt_z')
+# GPU, interpret mode (slow) elsewhere; `_z` without Γ in the state, `_apply`
+# writing the new params itself. `dessilbi_mt:32x32x8` sets the filters per
+# program, rows per loop iteration and warps.
+MULTITENSOR = ('dessilbi_mt', 'dessilbi_mt_z', 'dessilbi_mt_apply')
 
 
-def make_optimizer(name: str) -> optax.GradientTransformation:
-  """The optimizer a command-line name stands for."""
+def make_optimizer(name: str):
+  """The optimizer a command-line name stands for: an Optax transformation,
+  or a :class:`multitensor.FusedStep` for ``dessilbi_mt_apply``."""
   if name in OPTIMIZERS:
     return OPTIMIZERS[name]()
   base, _, tiles = name.partition(':')
@@ -75,8 +77,21 @@ def make_optimizer(name: str) -> optax.GradientTransformation:
     cols, rows, warps = (int(v) for v in parts)
     kwargs = {'tile_cols': cols, 'tile_rows': rows, 'num_warps': warps}
   return multitensor.dessilbi_multitensor(
-    0.1, nu=100.0, store_gamma=base == 'dessilbi_mt', **kwargs
+    0.1,
+    nu=100.0,
+    store_gamma=base != 'dessilbi_mt_z',
+    apply=base == 'dessilbi_mt_apply',
+    **kwargs,
   )
+
+
+def apply_step(tx, grads, opt_state, params):
+  """One optimizer step: ``tx.update`` then ``optax.apply_updates``, or the
+  step of an optimizer that applies its own updates."""
+  if isinstance(tx, multitensor.FusedStep):
+    return tx.step(grads, opt_state, params)
+  updates, opt_state = tx.update(grads, opt_state, params)
+  return optax.apply_updates(params, updates), opt_state
 
 
 # An instruction line of HLO text: `%name = <shape or (tuple shape)> opcode(`.
@@ -149,8 +164,8 @@ def make_train_step(module, tx):
     (loss, stats), grads = jax.value_and_grad(loss_fn, has_aux=True)(
       params, stats, x, y
     )
-    updates, opt_state = tx.update(grads, opt_state, params)
-    return optax.apply_updates(params, updates), stats, opt_state, loss
+    params, opt_state = apply_step(tx, grads, opt_state, params)
+    return params, stats, opt_state, loss
 
   return jax.jit(step, donate_argnums=(0, 1, 2))
 
@@ -161,8 +176,7 @@ def make_update(tx, k: int):
   def run(params, opt_state, grads):
     def body(carry, _):
       params, opt_state = carry
-      updates, opt_state = tx.update(grads, opt_state, params)
-      return (optax.apply_updates(params, updates), opt_state), None
+      return apply_step(tx, grads, opt_state, params), None
 
     (params, opt_state), _ = jax.lax.scan(body, (params, opt_state), length=k)
     return params, opt_state
@@ -253,10 +267,7 @@ def bench_update(args) -> dict:
     tx = make_optimizer(name)
     run_k = make_update(tx, args.k)
     run_1 = jax.jit(
-      lambda p, o, g, tx=tx: (lambda u, o: (optax.apply_updates(p, u), o))(
-        *tx.update(g, o, p)
-      ),
-      donate_argnums=(0, 1),
+      lambda p, o, g, tx=tx: apply_step(tx, g, o, p), donate_argnums=(0, 1)
     )
     p = copy_tree(params)
     o = tx.init(p)

@@ -16,7 +16,10 @@ for *all* leaves in a single ``pallas_call``:
   no second loop).
 
 Its state is exactly that of ``dessilbi`` (same tree, same values up to float
-rounding), so it is a drop-in for timing. It lives in ``benchmarks/`` until a
+rounding), so it is a drop-in for timing. With ``apply=True`` the kernel
+writes the new params instead of the updates (a :class:`FusedStep`, outside
+Optax's update/apply split), which is what one kernel moving the update's
+bytes once would do. It lives in ``benchmarks/`` until a
 GPU measurement says whether it belongs in the library; on the CPU it runs in
 Pallas interpret mode (for the equality tests), and on a GPU with Triton.
 Supported: a constant learning rate, momentum without Nesterov, weight decay
@@ -25,6 +28,8 @@ lassos reduce over all axes but the last).
 """
 
 import math
+from collections.abc import Callable
+from typing import Any, NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -34,6 +39,14 @@ from jax.experimental.pallas import triton as plt
 
 import dessilbi_jax as dl
 from dessilbi_jax.shrinkage import group_threshold
+
+
+class FusedStep(NamedTuple):
+  """An optimizer that applies its own updates: ``init(params) -> state`` and
+  ``step(grads, state, params) -> (new_params, new_state)``."""
+
+  init: Callable[[Any], Any]
+  step: Callable[[Any, Any, Any], tuple[Any, Any]]
 
 
 def _pow2(n: int) -> int:
@@ -67,6 +80,7 @@ def dessilbi_multitensor(
   weight_decay: float = 0.0,
   penalty=None,
   store_gamma: bool = True,
+  apply: bool = False,
   block: int = 2048,
   tile_cols: int = 16,
   tile_rows: int = 64,
@@ -78,6 +92,10 @@ def dessilbi_multitensor(
   Args:
     learning_rate, kappa, nu, momentum, weight_decay, penalty, store_gamma:
       as in :func:`dessilbi_jax.dessilbi` (constant learning rate only).
+    apply: if true, the kernel writes the new params instead of the updates,
+      and the result is a :class:`FusedStep` (``step(grads, state, params)
+      -> (new_params, new_state)``) rather than an Optax transformation: the
+      same computation without ``optax.apply_updates``'s pass per leaf.
     block: elements per program of a flat leaf (a power of 2).
     tile_cols: filters per program of a group-lasso leaf (a power of 2).
     tile_rows: rows per loop iteration of those programs (a power of 2).
@@ -147,6 +165,10 @@ def dessilbi_multitensor(
         lambda b=body, a=(leaf, pid - leaf.start, ins, outs): b(*a)
       )
 
+  def applied(w, update):
+    """What the kernel writes for W: its update, or (apply) the new W."""
+    return w + update if apply else update
+
   def direction(leaf, g, m, w):
     if leaf.decayed:
       g = g + weight_decay * w
@@ -160,11 +182,11 @@ def dessilbi_multitensor(
     m = direction(leaf, g, m, w)
     plt.store(outs[0].at[at], m, mask=mask)
     if leaf.kind == 'plain':
-      plt.store(outs[1].at[at], -step * m, mask=mask)
+      plt.store(outs[1].at[at], applied(w, -step * m), mask=mask)
       return
     z, gamma = zg
     diff = w - gamma
-    plt.store(outs[1].at[at], -step * (m + diff / nu), mask=mask)
+    plt.store(outs[1].at[at], applied(w, -step * (m + diff / nu)), mask=mask)
     z = z + z_step * diff
     plt.store(outs[2].at[at], z, mask=mask)
     shrunk = jnp.sign(z) * jnp.maximum(jnp.abs(z) - leaf.lam, 0)
@@ -194,7 +216,7 @@ def dessilbi_multitensor(
       m = direction(leaf, g, m, w)
       plt.store(outs[0].at[at], m, mask=mask)
       diff = w - gamma
-      plt.store(outs[1].at[at], -step * (m + diff / nu), mask=mask)
+      plt.store(outs[1].at[at], applied(w, -step * (m + diff / nu)), mask=mask)
       z = z + z_step * diff
       plt.store(outs[2].at[at], z, mask=mask)
       return sq + jnp.sum(z * z, axis=0)
@@ -219,6 +241,7 @@ def dessilbi_multitensor(
     jax.lax.fori_loop(0, n_iter, write_gamma, 0)
 
   def update_fn(updates, state, params=None):
+    """The updates (or, with apply, the new params) and the new state."""
     if params is None:
       raise ValueError('dessilbi_multitensor needs params.')
     leaves, treedef, programs = layout(params)
@@ -284,4 +307,6 @@ def dessilbi_multitensor(
     )
     return unflat(new_u), new_state
 
+  if apply:
+    return FusedStep(reference.init, update_fn)
   return optax.GradientTransformation(reference.init, update_fn)

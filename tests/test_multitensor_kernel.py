@@ -66,6 +66,25 @@ def test_follows_dessilbi(store_gamma, tiles):
   assert 0 < int(filters.sum()) < 20
 
 
+def test_apply_writes_the_new_params():
+  kwargs = dict(learning_rate=0.5, nu=2.0)
+  params = _params()
+  want_params, want_state = _run(dl.dessilbi(**kwargs), params, 3)
+  fused = dessilbi_multitensor(**kwargs, apply=True)
+  state = fused.init(params)
+  step = jax.jit(fused.step)
+  got = params
+  for t in range(3):
+    grads = jax.tree.map(lambda p, t=t: jnp.sin(p * (t + 1)), got)
+    got, state = step(grads, state, got)
+  for a, b in zip(
+    jax.tree.leaves((got, state)),
+    jax.tree.leaves((want_params, want_state)),
+    strict=True,
+  ):
+    assert jnp.allclose(a, b, rtol=1e-5, atol=1e-6)
+
+
 def test_bad_settings_raise_early():
   with pytest.raises(ValueError, match='tile_cols must be a power of 2'):
     dessilbi_multitensor(0.1, tile_cols=12)
@@ -77,12 +96,13 @@ def test_bad_settings_raise_early():
     tx.update(params, tx.init(params), params)
 
 
-def test_lowers_to_one_triton_kernel():
+@pytest.mark.parametrize('apply', [False, True])
+def test_lowers_to_one_triton_kernel(apply):
   params = _params()
-  tx = dessilbi_multitensor(0.1, interpret=False)
+  tx = dessilbi_multitensor(0.1, apply=apply, interpret=False)
   state = tx.init(params)
   lowered = (
-    jax.jit(lambda g, s, p: tx.update(g, s, p))
+    jax.jit(tx.step if apply else tx.update)
     .trace(params, state, params)
     .lower(lowering_platforms=('cuda',))
   )
