@@ -34,6 +34,7 @@ import optax
 
 from dessilbi_jax import _trees
 from dessilbi_jax.penalties import PenaltyRule
+from dessilbi_jax.transform import resolve_penalties
 
 NOT_SELECTED: int = int(jnp.iinfo(jnp.int32).max)
 """Record value of a group that has never been in Γ's support."""
@@ -64,6 +65,46 @@ def init_selection(
     ),
     gamma,
   )
+
+
+def magnitude_record(
+  params: optax.Params, penalty: Optional[PenaltyRule] = None
+) -> Any:
+  """A record in which no group was ever selected: ranking by magnitude.
+
+  With it, :func:`rank_groups` and :func:`~dessilbi_jax.prune` order the
+  groups by their norm alone (``‖W_g‖₂``, ``|W|`` for a weight): the
+  magnitude-pruning baseline, for DessiLBI's W or any other model's weights.
+
+  Args:
+    params: the weights (a pytree, or a Flax NNX ``State``).
+    penalty: the rule choosing the leaves and their groups; None for the
+      default (conv kernels per output filter, Dense kernels per weight).
+
+  Returns:
+    A pytree laid out like a :func:`track_selection` record for an optimizer
+    built with ``penalty``: :data:`NOT_SELECTED` int32 arrays of the group
+    shape at coupled leaves, ``optax.MaskedNode()`` elsewhere.
+
+  Example:
+    >>> import jax.numpy as jnp
+    >>> import dessilbi_jax as dl
+    >>> params = {'conv': {'kernel': jnp.array([[[[1.0, 3.0, 2.0]]]])}}
+    >>> record = dl.magnitude_record(params)
+    >>> print(dl.rank_groups(params, record)['conv']['kernel'])
+    [2 0 1]
+  """
+  params = _trees.pure(params)
+  choices, treedef = resolve_penalties(params, penalty)
+  out = []
+  for w, choice in zip(treedef.flatten_up_to(params), choices, strict=True):
+    if choice is None:
+      out.append(optax.MaskedNode())
+      continue
+    axes = _trees.reduce_axes(choice, w.ndim)
+    shape = tuple(n for a, n in enumerate(w.shape) if a not in axes)
+    out.append(jnp.full(shape, NOT_SELECTED, jnp.int32))
+  return treedef.unflatten(out)
 
 
 def update_selection(

@@ -177,3 +177,45 @@ def test_reference_epochs_stay_exact_beside_bfloat16_gamma():
   order = dl.reference_prune_order(params, state, epoch=257)
   assert order.epoch_record['w'].dtype == jnp.float32
   np.testing.assert_array_equal(order.epoch_record['w'], [[2000.0, 257.0]])
+
+
+def test_magnitude_record_ranks_and_prunes_by_norm():
+  k = jax.random.split(jax.random.key(3), 3)
+  params = {
+    'conv1': {
+      'kernel': jax.random.normal(k[0], (3, 3, 2, 6)),
+      'bias': jnp.arange(6.0),
+    },
+    'bn1': {'scale': jnp.ones(6), 'bias': jnp.ones(6)},
+    'fc': {'kernel': jax.random.normal(k[1], (4, 3))},
+  }
+  record = dl.magnitude_record(params)
+  # Laid out like the record of an optimizer built with the same rule.
+  tracked = dl.init_selection(dl.dessilbi(0.1).init(params))
+  assert jax.tree.structure(record) == jax.tree.structure(tracked)
+  pairs = zip(jax.tree.leaves(record), jax.tree.leaves(tracked), strict=True)
+  for a, b in pairs:
+    assert a.shape == b.shape and a.dtype == b.dtype
+    assert bool(jnp.all(a == dl.NOT_SELECTED))
+
+  norms = jnp.linalg.norm(params['conv1']['kernel'].reshape(-1, 6), axis=0)
+  ranks = dl.rank_groups(params, record)
+  np.testing.assert_array_equal(
+    ranks['conv1']['kernel'], jnp.argsort(jnp.argsort(-norms))
+  )
+  np.testing.assert_array_equal(
+    ranks['fc']['kernel'].ravel(),
+    jnp.argsort(jnp.argsort(-jnp.abs(params['fc']['kernel'].ravel()))),
+  )
+  pruned, _ = dl.prune(params, record, 0.5, layers=['conv1'])
+  kept = jnp.any(pruned['conv1']['kernel'] != 0, axis=(0, 1, 2))
+  np.testing.assert_array_equal(kept, norms >= jnp.median(norms))
+  np.testing.assert_array_equal(pruned['bn1']['scale'] != 0, kept)
+
+
+def test_magnitude_record_follows_the_penalty_rule():
+  params = {'conv': {'kernel': jnp.ones((3, 3, 2, 4))}, 'fc': jnp.ones((5, 2))}
+  rule = dl.penalty_rule(conv=dl.GroupLasso(axes=(2,)), dense=None)
+  record = dl.magnitude_record(params, penalty=rule)
+  assert record['conv']['kernel'].shape == (2,)  # one group per input channel
+  assert isinstance(record['fc'], optax.MaskedNode)

@@ -56,20 +56,6 @@ def parse_args(argv):
   return args
 
 
-def magnitude_record(params, layers) -> dict[str, Any]:
-  """A record where every filter entered at the same step: ranks fall back
-  to the weight norm."""
-  params = nnx.to_pure_dict(params)
-  out: dict[str, Any] = {}
-  for layer in layers:
-    node, src = out, params
-    for k in layer.split('/'):
-      node = node.setdefault(k, {})
-      src = src[k]
-    node['kernel'] = jnp.zeros(src['kernel'].shape[-1], jnp.int32)
-  return out
-
-
 def prune_and_eval(model, record, fraction, layers, rule, args, ds, seed):
   """Accuracy of ``model`` pruned, before and after the fine-tune."""
   state = nnx.state(model, nnx.Param)
@@ -131,11 +117,11 @@ def main(argv: Optional[Sequence[str]] = None) -> dict[str, Any]:
     'DessiLBI, selection order': (model, optax.tree.get(st, 'first_step')),
     'DessiLBI, magnitude': (
       model,
-      magnitude_record(nnx.state(model, nnx.Param), layers),
+      dl.magnitude_record(nnx.state(model, nnx.Param), rule),
     ),
     'SGD, magnitude': (
       sgd_model,
-      magnitude_record(nnx.state(sgd_model, nnx.Param), layers),
+      dl.magnitude_record(nnx.state(sgd_model, nnx.Param), rule),
     ),
   }
   results: dict[str, dict[str, list[float]]] = {
