@@ -219,9 +219,14 @@ def dessilbi_multitensor(
       plt.store(outs[1].at[at], applied(w, -step * (m + diff / nu)), mask=mask)
       z = z + z_step * diff
       plt.store(outs[2].at[at], z, mask=mask)
-      return sq + jnp.sum(z * z, axis=0)
+      return sq + z * z
 
-    sq = jax.lax.fori_loop(0, n_iter, update, jnp.zeros((leaf.tile,)))
+    # Squares summed per position, reduced across rows once after the loop
+    # (a reduction inside it would synchronise the warps every iteration).
+    sq = jax.lax.fori_loop(
+      0, n_iter, update, jnp.zeros((tile_rows, leaf.tile), jnp.float32)
+    )
+    sq = jnp.sum(sq, axis=0)
     nonzero = sq > 0
     norm = jnp.sqrt(jnp.where(nonzero, sq, 1.0))
     factor = jnp.where(nonzero & (norm > leaf.lam), 1 - leaf.lam / norm, 0.0)
@@ -232,12 +237,18 @@ def dessilbi_multitensor(
       )
       return
 
-    def write_gamma(i, carry):
-      at, mask = tile(i)
+    def write_gamma(j, carry):
+      # Backwards: the tiles of z written last are the likeliest in cache.
+      at, mask = tile(n_iter - 1 - j)
       z = plt.load(outs[2].at[at], mask=mask, other=0.0)
       plt.store(outs[3].at[at], z * scale[None, :], mask=mask)
       return carry
 
+    # z is read back by threads other than those that wrote it only if the
+    # two loops' tiles get different layouts; the barrier makes it safe
+    # (interpret mode runs a program sequentially and has no barrier).
+    if not interpret:
+      plt.debug_barrier()
     jax.lax.fori_loop(0, n_iter, write_gamma, 0)
 
   def update_fn(updates, state, params=None):
@@ -245,13 +256,28 @@ def dessilbi_multitensor(
     if params is None:
       raise ValueError('dessilbi_multitensor needs params.')
     leaves, treedef, programs = layout(params)
+    dtypes = {str(x.dtype) for x in jax.tree.leaves((params, updates, state))}
+    if not dtypes <= {'float32', 'int32'}:
+      raise TypeError(
+        'dessilbi_multitensor supports float32 params, gradients and state; '
+        f'got dtypes {sorted(dtypes)}.'
+      )
     trace_state, core = state[2], state[3]
     columns = [
       treedef.flatten_up_to(t)
       for t in (updates, trace_state.trace, params, core.z, core.gamma)
     ]
-    ins, out_shape = [], []
+    ins, out_shape, aliases = [], [], {}
     for leaf, g, m, w, z, gamma in zip(leaves, *columns, strict=True):
+      # Momentum, z and Γ (and with apply, W) are written in place of their
+      # old values: every element is read before the same thread writes it.
+      first_in, first_out = len(ins), len(out_shape)
+      aliases[first_in + 1] = first_out  # m
+      if apply:
+        aliases[first_in + 2] = first_out + 1  # W
+      if leaf.kind != 'plain':
+        aliases[first_in + 3] = first_out + 2  # z
+        aliases[first_in + 4] = first_out + 3  # Γ or the per-filter scale
       as2d = (
         (lambda x, leaf=leaf: x.reshape(leaf.rows, leaf.cols))
         if (leaf.kind == 'group')
@@ -277,6 +303,7 @@ def dessilbi_multitensor(
       lambda *refs: kernel(leaves, *refs),
       out_shape=out_shape,
       grid=(programs,),
+      input_output_aliases=aliases,
       in_specs=[any_spec] * len(ins),
       out_specs=[any_spec] * len(out_shape),
       compiler_params=plt.CompilerParams(num_warps=num_warps),

@@ -94,6 +94,10 @@ def test_bad_settings_raise_early():
   params = _params()
   with pytest.raises(ValueError, match='all axes but the last'):
     tx.update(params, tx.init(params), params)
+  tx = dessilbi_multitensor(0.1)
+  half = jax.tree.map(lambda p: p.astype(jnp.bfloat16), params)
+  with pytest.raises(TypeError, match='supports float32'):
+    tx.update(half, tx.init(half), half)
 
 
 @pytest.mark.parametrize('apply', [False, True])
@@ -101,11 +105,19 @@ def test_lowers_to_one_triton_kernel(apply):
   params = _params()
   tx = dessilbi_multitensor(0.1, apply=apply, interpret=False)
   state = tx.init(params)
-  lowered = (
-    jax.jit(tx.step if apply else tx.update)
-    .trace(params, state, params)
-    .lower(lowering_platforms=('cuda',))
+  # Lowering for a GPU on a machine without one: newer JAX versions read the
+  # target GPU from the abstract mesh.
+  gpu = jax.sharding.AbstractDevice(
+    device_kind='NVIDIA H100 80GB HBM3', num_cores=None, platform='gpu'
   )
+  with jax.sharding.use_abstract_mesh(
+    jax.sharding.AbstractMesh((), (), abstract_device=gpu)
+  ):
+    lowered = (
+      jax.jit(tx.step if apply else tx.update)
+      .trace(params, state, params)
+      .lower(lowering_platforms=('cuda',))
+    )
   text = lowered.as_text()
   assert text.count('stablehlo.custom_call') == 1
   assert 'triton' in text.lower()
