@@ -15,6 +15,9 @@ for *all* leaves in a single ``pallas_call``:
   ``store_gamma=False``, the program writes the per-filter scale and there is
   no second loop).
 
+Programs are numbered longest first (the big conv kernels' tiles), so that
+the GPU does not start them last and finish on a few of them alone.
+
 Its state is exactly that of ``dessilbi`` (same tree, same values up to float
 rounding), so it is a drop-in for timing. With ``apply=True`` the kernel
 writes the new params instead of the updates (a :class:`FusedStep`, outside
@@ -56,20 +59,22 @@ def _pow2(n: int) -> int:
 class _Leaf:
   """Static layout of one leaf in the kernel: kind, shape, programs."""
 
-  def __init__(self, kind, shape, lam, decayed, start, block, tile_cols):
+  def __init__(self, kind, shape, lam, decayed, block, tile_cols):
     self.kind = kind  # 'plain' | 'lasso' | 'group'
     self.shape = tuple(shape)
     self.lam = lam
     self.decayed = decayed
-    self.start = start
+    self.start = 0  # the first program's id, set by the layout
     if kind == 'group':
       self.rows = math.prod(shape[:-1])
       self.cols = shape[-1]
       self.tile = min(tile_cols, _pow2(self.cols))
       self.programs = -(-self.cols // self.tile)
+      self.work = self.rows * self.tile  # elements per program
     else:
       self.size = math.prod(shape)
       self.programs = max(1, -(-self.size // block))
+      self.work = min(self.size, block)
 
 
 def dessilbi_multitensor(
@@ -127,7 +132,7 @@ def dessilbi_multitensor(
 
   def layout(params):
     penalties, treedef = dl.resolve_penalties(params, penalty)
-    leaves, start = [], 0
+    leaves = []
     for w, choice in zip(treedef.flatten_up_to(params), penalties, strict=True):
       if choice is None:
         kind, lam = 'plain', None
@@ -142,9 +147,13 @@ def dessilbi_multitensor(
           )
         kind, lam = 'group', float(group_threshold(choice, w.shape))
       decayed = weight_decay > 0 and w.ndim > 1
-      leaf = _Leaf(kind, w.shape, lam, decayed, start, block, tile_cols)
+      leaves.append(_Leaf(kind, w.shape, lam, decayed, block, tile_cols))
+    # The longest programs first: the GPU starts programs in id order, and
+    # long ones started last would run on alone at the end.
+    start = 0
+    for leaf in sorted(leaves, key=lambda leaf: -leaf.work):
+      leaf.start = start
       start += leaf.programs
-      leaves.append(leaf)
     return leaves, treedef, start
 
   def kernel(leaves, *refs):
