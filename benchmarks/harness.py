@@ -42,7 +42,7 @@ except ImportError:  # run as a script from the repository root
 OPTIMIZERS: dict[str, Callable[[], optax.GradientTransformation]] = {
   'sgd': lambda: optax.sgd(0.1, momentum=0.9),
   'dessilbi': lambda: dl.dessilbi(0.1, nu=100.0),
-  # Γ rebuilt from z: less state, one pass less per step.
+  # Γ rebuilt from z and a per-filter scale: less state.
   'dessilbi_z': lambda: dl.dessilbi(0.1, nu=100.0, store_gamma=False),
   'adam': lambda: optax.adam(1e-3),
 }
