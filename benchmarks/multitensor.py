@@ -116,6 +116,11 @@ def dessilbi_multitensor(
   ):
     if not isinstance(value, int) or value < 1 or value & (value - 1):
       raise ValueError(f'{name} must be a power of 2, got {value!r}.')
+  if callable(learning_rate) or momentum is None:
+    raise ValueError(
+      'dessilbi_multitensor needs a constant learning_rate and a momentum; '
+      f'got learning_rate={learning_rate!r}, momentum={momentum!r}.'
+    )
   if interpret is None:
     interpret = jax.default_backend() != 'gpu'
   reference = dl.dessilbi(

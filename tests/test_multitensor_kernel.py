@@ -88,6 +88,8 @@ def test_apply_writes_the_new_params():
 def test_bad_settings_raise_early():
   with pytest.raises(ValueError, match='tile_cols must be a power of 2'):
     dessilbi_multitensor(0.1, tile_cols=12)
+  with pytest.raises(ValueError, match='constant learning_rate'):
+    dessilbi_multitensor(optax.constant_schedule(0.1))
   # Groups along the input channels: not the layout the kernel supports.
   rule = dl.penalty_rule(conv=dl.GroupLasso(axes=(2,)))
   tx = dessilbi_multitensor(0.1, penalty=rule)
