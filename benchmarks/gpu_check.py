@@ -1,21 +1,28 @@
 """The key GPU measurements in one run (about 5 minutes on an H100).
 
-Runs, side by side in one process, the per-kernel probes (``probes.py``), the
-update alone on CIFAR ResNet-18 params (device time with 20 updates per jit,
-per call, and the bandwidth floor) for ``dessilbi`` (Γ stored or rebuilt from
-z), its multi-tensor Pallas prototype (``multitensor.py``: updates, no Γ,
-or writing the new params itself; three tilings),
-``optax.sgd(momentum=0.9)`` and ``optax.adam``, and with bfloat16 params
-(state in bfloat16, or float32 z, Γ and momentum); the update's scaling from 1e5
-to 1e8 parameters; whole train steps (ResNet-18 and VGG-16 batch 256, LeNet-5
-batch 128); and the peak memory of a ResNet-18 train step per optimizer. It
-writes everything to one JSON file (a failing run is recorded with its error
-and the others go on) and the compiled HLO of the ResNet-18 update and step
-to ``hlo/``, for reading the kernels XLA made after the machine is gone.
+The most telling runs come first, and the JSON is rewritten after each run,
+so a run cut short by the device budget still leaves the first results.
+
+Runs, side by side in one process: the update alone on CIFAR ResNet-18 params
+(device time with 20 updates per jit, per call, and the bandwidth floor) for
+``dessilbi`` (Γ stored or rebuilt from z), its multi-tensor Pallas prototype
+(``multitensor.py``: updates, no Γ, or writing the new params itself; three
+tilings), ``optax.sgd(momentum=0.9)`` and ``optax.adam``; the per-kernel
+probes (``probes.py``); whole train steps (ResNet-18 and VGG-16 batch 256,
+LeNet-5 batch 128); the peak memory of a ResNet-18 train step per optimizer;
+the update's scaling from 1e5 to 1e8 parameters; and the update with bfloat16
+params (state in bfloat16, or float32 z, Γ and momentum). It writes
+everything to one JSON file (a failing run is recorded with its error and the
+others go on) and the compiled HLO of the ResNet-18 update and step to
+``hlo/``, for reading the kernels XLA made after the machine is gone.
 
 Usage::
 
   python benchmarks/gpu_check.py --out results/       # writes gpu_check.json
+
+On the lent device machine: ``PYTHONPATH=$PWD python3 benchmarks/gpu_check.py
+--out $OUT`` with a 500 s timeout, which leaves part of a 15-minute budget
+for the machine's start.
 """
 
 import argparse
@@ -35,31 +42,25 @@ except ImportError:  # run as a script from the repository root
 
 # (entry point, arguments); {hlo} is replaced by the HLO folder.
 RUNS = [
-  (probes.main, 'probes --k 20 --repeats 15'),
   (
     harness.main,
     'update --model resnet18 --repeats 15 --hlo-dir {hlo} --optimizers'
     ' sgd dessilbi dessilbi_z adam dessilbi_mt dessilbi_mt_z dessilbi_mt_apply',
   ),
-  (
-    harness.main,
-    'update --model resnet18 --repeats 9 --optimizers sgd dessilbi'
-    ' dessilbi_mt:32x32x4 dessilbi_mt:8x128x4 dessilbi_mt:16x64x8',
-  ),
-  (
-    harness.main,
-    'update --model resnet18 --dtype bfloat16 --repeats 9'
-    ' --optimizers sgd dessilbi dessilbi_f32',
-  ),
-  (
-    harness.main,
-    'scaling --sizes 1e5 1e6 1e7 1e8 --k 10 --repeats 7'
-    ' --optimizers sgd dessilbi dessilbi_z',
-  ),
+  (probes.main, 'probes --k 20 --repeats 15'),
   (
     harness.main,
     'step --model resnet18 --steps 50 --repeats 9 --hlo-dir {hlo}'
     ' --optimizers sgd dessilbi dessilbi_z dessilbi_mt dessilbi_mt_apply',
+  ),
+  (
+    harness.main,
+    'update --model resnet18 --repeats 9 --optimizers sgd dessilbi'
+    ' dessilbi_mt:32x32x4 dessilbi_mt:8x128x4',
+  ),
+  (
+    harness.main,
+    'memory --model resnet18 --optimizers sgd dessilbi dessilbi_z',
   ),
   (
     harness.main,
@@ -72,7 +73,13 @@ RUNS = [
   ),
   (
     harness.main,
-    'memory --model resnet18 --optimizers sgd dessilbi dessilbi_z adam',
+    'scaling --sizes 1e5 1e6 1e7 1e8 --k 10 --repeats 7'
+    ' --optimizers sgd dessilbi dessilbi_z',
+  ),
+  (
+    harness.main,
+    'update --model resnet18 --dtype bfloat16 --repeats 9'
+    ' --optimizers sgd dessilbi dessilbi_f32',
   ),
 ]
 
