@@ -1,4 +1,4 @@
-"""The key GPU measurements in one run (about 5 minutes on an H100).
+"""The key GPU measurements in one run (an estimated 5–6 minutes on an H100).
 
 The most telling runs come first, and the JSON is rewritten after each run,
 so a run cut short by the device budget still leaves the first results.
