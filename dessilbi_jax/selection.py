@@ -296,7 +296,8 @@ def _group_keys(params, record, penalty):
     if norm.shape != r.shape:
       raise ValueError(
         f'record: leaf {_trees.join(names)!r} has shape {tuple(r.shape)}, '
-        f'but the params have {tuple(norm.shape)} groups there.'
+        f'but the params have {tuple(norm.shape)} groups there under the '
+        'penalty rule given; pass penalty= the rule the record was made with.'
       )
     keys[names] = (r, norm)
   return keys
