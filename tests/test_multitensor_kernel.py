@@ -66,8 +66,9 @@ def test_follows_dessilbi(store_gamma, tiles):
   assert 0 < int(filters.sum()) < 20
 
 
-def test_apply_writes_the_new_params():
-  kwargs = dict(learning_rate=0.5, nu=2.0)
+@pytest.mark.parametrize('store_gamma', [True, False])
+def test_apply_writes_the_new_params(store_gamma):
+  kwargs = dict(learning_rate=0.5, nu=2.0, store_gamma=store_gamma)
   params = _params()
   want_params, want_state = _run(dl.dessilbi(**kwargs), params, 3)
   fused = dessilbi_multitensor(**kwargs, apply=True)
