@@ -58,16 +58,16 @@ OPTIMIZERS['dessilbi_f32'] = lambda: dl.dessilbi(
 MULTITENSOR = ('dessilbi_mt', 'dessilbi_mt_z', 'dessilbi_mt_apply')
 
 
-def make_optimizer(name: str):
-  """The optimizer a command-line name stands for: an Optax transformation,
-  or a :class:`multitensor.FusedStep` for ``dessilbi_mt_apply``."""
-  if name in OPTIMIZERS:
-    return OPTIMIZERS[name]()
+def multitensor_args(name: str) -> dict:
+  """The keyword arguments of ``dessilbi_multitensor`` a name stands for."""
   base, _, tiles = name.partition(':')
   if base not in MULTITENSOR:
     known = ', '.join([*OPTIMIZERS, *MULTITENSOR])
     raise ValueError(f'unknown optimizer {name!r}; known: {known}.')
-  kwargs = {}
+  kwargs = {
+    'store_gamma': base != 'dessilbi_mt_z',
+    'apply': base == 'dessilbi_mt_apply',
+  }
   if tiles:
     parts = tiles.split('x')
     if len(parts) != 3 or not all(v.isdigit() for v in parts):
@@ -75,13 +75,17 @@ def make_optimizer(name: str):
         f'{name!r}: expected {base}:COLSxROWSxWARPS, e.g. {base}:16x64x4.'
       )
     cols, rows, warps = (int(v) for v in parts)
-    kwargs = {'tile_cols': cols, 'tile_rows': rows, 'num_warps': warps}
+    kwargs.update(tile_cols=cols, tile_rows=rows, num_warps=warps)
+  return kwargs
+
+
+def make_optimizer(name: str):
+  """The optimizer a command-line name stands for: an Optax transformation,
+  or a :class:`multitensor.FusedStep` for ``dessilbi_mt_apply``."""
+  if name in OPTIMIZERS:
+    return OPTIMIZERS[name]()
   return multitensor.dessilbi_multitensor(
-    0.1,
-    nu=100.0,
-    store_gamma=base != 'dessilbi_mt_z',
-    apply=base == 'dessilbi_mt_apply',
-    **kwargs,
+    0.1, nu=100.0, **multitensor_args(name)
   )
 
 

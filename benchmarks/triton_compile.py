@@ -1,0 +1,125 @@
+"""Compiles the multi-tensor prototype's kernel for a GPU, without a GPU.
+
+Lowers ``dessilbi_multitensor`` for CUDA on the current machine, captures the
+Triton IR Pallas makes, compiles it with the ``triton`` package for an NVIDIA
+architecture (sm_90 = H100 by default) and prints what the GPU would run: the
+grid, the kernel's parameter bytes (CUDA's classic limit is 4 KB), and its
+registers, spills and shared memory from ``cuobjdump``. A quick check of a
+kernel change before a GPU is available; it does not time anything.
+
+Needs ``pip install triton`` (its wheel ships ``ptxas`` and ``cuobjdump``).
+It reaches into one JAX internal, the Pallas Triton lowering entry point
+(``jax._src.pallas.triton.lowering.lower_jaxpr_to_triton_module``), to
+capture the IR; checked with JAX 0.10.2 and triton 3.9.
+
+Usage::
+
+  python benchmarks/triton_compile.py --model resnet18 --optimizer dessilbi_mt
+"""
+
+import argparse
+import glob
+import os
+import re
+import subprocess
+import sys
+import tempfile
+
+import jax
+
+try:
+  from benchmarks import harness, multitensor
+except ImportError:  # run as a script from the repository root
+  sys.path.insert(0, __file__.rsplit('/', 2)[0])
+  from benchmarks import harness, multitensor
+
+
+def capture_triton_ir(model: str, optimizer: str) -> tuple[str, tuple]:
+  """The Triton IR (text) and grid of the optimizer's kernel for a model."""
+  # A JAX internal: the entry point of the Pallas Triton lowering.
+  from jax._src.pallas.triton import lowering
+
+  captured = []
+  original = lowering.lower_jaxpr_to_triton_module
+
+  def capture(*args, **kwargs):
+    module = original(*args, **kwargs)
+    captured.append((module.module.operation.get_asm(), module.grid))
+    return module
+
+  _, params, _, _, _ = harness.build(model, 2)
+  tx = multitensor.dessilbi_multitensor(
+    0.1, nu=100.0, interpret=False, **harness.multitensor_args(optimizer)
+  )
+  state = tx.init(params)
+  fn = tx.step if isinstance(tx, multitensor.FusedStep) else tx.update
+  gpu = jax.sharding.AbstractDevice(
+    device_kind='NVIDIA H100 80GB HBM3', num_cores=None, platform='gpu'
+  )
+  lowering.lower_jaxpr_to_triton_module = capture
+  try:
+    with jax.sharding.use_abstract_mesh(
+      jax.sharding.AbstractMesh((), (), abstract_device=gpu)
+    ):
+      jax.jit(fn).trace(params, state, params).lower(
+        lowering_platforms=('cuda',)
+      )
+  finally:
+    lowering.lower_jaxpr_to_triton_module = original
+  if len(captured) != 1:
+    raise RuntimeError(f'expected one Triton kernel, got {len(captured)}.')
+  return captured[0]
+
+
+def main(argv=None):
+  parser = argparse.ArgumentParser(description=__doc__.split('\n\n')[0])
+  parser.add_argument('--model', default='resnet18')
+  parser.add_argument('--optimizer', default='dessilbi_mt')
+  parser.add_argument('--arch', type=int, default=90, help='e.g. 90 = H100')
+  parser.add_argument('--num-stages', type=int, default=3)
+  args = parser.parse_args(argv)
+  # Optional, so imported here; XLA's own Triton fuses multiply-adds too.
+  os.environ.setdefault('TRITON_DEFAULT_FP_FUSION', '1')
+  import triton
+  from triton.backends.compiler import GPUTarget
+
+  try:
+    warps = harness.multitensor_args(args.optimizer).get('num_warps', 4)
+  except ValueError as e:
+    parser.error(f'--optimizer: {e}')
+  ir, grid = capture_triton_ir(args.model, args.optimizer)
+  with tempfile.TemporaryDirectory() as tmp:
+    path = os.path.join(tmp, 'kernel.ttir')
+    with open(path, 'w', encoding='utf-8') as f:
+      f.write(ir)
+    kernel = triton.compile(
+      path,
+      target=GPUTarget('cuda', args.arch, 32),
+      options={'num_warps': warps, 'num_stages': args.num_stages},
+    )
+    cubin = os.path.join(tmp, 'kernel.cubin')
+    with open(cubin, 'wb') as f:
+      f.write(kernel.asm['cubin'])
+    tools = os.path.join(os.path.dirname(triton.__file__), 'backends')
+    cuobjdump = glob.glob(f'{tools}/nvidia/bin/cuobjdump')
+    usage = ''
+    if cuobjdump:
+      usage = subprocess.run(
+        [cuobjdump[0], '--dump-resource-usage', cubin],
+        capture_output=True,
+        text=True,
+        check=True,
+      ).stdout
+  entry = re.search(r'\.entry\s+\w+\((.*?)\)', kernel.asm['ptx'], re.S)
+  param_bytes = sum(
+    int(bits) // 8
+    for bits in re.findall(r'\.param\s+\.[a-z](\d+)', entry.group(1))
+  )
+  print(f'{args.optimizer} on {args.model}: grid {tuple(grid)}, sm_{args.arch}')
+  print(f'kernel parameters: {param_bytes} bytes')
+  resources = re.search(r'REG:\d+.*', usage)
+  print(resources.group(0) if resources else 'cuobjdump not found')
+
+
+if __name__ == '__main__':
+  main()
