@@ -156,7 +156,11 @@ def build(model_name: str, batch: int | None, dtype: str = 'float32'):
   return module, params, stats, x.astype(dtype), y
 
 
-def make_train_step(module, tx):
+def make_train_step(module, tx, options=None):
+  """The jitted train step (params, BatchNorm statistics and optimizer state
+  donated), compiled with XLA ``options`` (``jax.jit``'s
+  ``compiler_options``)."""
+
   def loss_fn(params, stats, x, y):
     logits, new = module.apply(
       {'params': params, 'batch_stats': stats}, x, mutable=['batch_stats']
@@ -171,10 +175,10 @@ def make_train_step(module, tx):
     params, opt_state = apply_step(tx, grads, opt_state, params)
     return params, stats, opt_state, loss
 
-  return jax.jit(step, donate_argnums=(0, 1, 2))
+  return jax.jit(step, donate_argnums=(0, 1, 2), compiler_options=options)
 
 
-def make_update(tx, k: int):
+def make_update(tx, k: int, options=None):
   """k optimizer updates inside one jit (dispatch amortised)."""
 
   def run(params, opt_state, grads):
@@ -185,7 +189,7 @@ def make_update(tx, k: int):
     (params, opt_state), _ = jax.lax.scan(body, (params, opt_state), length=k)
     return params, opt_state
 
-  return jax.jit(run, donate_argnums=(0, 1))
+  return jax.jit(run, donate_argnums=(0, 1), compiler_options=options)
 
 
 def copy_tree(tree):
@@ -220,12 +224,12 @@ def bench_step(args) -> dict:
   module, params, stats, x, y = build(args.model, args.batch, args.dtype)
   # One throwaway compile first, so that the first optimizer's compile time
   # does not include the convolutions' autotuning.
-  warm = make_train_step(module, optax.sgd(0.1))
+  warm = make_train_step(module, optax.sgd(0.1), args.xla_options)
   warm.lower(params, stats, optax.sgd(0.1).init(params), x, y).compile()
   runners = {}
   for name in args.optimizers:
     tx = make_optimizer(name)
-    step = make_train_step(module, tx)
+    step = make_train_step(module, tx, args.xla_options)
     p, s = copy_tree(params), copy_tree(stats)
     o = tx.init(p)
     t0 = time.perf_counter()
@@ -269,9 +273,11 @@ def bench_update(args) -> dict:
   runners = {}
   for name in args.optimizers:
     tx = make_optimizer(name)
-    run_k = make_update(tx, args.k)
+    run_k = make_update(tx, args.k, args.xla_options)
     run_1 = jax.jit(
-      lambda p, o, g, tx=tx: apply_step(tx, g, o, p), donate_argnums=(0, 1)
+      lambda p, o, g, tx=tx: apply_step(tx, g, o, p),
+      donate_argnums=(0, 1),
+      compiler_options=args.xla_options,
     )
     p = copy_tree(params)
     o = tx.init(p)
@@ -339,7 +345,7 @@ def bench_scaling(args) -> dict:
     row = {'params': n}
     for name in args.optimizers:
       tx = make_optimizer(name)
-      run_k = make_update(tx, args.k)
+      run_k = make_update(tx, args.k, args.xla_options)
       p, o = copy_tree(params), tx.init(params)
       p, o = run_k(p, o, grads)
       jax.block_until_ready(p)
@@ -390,11 +396,13 @@ def _peak_bytes() -> tuple[int, str]:
   return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024, 'peak RSS'
 
 
-def _memory_one(model: str, batch: int | None, name: str, steps: int) -> dict:
+def _memory_one(
+  model: str, batch: int | None, name: str, steps: int, options=None
+) -> dict:
   """Runs a few train steps with one optimizer; meant for a fresh process."""
   module, params, stats, x, y = build(model, batch)
   tx = optax.sgd(0.1) if name == BASELINE else make_optimizer(name)
-  step = make_train_step(module, tx)
+  step = make_train_step(module, tx, options)
   o = tx.init(params)
   compiled = step.lower(params, stats, o, x, y).compile()
   p, s = params, stats
@@ -460,7 +468,9 @@ def bench_memory(args) -> dict:
   }
   names = [BASELINE] + [n for n in args.optimizers if n != BASELINE]
   for name in names:
-    row = _in_fresh_process(_memory_one, args.model, args.batch, name, 3)
+    row = _in_fresh_process(
+      _memory_one, args.model, args.batch, name, 3, args.xla_options
+    )
     row['compiled_peak_bytes'] = compiled_peak(row['memory'])
     out['results'][name] = row
   base = out['results'][BASELINE]
@@ -526,6 +536,18 @@ def print_table(out: dict) -> None:
     print('  '.join(cols))
 
 
+def _option_value(text: str):
+  """An XLA option's value from the command line: bool, int, float or str."""
+  if text.lower() in ('true', 'false'):
+    return text.lower() == 'true'
+  for kind in (int, float):
+    try:
+      return kind(text)
+    except ValueError:
+      pass
+  return text
+
+
 def parse_args(argv=None) -> argparse.Namespace:
   """The harness's command line, with the optimizer names checked."""
   parser = argparse.ArgumentParser(description=__doc__.split('\n\n')[0])
@@ -549,11 +571,26 @@ def parse_args(argv=None) -> argparse.Namespace:
     default=[1e5, 1e6, 1e7],
     help='parameter counts for the scaling mode',
   )
+  parser.add_argument(
+    '--xla-option',
+    action='append',
+    default=[],
+    metavar='KEY=VALUE',
+    help='an XLA option for every compiled step, e.g. '
+    'xla_cpu_copy_insertion_use_region_analysis=true (repeatable)',
+  )
   parser.add_argument('--json', default=None, help='write results here')
   parser.add_argument(
     '--hlo-dir', default=None, help='write the compiled HLO texts here'
   )
   args = parser.parse_args(argv)
+  args.xla_options = {}
+  for option in args.xla_option:
+    key, sep, value = option.partition('=')
+    if not sep or not key:
+      parser.error(f'--xla-option: expected KEY=VALUE, got {option!r}.')
+    args.xla_options[key] = _option_value(value)
+  args.xla_options = args.xla_options or None
   for name in args.optimizers:
     try:
       make_optimizer(name)
@@ -571,6 +608,7 @@ def main(argv=None):
   else:
     out = bench_step(args) if args.mode == 'step' else bench_update(args)
     print_table(out)
+  out['xla_options'] = args.xla_options
   if args.json:
     with open(args.json, 'w', encoding='utf-8') as f:
       json.dump(out, f, indent=2)
