@@ -56,3 +56,14 @@ def test_update_mode_reports_floor_and_kernels(tmp_path):
   assert rows['dessilbi']['bytes_moved'] > rows['sgd']['bytes_moved']
   assert rows['dessilbi']['device_ms_vs_sgd'] > 0
   assert len(list(tmp_path.glob('update_lenet5_*.hlo.gz'))) == 3
+
+
+def test_xla_options_are_parsed_and_checked(capsys):
+  args = harness.parse_args(
+    ['update', '--xla-option', 'a_flag=true', '--xla-option', 'a_count=3']
+  )
+  assert args.xla_options == {'a_flag': True, 'a_count': 3}
+  assert harness.parse_args(['update']).xla_options is None
+  with pytest.raises(SystemExit):
+    harness.parse_args(['update', '--xla-option', 'no_value'])
+  assert 'KEY=VALUE' in capsys.readouterr().err
