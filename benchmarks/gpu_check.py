@@ -10,8 +10,10 @@ Runs, side by side in one process: the update alone on CIFAR ResNet-18 params
 tilings), ``optax.sgd(momentum=0.9)`` and ``optax.adam``; the per-kernel
 probes (``probes.py``); whole train steps (ResNet-18 and VGG-16 batch 256,
 LeNet-5 batch 128); the peak memory of a ResNet-18 train step per optimizer;
-the update's scaling from 1e5 to 1e8 parameters; and the update with bfloat16
-params (state in bfloat16, or float32 z, Γ and momentum). It writes
+the update's scaling from 1e5 to 1e8 parameters; the ResNet-18 step with XLA's
+region-analysis copy insertion (which removes the copies on the CPU); and the
+update with bfloat16 params (state in bfloat16, or float32 z, Γ and
+momentum). It writes
 everything to one JSON file (a failing run is recorded with its error and the
 others go on) and the compiled HLO of the ResNet-18 update and step to
 ``hlo/``, for reading the kernels XLA made after the machine is gone.
@@ -52,6 +54,12 @@ RUNS = [
     harness.main,
     'step --model resnet18 --steps 50 --repeats 9 --hlo-dir {hlo}'
     ' --optimizers sgd dessilbi dessilbi_z dessilbi_mt dessilbi_mt_apply',
+  ),
+  # The GPU twin of the CPU option that removes the W/Γ copies there.
+  (
+    harness.main,
+    'step --model resnet18 --steps 50 --repeats 9 --optimizers sgd dessilbi'
+    ' dessilbi_z --xla-option xla_gpu_copy_insertion_use_region_analysis=true',
   ),
   (
     harness.main,
