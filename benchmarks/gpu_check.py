@@ -15,8 +15,10 @@ region-analysis copy insertion (which removes the copies on the CPU); and the
 update with bfloat16 params (state in bfloat16, or float32 z, Γ and
 momentum). It writes
 everything to one JSON file (a failing run is recorded with its error and the
-others go on) and the compiled HLO of the ResNet-18 update and step to
-``hlo/``, for reading the kernels XLA made after the machine is gone.
+others go on), the compiled HLO of the ResNet-18 update and step to
+``hlo/``, for reading the kernels XLA made after the machine is gone, and the
+GPU's XLA target config (``gpu_target_config.pbtxt``), with which
+``gpu_offline.py`` compiles for this GPU on machines without one.
 
 Usage::
 
@@ -28,9 +30,13 @@ for the machine's start.
 """
 
 import argparse
+import glob
 import json
 import os
+import shutil
+import subprocess
 import sys
+import tempfile
 import time
 import traceback
 
@@ -92,6 +98,32 @@ RUNS = [
 ]
 
 
+def save_target_config(out: str) -> str:
+  """Copies the GPU's XLA target config to ``out`` (for gpu_offline.py).
+
+  XLA writes it beside the dumps of a compiled module; a throwaway process
+  compiles one tiny function with dumps on, for that module alone.
+  """
+  with tempfile.TemporaryDirectory() as dump:
+    env = dict(os.environ)
+    env['XLA_FLAGS'] = (
+      env.get('XLA_FLAGS', '')
+      + f' --xla_dump_to={dump} --xla_dump_hlo_module_re=.*target_config_probe.*'
+    ).strip()
+    code = (
+      'import jax, jax.numpy as jnp\n'
+      'def target_config_probe(x):\n  return x + 1\n'
+      'jax.block_until_ready(jax.jit(target_config_probe)(jnp.ones(8)))\n'
+    )
+    subprocess.run([sys.executable, '-c', code], env=env, check=True)
+    found = glob.glob(os.path.join(dump, '*gpu_target_config.pbtxt'))
+    if not found:
+      raise RuntimeError('XLA wrote no gpu_target_config.pbtxt')
+    path = os.path.join(out, 'gpu_target_config.pbtxt')
+    shutil.copy(found[0], path)
+  return path
+
+
 def main(argv=None):
   parser = argparse.ArgumentParser(description=__doc__.split('\n\n')[0])
   parser.add_argument('--out', default='.', help='folder for gpu_check.json')
@@ -99,6 +131,10 @@ def main(argv=None):
   results = {'devices': [str(d) for d in jax.devices()], 'runs': []}
   path = os.path.join(args.out, 'gpu_check.json')
   hlo = os.path.join(args.out, 'hlo')
+  try:
+    results['target_config'] = save_target_config(args.out)
+  except Exception:  # record it and run the rest
+    results['target_config_error'] = traceback.format_exc()
   for entry, run in RUNS:
     run = run.format(hlo=hlo)
     argv = run.split()

@@ -156,10 +156,10 @@ def build(model_name: str, batch: int | None, dtype: str = 'float32'):
   return module, params, stats, x.astype(dtype), y
 
 
-def make_train_step(module, tx, options=None):
+def make_train_step(module, tx, options=None, name='step'):
   """The jitted train step (params, BatchNorm statistics and optimizer state
   donated), compiled with XLA ``options`` (``jax.jit``'s
-  ``compiler_options``)."""
+  ``compiler_options``); ``name`` names the compiled module."""
 
   def loss_fn(params, stats, x, y):
     logits, new = module.apply(
@@ -175,6 +175,7 @@ def make_train_step(module, tx, options=None):
     params, opt_state = apply_step(tx, grads, opt_state, params)
     return params, stats, opt_state, loss
 
+  step.__name__ = name
   return jax.jit(step, donate_argnums=(0, 1, 2), compiler_options=options)
 
 

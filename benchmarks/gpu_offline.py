@@ -1,0 +1,137 @@
+"""Compiles the update or train step for a GPU on a machine without one.
+
+XLA can compile for a GPU it is only told about: a *target config* (the
+``gpu_target_config.pbtxt`` that ``gpu_check.py`` saves from the lent GPU
+machine, or any XLA GPU target config) describes the device, and JAX's
+compile-only topology compiles against it. What comes out is what that GPU
+would run, exactly: the fusions, the copies and the kernels launched (read from
+XLA's thunk sequence), so the kernel structure of a change can be checked
+before a GPU is available. Nothing is timed.
+
+Needs the CUDA build of JAX (``pip install "jax[cuda12]"``, about 6 GB of
+libraries; no GPU or driver is needed) in the environment that runs this.
+
+Usage::
+
+  python benchmarks/gpu_offline.py --target-config gpu_target_config.pbtxt \\
+      update --model resnet18 --optimizers sgd dessilbi dessilbi_mt
+"""
+
+import argparse
+import collections
+import glob
+import os
+import re
+import sys
+import tempfile
+
+
+def parse_args(argv=None) -> argparse.Namespace:
+  parser = argparse.ArgumentParser(description=__doc__.split('\n\n')[0])
+  parser.add_argument(
+    '--target-config', required=True, help='an XLA GPU target config (text)'
+  )
+  parser.add_argument('mode', choices=('update', 'step'))
+  parser.add_argument('--model', default='resnet18')
+  parser.add_argument('--batch', type=int, default=None)
+  parser.add_argument(
+    '--optimizers', nargs='+', default=['sgd', 'dessilbi', 'dessilbi_z']
+  )
+  parser.add_argument(
+    '--xla-option', action='append', default=[], metavar='KEY=VALUE'
+  )
+  parser.add_argument(
+    '--dump', default=None, help='keep XLA dumps (HLO, thunks) in this folder'
+  )
+  return parser.parse_args(argv)
+
+
+def main(argv=None) -> dict:
+  args = parse_args(argv)
+  with open(args.target_config, encoding='utf-8') as f:
+    target_config = f.read()
+  dump = args.dump or tempfile.mkdtemp(prefix='gpu_offline_')
+  # Both must be set before JAX starts: the CUDA plugin then registers its
+  # compile-only topology without looking for a device, and XLA writes the
+  # thunk sequence (the kernels launched) of every compiled module.
+  os.environ.setdefault('JAX_PLATFORMS', 'cpu')
+  os.environ['XLA_FLAGS'] = (
+    os.environ.get('XLA_FLAGS', '') + f' --xla_dump_to={dump}'
+  ).strip()
+
+  import jax
+
+  try:
+    from benchmarks import harness, multitensor
+  except ImportError:  # run as a script from the repository root
+    sys.path.insert(0, __file__.rsplit('/', 2)[0])
+    from benchmarks import harness, multitensor
+  from jax.experimental import topologies
+
+  options = harness.parse_args(
+    ['update', *[f'--xla-option={o}' for o in args.xla_option]]
+  ).xla_options
+  topology = topologies.get_topology_desc(
+    '', 'cuda', target_config=target_config, topology='1x1x1'
+  )
+  sharding = jax.sharding.SingleDeviceSharding(topology.devices[0])
+
+  def abstract(tree):
+    return jax.tree.map(
+      lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=sharding),
+      tree,
+    )
+
+  module, params, stats, x, y = harness.build(args.model, args.batch)
+  if args.mode == 'update':
+    grads = jax.tree.map(jax.numpy.ones_like, params)
+  results = {}
+  for name in args.optimizers:
+    if name in harness.OPTIMIZERS:
+      tx = harness.make_optimizer(name)
+    else:  # the Triton kernel, not its CPU interpreter
+      tx = multitensor.dessilbi_multitensor(
+        0.1, nu=100.0, interpret=False, **harness.multitensor_args(name)
+      )
+    state = tx.init(params)
+    tag = re.sub(r'\W', '_', name)
+    if args.mode == 'update':
+
+      def run(p, o, g, tx=tx):
+        return harness.apply_step(tx, g, o, p)
+
+      run.__name__ = f'offline_{tag}'
+      jitted = jax.jit(run, donate_argnums=(0, 1), compiler_options=options)
+      traced = jitted.trace(*abstract((params, state, grads)))
+    else:
+      step = harness.make_train_step(module, tx, options, f'offline_{tag}')
+      traced = step.trace(*abstract((params, stats, state, x, y)))
+    compiled = traced.lower(lowering_platforms=('cuda',)).compile()
+    row = harness.hlo_counts(compiled)
+    row['kernels'] = _launches(dump, f'offline_{tag}')
+    results[name] = row
+    print(f'{name:22s} ' + '  '.join(f'{k} {v}' for k, v in row.items()))
+  device = topology.devices[0].device_kind
+  print(f'({args.mode} / {args.model}, compiled for {device}; dumps: {dump})')
+  return results
+
+
+def _launches(dump: str, name: str) -> dict[str, int]:
+  """Thunks of a compiled module by kind (kernels, copies, command buffers).
+
+  XLA writes the sequence after its thunk passes only when they changed it.
+  """
+  files = []
+  for suffix in ('thunk_sequence_after_thunk_passes', 'thunk_sequence'):
+    files = files or sorted(
+      glob.glob(os.path.join(dump, f'*.jit_{name}.{suffix}.txt'))
+    )
+  if not files:
+    return {}
+  with open(files[-1], encoding='utf-8') as f:
+    kinds = re.findall(r'^\s*\d+: (k\w+)', f.read(), re.M)
+  return dict(collections.Counter(kinds))
+
+
+if __name__ == '__main__':
+  main()
