@@ -67,3 +67,26 @@ def test_xla_options_are_parsed_and_checked(capsys):
   with pytest.raises(SystemExit):
     harness.parse_args(['update', '--xla-option', 'no_value'])
   assert 'KEY=VALUE' in capsys.readouterr().err
+
+
+def test_gpu_offline_counts_launches_by_kind(tmp_path):
+  from benchmarks import gpu_offline
+
+  thunks = (
+    '000: kCommandBuffer [source | sink]\n'
+    '    001: kCustomKernel [source | sink] loop_add_fusion grid: [1, 1, 1]\n'
+    '    002: kCustomKernel [source | next=003] input_reduce_fusion\n'
+    '003: kCopy [prev=002 | sink]\n'
+  )
+  name = 'offline_dessilbi'
+  (tmp_path / f'module_0001.jit_{name}.thunk_sequence.txt').write_text(thunks)
+  # Another module whose name starts the same is not counted.
+  (tmp_path / f'module_0002.jit_{name}_z.thunk_sequence.txt').write_text(
+    thunks * 2
+  )
+  assert gpu_offline._launches(str(tmp_path), name) == {
+    'kCommandBuffer': 1,
+    'kCustomKernel': 2,
+    'kCopy': 1,
+  }
+  assert gpu_offline._launches(str(tmp_path), 'offline_sgd') == {}
