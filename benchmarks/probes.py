@@ -10,8 +10,7 @@ model's leaves (one pass per leaf, as any Optax update and
 - ``dessilbi_elementwise``: momentum, W, z and an elementwise Γ in one pass
   (9 arrays: the bytes of a DessiLBI update, without the filter norms);
 - ``tiny``: ``W + u`` on 62 leaves of 64 numbers each (launch cost alone,
-  unless XLA fuses the same-shaped passes horizontally, as its GPU backend
-  may, in batches of up to 31: the fusion count says).
+  unless XLA fuses the passes horizontally: the fusion count says).
 
 Per layout it prints the median time, the fusions XLA compiled, and
 ``(leaves - flat) / (kernels - 1)``: the cost of one more kernel. If XLA fuses
