@@ -62,15 +62,13 @@ def main(argv=None) -> dict:
   import jax
 
   try:
-    from benchmarks import harness, multitensor
+    from benchmarks import harness
   except ImportError:  # run as a script from the repository root
     sys.path.insert(0, __file__.rsplit('/', 2)[0])
-    from benchmarks import harness, multitensor
+    from benchmarks import harness
   from jax.experimental import topologies
 
-  options = harness.parse_args(
-    ['update', *[f'--xla-option={o}' for o in args.xla_option]]
-  ).xla_options
+  options = harness.xla_options(args.xla_option)
   topology = topologies.get_topology_desc(
     '', 'cuda', target_config=target_config, topology='1x1x1'
   )
@@ -87,12 +85,8 @@ def main(argv=None) -> dict:
     grads = jax.tree.map(jax.numpy.ones_like, params)
   results = {}
   for name in args.optimizers:
-    if name in harness.OPTIMIZERS:
-      tx = harness.make_optimizer(name)
-    else:  # the Triton kernel, not its CPU interpreter
-      tx = multitensor.dessilbi_multitensor(
-        0.1, nu=100.0, interpret=False, **harness.multitensor_args(name)
-      )
+    # The prototype's Triton kernel, not its CPU interpreter.
+    tx = harness.make_optimizer(name, interpret=False)
     state = tx.init(params)
     tag = re.sub(r'\W', '_', name)
     if args.mode == 'update':

@@ -45,12 +45,10 @@ OPTIMIZERS: dict[str, Callable[[], optax.GradientTransformation]] = {
   # Γ rebuilt from z and a per-filter scale: less state.
   'dessilbi_z': lambda: dl.dessilbi(0.1, nu=100.0, store_gamma=False),
   'adam': lambda: optax.adam(1e-3),
+  # With --dtype bfloat16: momentum, z and Γ in float32 beside the params.
+  'dessilbi_f32': lambda: dl.dessilbi(0.1, nu=100.0, state_dtype=jnp.float32),
 }
-DEFAULT_OPTIMIZERS = list(OPTIMIZERS)
-# With --dtype bfloat16: momentum, z and Γ in float32 beside bfloat16 params.
-OPTIMIZERS['dessilbi_f32'] = lambda: dl.dessilbi(
-  0.1, nu=100.0, state_dtype=jnp.float32
-)
+DEFAULT_OPTIMIZERS = ['sgd', 'dessilbi', 'dessilbi_z', 'adam']
 # The multi-tensor Pallas prototype (benchmarks/multitensor.py): Triton on a
 # GPU, interpret mode (slow) elsewhere; `_z` without Γ in the state, `_apply`
 # writing the new params itself. `dessilbi_mt:32x32x8` sets the filters per
@@ -79,13 +77,16 @@ def multitensor_args(name: str) -> dict:
   return kwargs
 
 
-def make_optimizer(name: str):
+def make_optimizer(name: str, interpret=None):
   """The optimizer a command-line name stands for: an Optax transformation,
-  or a :class:`multitensor.FusedStep` for ``dessilbi_mt_apply``."""
+  or a :class:`multitensor.FusedStep` for ``dessilbi_mt_apply``.
+
+  ``interpret`` goes to the multi-tensor prototype (False compiles its
+  Triton kernel even where the default backend is not a GPU)."""
   if name in OPTIMIZERS:
     return OPTIMIZERS[name]()
   return multitensor.dessilbi_multitensor(
-    0.1, nu=100.0, **multitensor_args(name)
+    0.1, nu=100.0, interpret=interpret, **multitensor_args(name)
   )
 
 
@@ -120,7 +121,7 @@ def hlo_counts(compiled, entry_only: bool = True) -> dict[str, int]:
 
 def save_hlo(args, name: str, compiled) -> None:
   """Writes the compiled computation's text to --hlo-dir (gzipped)."""
-  if not getattr(args, 'hlo_dir', None):
+  if not args.hlo_dir:
     return
   os.makedirs(args.hlo_dir, exist_ok=True)
   safe = re.sub(r'[^\w.-]', '_', name)
@@ -549,6 +550,21 @@ def _option_value(text: str):
   return text
 
 
+def xla_options(pairs) -> dict | None:
+  """``KEY=VALUE`` strings as ``jax.jit`` compiler options (None if none).
+
+  Raises:
+    ValueError: a string is not of that form.
+  """
+  options = {}
+  for option in pairs:
+    key, sep, value = option.partition('=')
+    if not sep or not key:
+      raise ValueError(f'expected KEY=VALUE, got {option!r}.')
+    options[key] = _option_value(value)
+  return options or None
+
+
 def parse_args(argv=None) -> argparse.Namespace:
   """The harness's command line, with the optimizer names checked."""
   parser = argparse.ArgumentParser(description=__doc__.split('\n\n')[0])
@@ -585,13 +601,10 @@ def parse_args(argv=None) -> argparse.Namespace:
     '--hlo-dir', default=None, help='write the compiled HLO texts here'
   )
   args = parser.parse_args(argv)
-  args.xla_options = {}
-  for option in args.xla_option:
-    key, sep, value = option.partition('=')
-    if not sep or not key:
-      parser.error(f'--xla-option: expected KEY=VALUE, got {option!r}.')
-    args.xla_options[key] = _option_value(value)
-  args.xla_options = args.xla_options or None
+  try:
+    args.xla_options = xla_options(args.xla_option)
+  except ValueError as e:
+    parser.error(f'--xla-option: {e}')
   for name in args.optimizers:
     try:
       make_optimizer(name)

@@ -48,9 +48,7 @@ def capture_triton_ir(model: str, optimizer: str) -> tuple[str, tuple]:
     return module
 
   _, params, _, _, _ = harness.build(model, 2)
-  tx = multitensor.dessilbi_multitensor(
-    0.1, nu=100.0, interpret=False, **harness.multitensor_args(optimizer)
-  )
+  tx = harness.make_optimizer(optimizer, interpret=False)
   state = tx.init(params)
   fn = tx.step if isinstance(tx, multitensor.FusedStep) else tx.update
   gpu = jax.sharding.AbstractDevice(

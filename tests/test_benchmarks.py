@@ -54,7 +54,13 @@ def test_update_mode_reports_floor_and_kernels(tmp_path):
     == (rows['dessilbi']['state_bytes'])
   )
   assert rows['dessilbi']['bytes_moved'] > rows['sgd']['bytes_moved']
-  assert rows['dessilbi']['device_ms_vs_sgd'] > 0
+  for row in rows.values():
+    # The floor is the row's bytes at the measured bandwidth.
+    want = row['bytes_moved'] / (out['copy_bandwidth_GBps'] * 1e9) * 1e3
+    assert row['floor_ms'] == pytest.approx(want)
+    assert row['device_vs_floor'] == pytest.approx(
+      row['device_ms'] / row['floor_ms']
+    )
   assert len(list(tmp_path.glob('update_lenet5_*.hlo.gz'))) == 3
 
 
