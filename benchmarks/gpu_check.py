@@ -3,7 +3,10 @@
 The most telling runs come first, and the JSON is rewritten after each run,
 so a run cut short by the device budget still leaves the first results.
 
-Runs, side by side in one process: the update alone on CIFAR ResNet-18 params
+First, the multi-tensor Pallas prototype (``multitensor.py``) compiled for
+the GPU is checked against ``dessilbi`` on ResNet-18's params (largest
+differences after 3 steps, and whether Γ's supports agree). Then it runs,
+side by side in one process: the update alone on CIFAR ResNet-18 params
 (device time with 20 updates per jit, per call, and the bandwidth floor) for
 ``dessilbi`` (Γ stored or rebuilt from z), its multi-tensor Pallas prototype
 (``multitensor.py``: updates, no Γ, or writing the new params itself; three
@@ -43,13 +46,17 @@ import traceback
 import jax
 
 try:
-  from benchmarks import harness, probes
+  from benchmarks import harness, multitensor, probes
 except ImportError:  # run as a script from the repository root
   sys.path.insert(0, __file__.rsplit('/', 2)[0])
-  from benchmarks import harness, probes
+  from benchmarks import harness, multitensor, probes
 
-# (entry point, arguments); {hlo} is replaced by the HLO folder.
+# (entry point, arguments); {hlo} is replaced by the HLO folder. The first
+# word names the run: the harness's mode, or the script of another entry.
 RUNS = [
+  # Timings of a kernel only mean something if it computes the right thing:
+  # the compiled Triton kernel against dessilbi, first.
+  (multitensor.main, 'multitensor --model resnet18 --steps 3'),
   (
     harness.main,
     'update --model resnet18 --repeats 15 --hlo-dir {hlo} --optimizers'
@@ -128,6 +135,7 @@ def main(argv=None):
   parser = argparse.ArgumentParser(description=__doc__.split('\n\n')[0])
   parser.add_argument('--out', default='.', help='folder for gpu_check.json')
   args = parser.parse_args(argv)
+  os.makedirs(args.out, exist_ok=True)
   results = {'devices': [str(d) for d in jax.devices()], 'runs': []}
   path = os.path.join(args.out, 'gpu_check.json')
   hlo = os.path.join(args.out, 'hlo')
@@ -138,7 +146,7 @@ def main(argv=None):
   for entry, run in RUNS:
     run = run.format(hlo=hlo)
     argv = run.split()
-    if entry is probes.main:
+    if entry is not harness.main:
       argv = argv[1:]
     t0 = time.perf_counter()
     try:

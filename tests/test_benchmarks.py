@@ -8,7 +8,7 @@ import pytest
 
 sys.path.insert(0, str(pathlib.Path(__file__).parents[1]))
 
-from benchmarks import gpu_check, harness, probes
+from benchmarks import gpu_check, harness, multitensor, probes
 
 
 def test_gpu_check_runs_parse():
@@ -17,9 +17,13 @@ def test_gpu_check_runs_parse():
     argv = run.format(hlo='hlo').split()
     if entry is probes.main:
       assert argv[0] == 'probes'
-      continue
-    args = harness.parse_args(argv)
-    assert args.optimizers
+    elif entry is multitensor.main:
+      assert argv[0] == 'multitensor'
+      assert multitensor.parse_args(argv[1:]).model == 'resnet18'
+    else:
+      assert harness.parse_args(argv).optimizers
+  # The kernel is checked before it is timed.
+  assert gpu_check.RUNS[0][0] is multitensor.main
 
 
 def test_unknown_optimizer_is_refused_before_running(capsys):

@@ -14,6 +14,7 @@ import dessilbi_jax as dl
 
 sys.path.insert(0, str(pathlib.Path(__file__).parents[1]))
 
+from benchmarks import multitensor
 from benchmarks.multitensor import dessilbi_multitensor
 
 
@@ -124,3 +125,38 @@ def test_lowers_to_one_triton_kernel(apply):
   text = lowered.as_text()
   assert text.count('stablehlo.custom_call') == 1
   assert 'triton' in text.lower()
+
+
+def test_agreement_check_reports_matches_and_mismatches():
+  # The check a GPU run makes before timing the kernel, here in interpret
+  # mode: it finds the kernel equal to dessilbi with Γ partly selected.
+  params = _params()
+  out = multitensor.agreement(params, steps=3)
+  assert set(out['results']) == set(multitensor.VARIANTS)
+  for row in out['results'].values():
+    assert row['params_max_rel'] < 1e-5 and row['state_max_rel'] < 1e-5
+    for unit, count in (('filters', 60), ('weights', 700)):
+      assert row[unit]['count'] == count
+      assert row[unit]['support_mismatches'] == 0
+      assert 0.1 < row[unit]['selected_share'] < 0.95
+  # And it would see a kernel that got one filter wrong.
+  penalties, treedef = dl.resolve_penalties(params, None)
+  tx = dl.dessilbi(0.5, nu=2.0)
+  state = tx.init(params)
+  for _ in range(3):
+    _, state = tx.update(params, state, params)
+  gamma = state[3].gamma
+  wrong = jax.tree.map(jnp.copy, gamma)
+  wrong['conv2']['kernel'] = (
+    wrong['conv2']['kernel']
+    .at[..., 0]
+    .set(1 - (gamma['conv2']['kernel'][..., 0] != 0))
+  )
+  row = multitensor._compare(
+    (params, (*state[:3], state[3]._replace(gamma=wrong))),
+    (params, state),
+    penalties,
+    treedef,
+  )
+  assert row['filters']['support_mismatches'] == 1
+  assert row['state_max_abs'] > 0 and row['params_max_abs'] == 0
