@@ -8,6 +8,7 @@ unwrapped to arrays; an uncoupled leaf of Γ is then ``()`` instead of
 the tuple of dictionary keys / attribute names / indices on a leaf's path.
 """
 
+import functools
 from collections.abc import Iterable
 from typing import Any, NamedTuple, Optional
 
@@ -135,6 +136,74 @@ def penalties_by_name(
         'optimizer was built with.'
       )
     out[names] = choice
+  return out
+
+
+def grouped_penalties(
+  core: Core, penalty: Optional[PenaltyRule] = None
+) -> dict[Names, Penalty]:
+  """:func:`penalties_by_name` for a core state, checked against its Γ.
+
+  Γ = κ·Prox(z) leaves a trace of the groups it was made with: a group of
+  a group lasso is in Γ's support or out of it as a whole; under a lasso,
+  the selected entries are the ones with the largest |z|. A rule whose groups
+  contradict that (another rule than the optimizer's, e.g. the default one
+  for a state made with custom groups) would give groups that are not the
+  optimizer's, silently; this raises instead. The check needs concrete
+  arrays and is skipped under ``jax.jit``.
+
+  Raises:
+    ValueError: the rule leaves a coupled leaf uncoupled, or Γ of a leaf
+      is not grouped the way the rule says.
+  """
+  penalties = penalties_by_name(core.gamma, penalty)
+  arrays = jax.tree.leaves((core.z, core.gamma))
+  if any(isinstance(x, jax.core.Tracer) for x in arrays):
+    return penalties
+  zs, gammas = leaves_by_name(core.z), leaves_by_name(core.gamma)
+  names = [n for n in penalties if n in zs]
+  consistent = jax.device_get(
+    _grouping_holds(
+      [zs[n] for n in names],
+      [gammas[n] for n in names],
+      tuple(penalties[n] for n in names),
+    )
+  )
+  for n, ok in zip(names, consistent, strict=True):
+    if not ok:
+      raise ValueError(
+        f'penalty: Γ of {join(n)!r} is not grouped the way the rule says '
+        f'({penalties[n]!r}); pass the penalty rule the optimizer was built '
+        'with.'
+      )
+  return penalties
+
+
+@functools.partial(jax.jit, static_argnums=2)
+def _grouping_holds(zs, gammas, choices) -> list[jax.Array]:
+  """Per leaf: whether Γ's support could be that of κ·Prox(z) under the
+  leaf's penalty. Exact comparisons only, so that states rounded to another
+  precision on the way (bfloat16, or float32 read as float64) still pass.
+
+  Entries where z is 0 are left out (Γ is 0 there in any state an optimizer
+  made; hand-made states may set Γ alone), and so are non-finite ones (a
+  diverged run is not a grouping error).
+  """
+  out = []
+  for z, g, choice in zip(zs, gammas, choices, strict=True):
+    nz = (z != 0) & jnp.isfinite(z) & jnp.isfinite(g)
+    on, off = nz & (g != 0), nz & (g == 0)
+    if isinstance(choice, Lasso):
+      # Selected exactly where |z| > λ: no unselected |z| above a selected one.
+      a = jnp.abs(z)
+      top_off = jnp.max(jnp.where(off, a, 0), initial=0)
+      low_on = jnp.min(jnp.where(on, a, jnp.inf), initial=jnp.inf)
+      out.append(top_off <= low_on)
+    else:
+      # A group is in the support or out of it as a whole (Γ_g = z_g · s_g).
+      axes = choice.reduce_axes(z.ndim)
+      mixed = jnp.any(on, axis=axes) & jnp.any(off, axis=axes)
+      out.append(~jnp.any(mixed))
   return out
 
 

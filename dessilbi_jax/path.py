@@ -69,6 +69,13 @@ def support(
     A pytree laid out like Γ: boolean arrays at coupled leaves, an empty node
     (``optax.MaskedNode()``, or ``()`` for NNX states) at uncoupled ones.
 
+  Raises:
+    ValueError: with ``by_group=True`` and concrete arrays (not under
+      ``jax.jit``), if Γ cannot have come from ``penalty``: a filter partly in
+      the support under a rule grouping by filter, or under a lasso an
+      unselected weight with a larger ``|z|`` than a selected one. The rule
+      is then not the optimizer's.
+
   Example:
     >>> import jax.numpy as jnp
     >>> import dessilbi_jax as dl
@@ -79,8 +86,10 @@ def support(
     >>> dl.support(state, by_group=True)
     {'b': MaskedNode(), 'conv': Array([False,  True, False], dtype=bool)}
   """
-  gamma = _trees.core_state(opt_state).gamma
-  return _support(gamma, bool(by_group), penalty)
+  core = _trees.core_state(opt_state)
+  if by_group:
+    _trees.grouped_penalties(core, penalty)  # checks the rule against Γ
+  return _support(core.gamma, bool(by_group), penalty)
 
 
 @functools.partial(jax.jit, static_argnames=('by_group', 'penalty'))
@@ -136,14 +145,15 @@ def w_star(
            [0., 0.]], dtype=float32)
   """
   params = _trees.pure(params)
-  gamma = _trees.core_state(opt_state).gamma
+  core = _trees.core_state(opt_state)
+  gamma = core.gamma
   out = _w_star(params, gamma)
   if not channels:
     return out
   table = _trees.leaves_by_name(out)
   gammas = _trees.leaves_by_name(gamma)
   masks = {}
-  for names, choice in _trees.penalties_by_name(gamma, penalty).items():
+  for names, choice in _trees.grouped_penalties(core, penalty).items():
     g = gammas[names]
     if names[-1] == 'kernel' and _trees.is_output_grouped(choice, g.ndim):
       keep = _trees.group_any(g != 0, choice)
@@ -385,7 +395,7 @@ def path_summary(
     (1, 6)
   """
   core = _trees.core_state(opt_state)
-  penalties = _trees.penalties_by_name(core.gamma, penalty)
+  penalties = _trees.grouped_penalties(core, penalty)
   pairs = _coupled_pairs(params, opt_state)
   all_params = jax.tree.leaves(_trees.pure(params))
   params_total = int(sum(np.size(p) for p in all_params))

@@ -56,9 +56,14 @@ def init_selection(
   Returns:
     A pytree laid out like Γ with int32 arrays of the group shape (``(out,)``
     for a HWIO conv kernel, the kernel's shape for a lasso leaf).
+
+  Raises:
+    ValueError: outside ``jax.jit``, if Γ cannot have come from ``penalty``
+      (see :func:`~dessilbi_jax.support`).
   """
-  gamma = _trees.core_state(opt_state).gamma
-  penalties = _trees.penalties_by_name(gamma, penalty)
+  core = _trees.core_state(opt_state)
+  gamma = core.gamma
+  penalties = _trees.grouped_penalties(core, penalty)
   return _trees.map_with_names(
     lambda names, g: jnp.full(
       _trees.group_any(g != 0, penalties[names]).shape, NOT_SELECTED, jnp.int32
@@ -372,7 +377,7 @@ def reference_prune_order(
     [[-1.9995e+03 -1.0000e+00]]
   """
   core = _trees.core_state(opt_state)
-  penalties = _trees.penalties_by_name(core.gamma, penalty)
+  penalties = _trees.grouped_penalties(core, penalty)
   table = _trees.leaves_by_name(_trees.pure(params))
   old = (
     None

@@ -13,7 +13,7 @@ import dessilbi_jax as dl
 from tests._golden import GOLDEN, STEPS, TOOLBOX_CASES, golden, replay
 
 
-def _trained(steps=40, seed=0):
+def _trained(steps=40, seed=0, penalty=None):
   """A conv + dense + bias problem trained until Γ is partly selected."""
   keys = jax.random.split(jax.random.key(seed), 3)
   target = {
@@ -29,7 +29,7 @@ def _trained(steps=40, seed=0):
     },
   }
   params = jax.tree.map(jnp.zeros_like, target)
-  tx = dl.dessilbi(0.05, nu=1.0)
+  tx = dl.dessilbi(0.05, nu=1.0, penalty=penalty)
   state = tx.init(params)
 
   @jax.jit
@@ -73,6 +73,57 @@ def test_support_per_weight_and_per_group():
   rule = dl.penalty_rule(dense=dl.GroupLasso(axes=0))
   rows = dl.support(state, by_group=True, penalty=rule)['dense']['kernel']
   assert rows.shape == (6,)
+
+
+def test_a_rule_the_state_contradicts_is_refused():
+  # Trained with a lasso on the conv (single weights, not filters) and with
+  # the dense kernel's rows as groups; the toolbox is then asked for the
+  # default rule's groups, as if penalty= had been forgotten.
+  rule = dl.penalty_rule(conv=dl.Lasso(), dense=dl.GroupLasso(axes=0))
+  params, state = _trained(penalty=rule)
+  gamma = optax.tree.get(state, 'gamma')
+  # Partly selected filters: some weights of a filter in Γ, some not.
+  conv = np.asarray(gamma['conv']['kernel'] != 0)
+  assert np.any(conv.any(axis=(0, 1, 2)) & ~conv.all(axis=(0, 1, 2)))
+  refused = (
+    lambda: dl.support(state, by_group=True),
+    lambda: dl.path_summary(params, state),
+    lambda: dl.w_star(params, state, channels=True),
+    lambda: dl.init_selection(state),
+    lambda: dl.reference_prune_order(params, state, 0),
+  )
+  for call in refused:
+    with pytest.raises(ValueError, match="Γ of 'conv/kernel' is not grouped"):
+      call()
+  # With the optimizer's rule, the groups are its own.
+  rows = dl.support(state, by_group=True, penalty=rule)['dense']['kernel']
+  assert rows.shape == (6,)
+  # A row-grouped Γ read as a lasso: row 0 is in the support with its small
+  # entry, row 1 is out of it with a larger one, which a lasso cannot do.
+  zs = optax.tree.get(state, 'z')
+  z = jnp.array([[3.0, 0.1, 0.0, 0.0], [0.8, 0.0, 0.0, 0.0]] + [[0.0] * 4] * 4)
+  shrunk = dl.group_shrink(z, 1.0, reduce_axes=(1,))
+  core = state[-1]._replace(
+    z={**zs, 'dense': {**zs['dense'], 'kernel': z}},
+    gamma={**gamma, 'dense': {**gamma['dense'], 'kernel': shrunk}},
+  )
+  row_state = (*state[:-1], core)
+  conv_only = dl.penalty_rule(conv=dl.Lasso())
+  with pytest.raises(ValueError, match="Γ of 'dense/kernel' is not grouped"):
+    dl.support(row_state, by_group=True, penalty=conv_only)
+  rows = dl.support(row_state, by_group=True, penalty=rule)['dense']['kernel']
+  np.testing.assert_array_equal(rows, [True] + [False] * 5)
+  # A diverged entry is not taken for a grouping error.
+  _, state = _trained()
+  zs = optax.tree.get(state, 'z')
+  for layer in ('conv', 'dense'):
+    bad = zs[layer]['kernel'].reshape(-1).at[0].set(jnp.nan)
+    bad = {**zs[layer], 'kernel': bad.reshape(zs[layer]['kernel'].shape)}
+    nan_state = (*state[:-1], state[-1]._replace(z={**zs, layer: bad}))
+    dl.support(nan_state, by_group=True)
+  # Under jax.jit the arrays are not known and nothing is checked.
+  jitted = jax.jit(lambda s: dl.support(s, by_group=True))(state)
+  assert jitted['conv']['kernel'].shape == (6,)
 
 
 def test_w_star_masks_by_support_and_keeps_uncoupled_leaves():
