@@ -18,7 +18,8 @@ region-analysis copy insertion (which removes the copies on the CPU); and the
 update with bfloat16 params (state in bfloat16, or float32 z, Γ and
 momentum). It writes
 everything to one JSON file (a failing run is recorded with its error and the
-others go on), the compiled HLO of the ResNet-18 update and step to
+others go on) and the same as Markdown tables (``tables.md``, by
+``report.py``), the compiled HLO of the ResNet-18 update and step to
 ``hlo/``, for reading the kernels XLA made after the machine is gone, and the
 GPU's XLA target config (``gpu_target_config.pbtxt``), with which
 ``gpu_offline.py`` compiles for this GPU on machines without one.
@@ -46,10 +47,10 @@ import traceback
 import jax
 
 try:
-  from benchmarks import harness, multitensor, probes
+  from benchmarks import harness, multitensor, probes, report
 except ImportError:  # run as a script from the repository root
   sys.path.insert(0, __file__.rsplit('/', 2)[0])
-  from benchmarks import harness, multitensor, probes
+  from benchmarks import harness, multitensor, probes, report
 
 # (entry point, arguments); {hlo} is replaced by the HLO folder. The first
 # word names the run: the harness's mode, or the script of another entry.
@@ -159,6 +160,12 @@ def main(argv=None):
     results['runs'].append(out)
     with open(path, 'w', encoding='utf-8') as f:  # keep partial results
       json.dump(results, f, indent=2)
+    try:  # the same as Markdown tables, for benchmarks/README.md
+      tables = report.report(results)
+    except Exception:  # the JSON is what counts
+      tables = traceback.format_exc()
+    with open(os.path.join(args.out, 'tables.md'), 'w', encoding='utf-8') as f:
+      f.write(tables)
     print(f'  ({out["wall_s"]:.0f} s)', flush=True)
 
 

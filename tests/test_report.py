@@ -1,0 +1,55 @@
+"""benchmarks/report.py turns what the benchmark scripts record into tables
+(the runs here are real, tiny CPU runs; no timing is asserted)."""
+
+import pathlib
+import sys
+
+sys.path.insert(0, str(pathlib.Path(__file__).parents[1]))
+
+from benchmarks import harness, multitensor, probes, report
+
+
+def test_every_kind_of_run_becomes_a_table():
+  quick = ['--model', 'lenet5', '--repeats', '1', '--optimizers']
+  scaling = ['scaling', '--sizes', '1e4', '--k', '1', '--repeats', '1']
+  runs = [
+    multitensor.main(
+      ['--model', 'mlp', '--steps', '1', '--variants', 'dessilbi_mt']
+    ),
+    harness.main(['update', '--k', '1', *quick, 'sgd', 'dessilbi']),
+    harness.main(['step', '--steps', '1', *quick, 'sgd', 'dessilbi']),
+    harness.main([*scaling, '--optimizers', 'sgd', 'dessilbi']),
+    probes.main(['--k', '1', '--repeats', '1']),
+    {
+      'argv': 'step --model vgg16',
+      'error': 'Traceback ...\nRuntimeError: out of memory\n',
+    },
+  ]
+  for run, argv in zip(
+    runs, ['multitensor', 'update', 'step', 'scaling', 'probes'], strict=False
+  ):
+    run['argv'] = argv
+  text = report.report({'devices': ['cpu:0'], 'runs': runs})
+  blocks = text.split('**')
+  # One titled block per run, in order, each with a table or its error.
+  titles = [b for b in blocks[1::2]]
+  assert titles == [
+    'multitensor',
+    'update',
+    'step',
+    'scaling',
+    'probes',
+    'step --model vgg16',
+  ]
+  tables = blocks[2::2]
+  update = runs[1]['results']
+  assert f'| dessilbi | {update["dessilbi"]["device_ms"]:.3f} (' in tables[1]
+  assert f'{update["dessilbi"]["device_vs_floor"]:.2f}' in tables[1]
+  assert tables[0].count('| dessilbi_mt |') == 1 and '0 of 2910208' in tables[0]
+  assert '| sgd |' in tables[2] and '| dessilbi |' in tables[2]
+  assert f'{runs[3]["rows"][0]["params"]:,}' in tables[3]
+  assert '| apply/leaves |' in tables[4] and '| tiny/flat |' in tables[4]
+  assert 'failed: `RuntimeError: out of memory`' in tables[5]
+  for table in tables[:5]:
+    rows = [line for line in table.splitlines() if line.startswith('|')]
+    assert len({line.count('|') for line in rows}) == 1  # no ragged rows
