@@ -27,7 +27,7 @@ GPU measurement says whether it belongs in the library; on the CPU it runs in
 Pallas interpret mode (for the equality tests), and on a GPU with Triton.
 Run as a script, it checks the compiled kernel against ``dessilbi`` on a
 model's params (:func:`agreement`), which a GPU run does before timing it.
-Supported: a constant learning rate, momentum without Nesterov, weight decay
+Supported: a learning rate or schedule, momentum without Nesterov, weight decay
 on the leaves of rank >= 2, the default penalty rule (or any rule whose group
 lassos reduce over all axes but the last).
 """
@@ -83,7 +83,7 @@ class _Leaf:
 
 
 def dessilbi_multitensor(
-  learning_rate: float,
+  learning_rate: optax.ScalarOrSchedule,
   kappa: float = 1.0,
   nu: float = 100.0,
   momentum: float = 0.9,
@@ -101,7 +101,8 @@ def dessilbi_multitensor(
 
   Args:
     learning_rate, kappa, nu, momentum, weight_decay, penalty, store_gamma:
-      as in :func:`dessilbi_jax.dessilbi` (constant learning rate only).
+      as in :func:`dessilbi_jax.dessilbi` (the learning rate a float or a
+      schedule; the kernel reads it at every step).
     apply: if true, the kernel writes the new params instead of the updates,
       and the result is a :class:`FusedStep` (``step(grads, state, params)
       -> (new_params, new_state)``) rather than an Optax transformation: the
@@ -121,11 +122,8 @@ def dessilbi_multitensor(
   ):
     if not isinstance(value, int) or value < 1 or value & (value - 1):
       raise ValueError(f'{name} must be a power of 2, got {value!r}.')
-  if callable(learning_rate) or momentum is None:
-    raise ValueError(
-      'dessilbi_multitensor needs a constant learning_rate and a momentum; '
-      f'got learning_rate={learning_rate!r}, momentum={momentum!r}.'
-    )
+  if momentum is None:
+    raise ValueError('dessilbi_multitensor needs a momentum; got None.')
   if interpret is None:
     interpret = jax.default_backend() != 'gpu'
   reference = dl.dessilbi(
@@ -137,8 +135,6 @@ def dessilbi_multitensor(
     penalty=penalty,
     store_gamma=store_gamma,
   )
-  step = kappa * learning_rate
-  z_step = learning_rate / nu
 
   def layout(params):
     penalties, treedef = dl.resolve_penalties(params, penalty)
@@ -166,8 +162,11 @@ def dessilbi_multitensor(
       start += leaf.programs
     return leaves, treedef, start
 
-  def kernel(leaves, *refs):
+  def kernel(leaves, lr_ref, *refs):
     pid = pl.program_id(0)
+    # This step's learning rate, shape (1,): W's step κα and z's step α/ν.
+    lr = plt.load(lr_ref.at[pl.ds(0, 1)])
+    rates = (kappa * lr, lr / nu)
     it = iter(refs)  # the inputs of every leaf, then the outputs
     inputs = [
       [next(it) for _ in range(3 if leaf.kind == 'plain' else 5)]
@@ -181,7 +180,7 @@ def dessilbi_multitensor(
       inside = (pid >= leaf.start) & (pid < leaf.start + leaf.programs)
       body = _group_program if leaf.kind == 'group' else _flat_program
       pl.when(inside)(
-        lambda b=body, a=(leaf, pid - leaf.start, ins, outs): b(*a)
+        lambda b=body, a=(leaf, pid - leaf.start, ins, outs): b(*a, rates)
       )
 
   def applied(w, update):
@@ -193,7 +192,8 @@ def dessilbi_multitensor(
       g = g + weight_decay * w
     return g + momentum * m
 
-  def _flat_program(leaf, b, ins, outs):
+  def _flat_program(leaf, b, ins, outs, rates):
+    step, z_step = rates
     off = b * block
     mask = off + jnp.arange(block) < leaf.size
     at = pl.ds(off, block)
@@ -211,7 +211,8 @@ def dessilbi_multitensor(
     shrunk = jnp.sign(z) * jnp.maximum(jnp.abs(z) - leaf.lam, 0)
     plt.store(outs[3].at[at], kappa * shrunk, mask=mask)
 
-  def _group_program(leaf, b, ins, outs):
+  def _group_program(leaf, b, ins, outs, rates):
+    step, z_step = rates
     c0 = b * leaf.tile
     cols = c0 + jnp.arange(leaf.tile)[None, :]
     n_iter = -(-leaf.rows // tile_rows)
@@ -286,7 +287,10 @@ def dessilbi_multitensor(
       treedef.flatten_up_to(t)
       for t in (updates, trace_state.trace, params, core.z, core.gamma)
     ]
-    ins, out_shape, aliases = [], [], {}
+    # The learning rate at this step (a schedule of the core's step count, as
+    # in dessilbi), read by the kernel, so that a schedule costs no compile.
+    lr = learning_rate(core.count) if callable(learning_rate) else learning_rate
+    ins, out_shape, aliases = [jnp.asarray(lr, jnp.float32).reshape(1)], [], {}
     for leaf, g, m, w, z, gamma in zip(leaves, *columns, strict=True):
       # Momentum, z and Γ (and with apply, W) are written in place of their
       # old values: every element is read before the same thread writes it.

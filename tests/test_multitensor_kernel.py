@@ -45,8 +45,10 @@ def _run(tx, params, steps):
 @pytest.mark.parametrize('store_gamma', [True, False])
 @pytest.mark.parametrize('tiles', [(16, 64), (8, 8)])
 def test_follows_dessilbi(store_gamma, tiles):
+  # A schedule, read by the kernel at every step: 0.5, 0.5, 0.4, 0.4.
+  lr = optax.piecewise_constant_schedule(0.5, {2: 0.8})
   kwargs = dict(
-    learning_rate=0.5, nu=2.0, weight_decay=1e-2, store_gamma=store_gamma
+    learning_rate=lr, nu=2.0, weight_decay=1e-2, store_gamma=store_gamma
   )
   params = _params()
   want = _run(dl.dessilbi(**kwargs), params, 4)
@@ -90,8 +92,8 @@ def test_apply_writes_the_new_params(store_gamma):
 def test_bad_settings_raise_early():
   with pytest.raises(ValueError, match='tile_cols must be a power of 2'):
     dessilbi_multitensor(0.1, tile_cols=12)
-  with pytest.raises(ValueError, match='constant learning_rate'):
-    dessilbi_multitensor(optax.constant_schedule(0.1))
+  with pytest.raises(ValueError, match='needs a momentum'):
+    dessilbi_multitensor(0.1, momentum=None)
   # Groups along the input channels: not the layout the kernel supports.
   rule = dl.penalty_rule(conv=dl.GroupLasso(axes=(2,)))
   tx = dessilbi_multitensor(0.1, penalty=rule)
