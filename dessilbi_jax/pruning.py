@@ -1,5 +1,6 @@
 """Pruning by the order of selection, with channel semantics."""
 
+import functools
 import math
 from collections.abc import Sequence
 from typing import Any, Optional
@@ -109,25 +110,35 @@ def prune(
     raise ValueError(f"scope must be 'layer' or 'global', got {scope!r}.")
   params = _trees.pure(params)
   record = _select_leaves(record, layers)
-  # One compiled program instead of one per operation and shape.
-  return jax.jit(
-    lambda params, record: _prune(
-      params, record, fraction, scope, spec, penalty
-    )
-  )(params, record)
+  # How many groups each leaf loses, counted here in Python's float64 so
+  # that floor(0.7 · 10) is 7, and passed as data: one compiled program
+  # serves every fraction.
+  total = sum(r.size for r in jax.tree.leaves(record))
+  cuts = _trees.map_with_names(
+    lambda names, r: jnp.int32(
+      math.floor(fraction * (total if scope == 'global' else r.size) + 1e-9)
+    ),
+    record,
+  )
+  spec_items = None if spec is None else tuple(sorted(dict(spec).items()))
+  return _prune(
+    params, record, cuts, scope=scope, spec_items=spec_items, penalty=penalty
+  )
 
 
-def _prune(params, record, fraction, scope, spec, penalty):
+@functools.partial(jax.jit, static_argnames=('scope', 'spec_items', 'penalty'))
+def _prune(params, record, cuts, *, scope, spec_items, penalty):
+  spec = None if spec_items is None else dict(spec_items)
   ranks = _trees.leaves_by_name(
     _rank_groups(params, record, scope=scope, penalty=penalty)
   )
+  cuts = _trees.leaves_by_name(cuts)
   table = _trees.leaves_by_name(params)
   total = sum(r.size for r in ranks.values())
   masks: dict[_trees.Names, jax.Array] = {}
   for names, r in ranks.items():
     n = total if scope == 'global' else r.size
-    n_prune = math.floor(fraction * n + 1e-9)
-    keep = r < n - n_prune
+    keep = r < n - cuts[names]
     w = table[names]
     choice = _trees.penalty_at(names, w, penalty)
     masks[names] = jnp.broadcast_to(

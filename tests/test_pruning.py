@@ -1,5 +1,6 @@
 """Pruning by the order of selection: exactly the lowest-ranked groups."""
 
+import logging
 import math
 
 import jax
@@ -46,7 +47,7 @@ def _expected_pruned(step, norm, n_prune):
   return set(order[step.size - n_prune :]) if n_prune else set()
 
 
-@pytest.mark.parametrize('fraction', [0.0, 0.3, 0.5, 1.0])
+@pytest.mark.parametrize('fraction', [0.0, 0.3, 0.5, 0.7, 1.0])
 def test_layer_pruning_zeroes_exactly_the_lowest_ranked_groups(fraction):
   params, record = _random_case()
   pruned, masks = dl.prune(params, record, fraction)
@@ -75,6 +76,31 @@ def test_layer_pruning_zeroes_exactly_the_lowest_ranked_groups(fraction):
     assert got_fc.flat[i] == (0 if i in worst_fc else fc.flat[i])
   np.testing.assert_array_equal(pruned['fc']['bias'], params['fc']['bias'])
   assert masks['fc']['bias'].all()
+
+
+def test_one_compiled_program_serves_every_fraction(caplog):
+  params, record = _random_case()
+  dl.prune(params, record, 0.3)
+  small = jax.tree.map(lambda x: x[..., :5] if x.shape[-1] == 10 else x, params)
+  small_record = {
+    'conv1': {'kernel': record['conv1']['kernel'][:5]},
+    'fc': record['fc'],
+  }
+
+  def compiles():
+    return [
+      r
+      for r in caplog.records
+      if 'Compiling' in r.getMessage() and '_prune' in r.getMessage()
+    ]
+
+  with jax.log_compiles(), caplog.at_level(logging.WARNING):
+    for fraction in (0.5, 0.7, 0.9):
+      dl.prune(params, record, fraction)
+    assert not compiles()
+    # Another model compiles once, which the log shows.
+    dl.prune(small, small_record, 0.5)
+    assert len(compiles()) == 1
 
 
 def test_global_pruning_ranks_all_groups_together():
