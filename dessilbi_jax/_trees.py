@@ -150,7 +150,8 @@ def grouped_penalties(
   contradict that (another rule than the optimizer's, e.g. the default one
   for a state made with custom groups) would give groups that are not the
   optimizer's, silently; this raises instead. The check needs concrete
-  arrays and is skipped under ``jax.jit``.
+  arrays this process can read; it is skipped under ``jax.jit`` and for
+  arrays spread over several hosts.
 
   Raises:
     ValueError: the rule leaves a coupled leaf uncoupled, or Γ of a leaf
@@ -158,7 +159,10 @@ def grouped_penalties(
   """
   penalties = penalties_by_name(core.gamma, penalty)
   arrays = jax.tree.leaves((core.z, core.gamma))
-  if any(isinstance(x, jax.core.Tracer) for x in arrays):
+  if any(
+    isinstance(x, jax.core.Tracer) or not getattr(x, 'is_fully_addressable', 1)
+    for x in arrays
+  ):  # under jit, or spread over other hosts: nothing to read here
     return penalties
   zs, gammas = leaves_by_name(core.z), leaves_by_name(core.gamma)
   names = [n for n in penalties if n in zs]
