@@ -24,7 +24,11 @@ from dessilbi_jax.penalties import (
   PenaltyRule,
   default_penalty,
 )
-from dessilbi_jax.transform import expand_gamma, resolve_penalties
+from dessilbi_jax.transform import (
+  _normalise_path,
+  expand_gamma,
+  resolve_penalties,
+)
 
 Names = tuple[str, ...]
 
@@ -264,20 +268,52 @@ def check_same_shape(names: Names, a: jax.Array, b: jax.Array, what: str):
     )
 
 
-def penalty_at(
-  names: Names, leaf: jax.Array, penalty: Optional[PenaltyRule] = None
-) -> Penalty:
-  """The penalty a rule gives the leaf named ``names``.
+def penalty_table(
+  params: Any, names: Iterable[Names], penalty: Optional[PenaltyRule] = None
+) -> dict[Names, Optional[Penalty]]:
+  """The penalty a rule gives each leaf of ``params`` named in ``names``.
+
+  The rule sees each leaf's own key path (as the optimizer's ``init`` does),
+  so rules that look at key types or indices choose the same groups here.
+  """
+  rule = default_penalty if penalty is None else penalty
+  wanted = set(names)
+  out = {}
+  for path, leaf in jax.tree_util.tree_leaves_with_path(params):
+    key = names_of(path)
+    if key in wanted:
+      out[key] = rule(_normalise_path(path), leaf)
+  return out
+
+
+def penalty_at(names: Names, table: dict[Names, Optional[Penalty]]) -> Penalty:
+  """A leaf's penalty from :func:`penalty_table`.
 
   Raises:
     ValueError: the rule leaves that leaf uncoupled.
   """
-  rule = default_penalty if penalty is None else penalty
-  path = tuple(jax.tree_util.DictKey(n) for n in names)
-  choice = rule(path, leaf)
+  choice = table.get(names)
   if choice is None:
     raise ValueError(
       f'penalty: the rule leaves {join(names)!r} uncoupled, so it has no '
       'groups; pass the penalty rule the optimizer was built with.'
     )
   return choice
+
+
+def check_record(record: Any, arg: str = 'record') -> None:
+  """A first-selection record holds integer steps.
+
+  Raises:
+    TypeError: a leaf is not an integer array (e.g. a boolean support mask,
+      or a float epoch record), whose values would be read as steps.
+  """
+  for names, r in leaves_by_name(record).items():
+    dtype = getattr(r, 'dtype', None)
+    if dtype is None or not jnp.issubdtype(dtype, jnp.integer):
+      raise TypeError(
+        f'{arg}: leaf {join(names)!r} has dtype {dtype}; expected the integer '
+        'first-selection steps of init_selection, update_selection, '
+        'track_selection or magnitude_record (not a support mask or a '
+        'ReferenceOrder epoch record).'
+      )

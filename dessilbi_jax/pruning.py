@@ -93,6 +93,10 @@ def prune(
     ``(pruned_params, masks)``: the params with pruned entries set to zero,
     and boolean masks laid out like the params (True where kept).
 
+  Raises:
+    TypeError: a leaf of the record is not an integer array (a boolean
+      support mask or a float epoch record would be read as steps).
+
   Example:
     >>> import jax.numpy as jnp
     >>> import dessilbi_jax as dl
@@ -109,6 +113,7 @@ def prune(
   if scope not in ('layer', 'global'):
     raise ValueError(f"scope must be 'layer' or 'global', got {scope!r}.")
   params = _trees.pure(params)
+  _trees.check_record(_trees.pure(record))
   record = _select_leaves(record, layers)
   # How many groups each leaf loses, counted here in Python's float64 so
   # that floor(0.7 · 10) is 7, and passed as data: one compiled program
@@ -134,13 +139,14 @@ def _prune(params, record, cuts, *, scope, spec_items, penalty):
   )
   cuts = _trees.leaves_by_name(cuts)
   table = _trees.leaves_by_name(params)
+  choices = _trees.penalty_table(params, ranks, penalty)
   total = sum(r.size for r in ranks.values())
   masks: dict[_trees.Names, jax.Array] = {}
   for names, r in ranks.items():
     n = total if scope == 'global' else r.size
     keep = r < n - cuts[names]
     w = table[names]
-    choice = _trees.penalty_at(names, w, penalty)
+    choice = _trees.penalty_at(names, choices)
     masks[names] = jnp.broadcast_to(
       _trees.expand_groups(keep, choice, w.ndim), w.shape
     )

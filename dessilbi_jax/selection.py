@@ -256,6 +256,10 @@ def rank_groups(
   Returns:
     A pytree laid out like the record, of int32 ranks.
 
+  Raises:
+    TypeError: a leaf of the record is not an integer array (a boolean
+      support mask or a float epoch record would be read as steps).
+
   Example:
     >>> import jax.numpy as jnp
     >>> import dessilbi_jax as dl
@@ -266,9 +270,9 @@ def rank_groups(
   """
   if scope not in ('layer', 'global'):
     raise ValueError(f"scope must be 'layer' or 'global', got {scope!r}.")
-  return _rank_groups(
-    _trees.pure(params), _trees.pure(record), scope=scope, penalty=penalty
-  )
+  record = _trees.pure(record)
+  _trees.check_record(record)
+  return _rank_groups(_trees.pure(params), record, scope=scope, penalty=penalty)
 
 
 @functools.partial(jax.jit, static_argnames=('scope', 'penalty'))
@@ -279,6 +283,8 @@ def _rank_groups(params, record, *, scope, penalty):
       lambda names, r: _ranks(*keys[names]), _trees.pure(record)
     )
   order = list(keys)
+  if not order:  # nothing recorded: nothing to rank
+    return _trees.pure(record)
   steps = jnp.concatenate([keys[n][0].ravel() for n in order])
   norms = jnp.concatenate([keys[n][1].ravel() for n in order])
   ranks = _ranks(steps, norms)
@@ -293,11 +299,13 @@ def _rank_groups(params, record, *, scope, penalty):
 def _group_keys(params, record, penalty):
   """names -> (first step, group norm), group-shaped, for recorded leaves."""
   record = _trees.leaves_by_name(_trees.pure(record))
-  table = _trees.leaves_by_name(_trees.pure(params))
+  params = _trees.pure(params)
+  table = _trees.leaves_by_name(params)
+  choices = _trees.penalty_table(params, record, penalty)
   keys = {}
   for names, r in record.items():
     w = _trees.lookup(table, names, 'the record')
-    norm = _trees.group_norm(w, _trees.penalty_at(names, w, penalty))
+    norm = _trees.group_norm(w, _trees.penalty_at(names, choices))
     if norm.shape != r.shape:
       raise ValueError(
         f'record: leaf {_trees.join(names)!r} has shape {tuple(r.shape)}, '
@@ -395,14 +403,21 @@ def reference_prune_order(
     )
     if old is None:
       return jnp.minimum(now, REFERENCE_NEVER)
-    return jnp.minimum(now, _trees.lookup(old, names, 'Γ', arg='previous'))
+    before = _trees.lookup(old, names, 'Γ', arg='previous')
+    if tuple(before.shape) != tuple(g.shape):
+      raise ValueError(
+        f'previous: leaf {_trees.join(names)!r} has shape '
+        f'{tuple(before.shape)} but Γ has {tuple(g.shape)}; start a new '
+        'order (previous=None) after changing the model.'
+      )
+    return jnp.minimum(now, before)
 
   epoch_record = _trees.map_with_names(record, core.gamma)
   records = _trees.leaves_by_name(epoch_record)
 
   def order(names, g):
-    del g
     w = _trees.lookup(table, names, 'Γ')
+    _trees.check_same_shape(names, w, g, 'Γ')
     e = records[names]
     choice = penalties[names]
     axes = _trees.reduce_axes(choice, w.ndim)

@@ -172,3 +172,52 @@ def test_pruned_channels_output_exactly_zero_with_nnx_batch_norm():
     nnx.state(model, nnx.Param), record, 0.5, spec={'conv1': dl.Link()}
   )
   assert masks['norm1']['scale'].all()
+
+
+def test_a_record_must_hold_integer_steps():
+  # A per-filter support mask (booleans) read as steps would rank the
+  # selected filters last (False = 0 = "earliest") and prune exactly them.
+  params, record = _random_case()
+  mask = {'conv1': {'kernel': record['conv1']['kernel'] < 5}}
+  epochs = {'conv1': {'kernel': record['conv1']['kernel'].astype(jnp.float32)}}
+  for bad in (mask, epochs):
+    with pytest.raises(
+      TypeError, match="record: leaf 'conv1/kernel' has dtype"
+    ):
+      dl.prune(params, bad, 0.5)
+    with pytest.raises(TypeError, match='integer first-selection steps'):
+      dl.rank_groups(params, bad)
+
+
+def test_the_rule_sees_the_params_own_key_paths():
+  # A list of kernels: the optimizer's init calls the rule with SequenceKey
+  # paths, and so must ranking and pruning, or the groups differ.
+  from jax.tree_util import SequenceKey
+
+  params = [jnp.array([[1.0, 1.0, 9.0, 9.0]] * 4)]  # outputs 2, 3 are large
+
+  def rule(path, leaf):
+    del leaf
+    by_output = isinstance(path[0], SequenceKey)
+    return dl.GroupLasso(axes=-1 if by_output else 0)
+
+  record = dl.magnitude_record(params, rule)
+  np.testing.assert_array_equal(
+    dl.rank_groups(params, record, penalty=rule)[0], [2, 3, 0, 1]
+  )
+  _, masks = dl.prune(params, record, 0.5, penalty=rule)
+  np.testing.assert_array_equal(masks[0][0], [False, False, True, True])
+
+
+def test_nothing_recorded_prunes_nothing():
+  params, _ = _random_case()
+  rule = dl.penalty_rule(conv=None, dense=None)
+  empty = dl.magnitude_record(params, rule)
+  for scope in ('layer', 'global'):
+    assert not jax.tree.leaves(dl.rank_groups(params, empty, scope=scope))
+    pruned, masks = dl.prune(params, empty, 0.5, scope=scope, penalty=rule)
+    for a, b in zip(
+      jax.tree.leaves(pruned), jax.tree.leaves(params), strict=True
+    ):
+      np.testing.assert_array_equal(a, b)
+    assert all(bool(m.all()) for m in jax.tree.leaves(masks))

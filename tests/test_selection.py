@@ -224,3 +224,23 @@ def test_magnitude_record_follows_the_penalty_rule():
   # Ranking it under another rule (here the default) names the fix.
   with pytest.raises(ValueError, match='pass penalty='):
     dl.rank_groups(params, record)
+
+
+def test_reference_prune_order_checks_shapes_against_gamma():
+  def state(width):  # Γ with filter 0 selected
+    params = {'conv1': jnp.ones((3, 3, 1, width))}
+    s = dl.scale_by_dessilbi(1.0).init(params)
+    g = jnp.zeros((3, 3, 1, width)).at[..., 0].set(1.0)
+    return params, s._replace(gamma={'conv1': g})
+
+  params4, state4 = state(4)
+  params1, state1 = state(1)
+  before = dl.reference_prune_order(params4, state4, epoch=1)
+  # An order kept from before the layer was slimmed.
+  with pytest.raises(ValueError, match="previous: leaf 'conv1' has shape"):
+    dl.reference_prune_order(params1, state1, epoch=2, previous=before)
+  # Params of another width than Γ.
+  with pytest.raises(ValueError, match="params: leaf 'conv1' has shape"):
+    dl.reference_prune_order(params1, state4, epoch=1)
+  after = dl.reference_prune_order(params1, state1, epoch=2)
+  assert after.prune_order['conv1'].shape == (1,)
