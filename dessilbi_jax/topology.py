@@ -71,28 +71,101 @@ def kernel_layers(params: optax.Params) -> list[str]:
   return sorted(names, key=_natural_key)
 
 
+_KIND = re.compile(r'(conv|fc|dense|linear)(?!.*(conv|fc|dense|linear))')
+_NORM_WORDS = ('bn', 'norm', 'batchnorm', 'batch_norm')
+# Flax Linen's automatic module names: Conv_0, Dense_1, BatchNorm_0, ...
+_AUTO_LAYER = re.compile(r'(Conv|ConvTranspose|Dense|DenseGeneral)_\d+')
+_AUTO_NORM = re.compile(r'(BatchNorm|LayerNorm|GroupNorm|RMSNorm)_\d+')
+
+
+def _norm_candidates(parts: _trees.Names) -> list[_trees.Names]:
+  """Norm layer names for a layer by naming: ``conv3`` -> ``bn3``, ...;
+  ``shortcut`` -> ``shortcut_bn``, ``shortcut_norm``."""
+  last = parts[-1]
+  out = []
+  m = _KIND.search(last)
+  if m:
+    for repl in _NORM_WORDS:
+      out.append((*parts[:-1], last[: m.start()] + repl + last[m.end() :]))
+  out += [(*parts[:-1], f'{last}_{word}') for word in ('bn', 'norm')]
+  return out
+
+
+def _shapes_by_layer(table: dict) -> dict[_trees.Names, list[tuple]]:
+  """The shapes of each layer's leaves (a layer: a leaf's path less its
+  last name)."""
+  out: dict[_trees.Names, list[tuple]] = {}
+  for n, v in table.items():
+    out.setdefault(n[:-1], []).append(tuple(v.shape))
+  return out
+
+
+def _norm_of(layers: dict, parts: _trees.Names, width: int):
+  """The first naming candidate with per-channel leaves of ``width``."""
+  for cand in _norm_candidates(parts):
+    shapes = layers.get(cand)
+    if shapes and all(shape == (width,) for shape in shapes):
+      return cand
+  return None
+
+
 def default_norm(params: optax.Params, layer: str) -> Optional[str]:
   """The norm layer of ``layer`` by naming: ``conv3`` -> ``bn3``/``norm3``.
 
   The last ``conv``/``fc``/``dense``/``linear`` in the layer's path is
-  replaced by ``bn``, ``norm`` or ``batchnorm``; the first candidate that
-  exists in ``params`` with per-channel leaves of the layer's width wins.
+  replaced by ``bn``, ``norm``, ``batchnorm`` or ``batch_norm``, then
+  ``<layer>_bn`` and ``<layer>_norm`` are tried (``shortcut`` ->
+  ``shortcut_bn``); the first candidate that exists in ``params`` with
+  per-channel leaves of the layer's width wins.
+
+  Raises:
+    ValueError: naming cannot tell: the candidate found is also the
+      candidate of another layer of the same width (``conv1`` and ``fc1``
+      both name ``bn1``), or the layers have Flax Linen's automatic names
+      (``Conv_0``, ``BatchNorm_0``: their numbers do not pair a layer with
+      its norm) and a norm layer of the width exists beside it. Pass a spec
+      (:func:`chain_spec` with ``norms=``) then.
   """
   table = _trees.leaves_by_name(_trees.pure(params))
-  kernel = table.get((*_trees.split_name(layer), 'kernel'))
+  parts = _trees.split_name(layer)
+  kernel = table.get((*parts, 'kernel'))
   if kernel is None:
     return None
   width = kernel.shape[-1]
-  parts = _trees.split_name(layer)
-  last = parts[-1]
-  m = re.search(r'(conv|fc|dense|linear)(?!.*(conv|fc|dense|linear))', last)
-  if not m:
-    return None
-  for repl in ('bn', 'norm', 'batchnorm', 'batch_norm'):
-    cand = (*parts[:-1], last[: m.start()] + repl + last[m.end() :])
-    leaves = [v for n, v in table.items() if n[:-1] == cand]
-    if leaves and all(v.shape == (width,) for v in leaves):
-      return _trees.join(cand)
+  layers = _shapes_by_layer(table)
+  found = _norm_of(layers, parts, width)
+  if found is not None:
+    rivals = [
+      _trees.join(n[:-1])
+      for n, v in table.items()
+      if n[-1] == 'kernel'
+      and n[:-1] != parts
+      and v.ndim >= 2
+      and _norm_of(layers, n[:-1], v.shape[-1]) == found
+    ]
+    if rivals:
+      raise ValueError(
+        f'naming cannot tell the norm layer of {layer!r}: '
+        f'{_trees.join(found)!r} is the naming candidate of {rivals[0]!r} '
+        'too; pass spec= (dessilbi_jax.chain_spec(params, layers, '
+        'norms={...})).'
+      )
+    return _trees.join(found)
+  if _AUTO_LAYER.fullmatch(parts[-1]):
+    norms = sorted(
+      n[-1]
+      for n, shapes in layers.items()
+      if n[:-1] == parts[:-1]
+      and _AUTO_NORM.fullmatch(n[-1])
+      and all(shape == (width,) for shape in shapes)
+    )
+    if norms:
+      raise ValueError(
+        f'naming cannot tell the norm layer of {layer!r}: Flax Linen '
+        f'numbers layers and norms apart ({", ".join(norms)} have its '
+        'width); name the modules, or pass spec= '
+        '(dessilbi_jax.chain_spec(params, layers, norms={...})).'
+      )
   return None
 
 
@@ -153,14 +226,15 @@ def check_spec(params: optax.Params, spec: Spec) -> None:
   Raises:
     TypeError: a value of the spec is not a :class:`Link`.
     ValueError: a layer has no kernel, a norm layer has no per-channel
-      leaves of the producer's width, or a consumer's input width does not
-      fit the producer's channels.
+      leaves of the producer's width or is the norm of two layers, or a
+      consumer's input width does not fit the producer's channels.
   """
   check_spec_table(_trees.leaves_by_name(_trees.pure(params)), spec)
 
 
 def check_spec_table(table: dict, spec: Spec) -> None:
   """:func:`check_spec` on leaves keyed by name."""
+  owners: dict[str, str] = {}
   for layer, link in spec.items():
     if not isinstance(link, Link):
       raise TypeError(
@@ -168,6 +242,12 @@ def check_spec_table(table: dict, spec: Spec) -> None:
       )
     width = producer_width(table, layer)
     if link.norm is not None:
+      if link.norm in owners:
+        raise ValueError(
+          f'spec[{layer!r}]: norm layer {link.norm!r} is also the norm of '
+          f'{owners[link.norm]!r}; a norm layer normalises one layer.'
+        )
+      owners[link.norm] = layer
       norm = _trees.split_name(link.norm)
       leaves = {n: v for n, v in table.items() if n[:-1] == norm}
       if not leaves:

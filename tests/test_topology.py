@@ -1,0 +1,107 @@
+"""Which norm layer goes with which layer: by naming where it can tell,
+an error where it cannot, never a guess."""
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+import dessilbi_jax as dl
+
+
+def test_naming_pairs_conv_and_suffix_norms():
+  params = {
+    'conv3': {'kernel': jnp.ones((3, 3, 2, 4))},
+    'bn3': {'scale': jnp.ones(4), 'bias': jnp.zeros(4)},
+    'shortcut': {'kernel': jnp.ones((1, 1, 2, 6))},
+    'shortcut_bn': {'scale': jnp.ones(6), 'bias': jnp.zeros(6)},
+    'fc': {'kernel': jnp.ones((4, 3))},
+  }
+  assert dl.default_norm(params, 'conv3') == 'bn3'
+  assert dl.default_norm(params, 'shortcut') == 'shortcut_bn'
+  assert dl.default_norm(params, 'fc') is None
+
+
+def _conv_and_dense_sharing_a_name():
+  return {
+    'conv1': {'kernel': jnp.ones((3, 3, 1, 8)), 'bias': jnp.ones(8)},
+    'bn1': {'scale': jnp.ones(8), 'bias': jnp.ones(8)},
+    'fc1': {
+      'kernel': jnp.ones((8 * 16, 8)) * jnp.arange(8.0),
+      'bias': jnp.ones(8),
+    },
+    'fc2': {'kernel': jnp.ones((8, 2))},
+  }
+
+
+def test_a_norm_two_layers_could_own_is_not_guessed():
+  # conv1 -> bn1 and fc1 -> bn1 by naming, with the same width: pruning fc1
+  # used to zero conv1's BatchNorm.
+  params = _conv_and_dense_sharing_a_name()
+  for layer, rival in (('fc1', 'conv1'), ('conv1', 'fc1')):
+    with pytest.raises(ValueError, match=f"candidate of '{rival}' too"):
+      dl.default_norm(params, layer)
+  with pytest.raises(ValueError, match='naming cannot tell'):
+    dl.chain_spec(params, ['conv1', 'fc1', 'fc2'])
+  rule = dl.penalty_rule(dense=dl.GroupLasso(axes=-1))
+  record = dl.magnitude_record(
+    {k: v for k, v in params.items() if k != 'conv1'}, rule
+  )
+  with pytest.raises(ValueError, match='naming cannot tell'):
+    dl.prune(params, record, 0.5, layers=['fc1'], penalty=rule)
+  # Told, the toolbox does what it is told.
+  spec = dl.chain_spec(
+    params, ['conv1', 'fc1', 'fc2'], norms={'conv1': 'bn1', 'fc1': None}
+  )
+  pruned, _ = dl.prune(
+    params, record, 0.5, layers=['fc1'], spec=spec, penalty=rule
+  )
+  np.testing.assert_array_equal(pruned['bn1']['scale'], params['bn1']['scale'])
+  # And a spec may not give one norm to two layers.
+  with pytest.raises(ValueError, match="'bn1' is also the norm of 'conv1'"):
+    dl.check_spec(
+      params,
+      {
+        'conv1': dl.Link(norm='bn1', consumers=('fc1',)),
+        'fc1': dl.Link(norm='bn1', consumers=('fc2',)),
+      },
+    )
+
+
+class _AutoNamed(nn.Module):
+  norm: bool = True
+
+  @nn.compact
+  def __call__(self, x):
+    x = nn.Conv(4, (3, 3))(x)
+    if self.norm:
+      x = nn.BatchNorm(use_running_average=True)(x)
+    return nn.Dense(2)(nn.relu(x).reshape(x.shape[0], -1))
+
+
+def test_linen_automatic_names_are_not_paired_by_number():
+  # Conv_0 and BatchNorm_0: Linen numbers each kind apart, so the numbers do
+  # not say which norm follows which layer; pruned channels used to keep
+  # their BatchNorm shift (output relu(shift), not zero).
+  x = jnp.ones((1, 4, 4, 1))
+  variables = _AutoNamed().init(jax.random.key(0), x)
+  params = dict(variables['params'])
+  params['BatchNorm_0'] = {'scale': jnp.ones(4), 'bias': jnp.full(4, 0.5)}
+  record = dl.magnitude_record(params)
+  for call in (
+    lambda: dl.prune(params, record, 0.5),
+    lambda: dl.chain_spec(params),
+    lambda: dl.default_norm(params, 'Conv_0'),
+  ):
+    with pytest.raises(ValueError, match='Linen numbers layers and norms'):
+      call()
+  spec = dl.chain_spec(params, norms={'Conv_0': 'BatchNorm_0'})
+  pruned, masks = dl.prune(params, record, 0.5, spec=spec)
+  gone = ~masks['Conv_0']['bias']
+  assert gone.sum() == 2
+  assert not pruned['BatchNorm_0']['bias'][gone].any()
+  # Without a norm layer there is nothing to tell.
+  plain = _AutoNamed(norm=False).init(jax.random.key(0), x)['params']
+  assert dl.default_norm(plain, 'Conv_0') is None
+  dl.prune(plain, dl.magnitude_record(plain), 0.5)
