@@ -1,5 +1,6 @@
 """Model cost: parameter counts and FLOPs from XLA's cost analysis."""
 
+import functools
 from collections.abc import Callable
 from typing import Any
 
@@ -32,8 +33,9 @@ def flops(fn: Callable[..., Any], *args: Any, **kwargs: Any) -> float:
   Args:
     fn: the function to measure, e.g. a model's forward pass
       ``lambda params, x: model.apply({'params': params}, x)``.
-    *args: its arguments (arrays or ``jax.ShapeDtypeStruct``).
-    **kwargs: keyword arguments, passed to the jitted function as well.
+    *args: its arguments (arrays or ``jax.ShapeDtypeStruct``), traced.
+    **kwargs: keyword arguments, fixed at trace time (Python flags such as
+      ``train=False``); pass arrays positionally.
 
   Returns:
     The FLOP count as a float.
@@ -47,7 +49,8 @@ def flops(fn: Callable[..., Any], *args: Any, **kwargs: Any) -> float:
     >>> dl.flops(lambda w, x: x @ w, jnp.ones((64, 32)), jnp.ones((8, 64)))
     32768.0
   """
-  compiled = jax.jit(fn).lower(*args, **kwargs).compile()
+  bound = functools.partial(fn, **kwargs) if kwargs else fn
+  compiled = jax.jit(bound).lower(*args).compile()
   analysis = compiled.cost_analysis()
   if isinstance(analysis, (list, tuple)):  # older JAX: one dict per device
     analysis = analysis[0] if analysis else None

@@ -2,11 +2,13 @@
 
 import functools
 import math
+import numbers
 from collections.abc import Sequence
 from typing import Any, Optional
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 import optax
 
 from dessilbi_jax import _trees
@@ -16,7 +18,9 @@ from dessilbi_jax.topology import Spec, channel_masks
 
 
 def _check_fraction(fraction: float) -> float:
-  if isinstance(fraction, bool) or not isinstance(fraction, (int, float)):
+  if isinstance(fraction, (bool, np.bool_)) or not isinstance(
+    fraction, numbers.Real
+  ):
     raise TypeError(
       f'fraction must be a Python number in [0, 1], got {fraction!r}.'
     )

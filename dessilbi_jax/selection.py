@@ -30,6 +30,7 @@ from typing import Any, NamedTuple, Optional
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 import optax
 
 from dessilbi_jax import _trees
@@ -152,6 +153,8 @@ def update_selection(
   core = _trees.core_state(opt_state)
   penalties = _trees.penalties_by_name(core.gamma, penalty)
   gamma = _trees.leaves_by_name(core.gamma)
+  if step is not None:
+    _check_step(step)
   stamp = core.count if step is None else step
   stamp = jnp.asarray(stamp, jnp.int32)
 
@@ -230,6 +233,24 @@ def track_selection(
     return updates, SelectionState(inner_state, record)
 
   return optax.GradientTransformationExtraArgs(init_fn, update_fn)
+
+
+def _check_step(step: Any) -> None:
+  """A concrete time stamp is a whole number that fits the int32 record."""
+  if isinstance(step, jax.core.Tracer):
+    return
+  value = np.asarray(step)
+  if value.shape != () or value.dtype == bool:
+    raise TypeError(f'step must be a scalar step number, got {step!r}.')
+  if not (
+    np.isfinite(value)
+    and value == np.round(value)
+    and -NOT_SELECTED <= value < NOT_SELECTED
+  ):
+    raise ValueError(
+      'step must be a whole number that fits the int32 record (below '
+      f'NOT_SELECTED = {NOT_SELECTED}), got {step!r}.'
+    )
 
 
 def rank_groups(

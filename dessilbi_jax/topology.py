@@ -190,8 +190,10 @@ def chain_spec(
     last (the last layer's outputs are the model's outputs).
 
   Raises:
-    ValueError: a layer is missing, or the widths of consecutive layers do
-      not fit (the message names both layers).
+    TypeError: ``layers`` is a single string.
+    ValueError: a layer is missing, ``norms`` names a layer that is not in
+      the chain (or the last one, which gets no link), or the widths of
+      consecutive layers do not fit (the message names both layers).
 
   Example:
     >>> import jax.numpy as jnp
@@ -208,8 +210,19 @@ def chain_spec(
     >>> spec['conv2']
     Link(norm=None, consumers=('fc',))
   """
+  if isinstance(layers, str):
+    raise TypeError(
+      f'layers must be a sequence of layer paths in forward order, got the '
+      f'string {layers!r}.'
+    )
   order = list(kernel_layers(params) if layers is None else layers)
   norms = dict(norms or {})
+  unknown = sorted(set(norms) - set(order[:-1]))
+  if unknown:
+    raise ValueError(
+      f'norms: {unknown[0]!r} is not a layer of the chain with a successor; '
+      f'the layers are {order}.'
+    )
   spec = {}
   for producer, consumer in itertools.pairwise(order):
     norm = (

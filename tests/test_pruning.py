@@ -221,3 +221,13 @@ def test_nothing_recorded_prunes_nothing():
     ):
       np.testing.assert_array_equal(a, b)
     assert all(bool(m.all()) for m in jax.tree.leaves(masks))
+
+
+def test_numpy_scalars_are_numbers_too():
+  params, record = _random_case()
+  a = dl.prune(params, record, np.float32(0.5))
+  b = dl.prune(params, record, 0.5)
+  for x, y in zip(jax.tree.leaves(a), jax.tree.leaves(b), strict=True):
+    np.testing.assert_array_equal(x, y)
+  with pytest.raises(TypeError, match='fraction must be a Python number'):
+    dl.prune(params, record, np.bool_(True))

@@ -244,3 +244,18 @@ def test_reference_prune_order_checks_shapes_against_gamma():
     dl.reference_prune_order(params1, state4, epoch=1)
   after = dl.reference_prune_order(params1, state1, epoch=2)
   assert after.prune_order['conv1'].shape == (1,)
+
+
+def test_update_selection_refuses_steps_the_record_cannot_hold():
+  params = {'w': jnp.zeros((1, 1, 1, 3))}
+  state = dl.scale_by_dessilbi(0.5, nu=1.0).init(params)
+  record = dl.init_selection(state)
+  for bad in (2.7, float('nan'), 2**31):
+    with pytest.raises(ValueError, match='step must be a whole number'):
+      dl.update_selection(record, state, step=bad)
+  with pytest.raises(TypeError, match='step must be a scalar'):
+    dl.update_selection(record, state, step=jnp.array([1, 2]))
+  # Whole numbers of any type, and traced steps, are fine.
+  for good in (3, 3.0, np.int64(3), jnp.int32(3)):
+    dl.update_selection(record, state, step=good)
+  jax.jit(lambda s: dl.update_selection(record, state, step=s))(jnp.int32(4))

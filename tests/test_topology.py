@@ -105,3 +105,29 @@ def test_linen_automatic_names_are_not_paired_by_number():
   plain = _AutoNamed(norm=False).init(jax.random.key(0), x)['params']
   assert dl.default_norm(plain, 'Conv_0') is None
   dl.prune(plain, dl.magnitude_record(plain), 0.5)
+
+
+def test_chain_spec_refuses_a_string_and_unknown_norms():
+  params = _conv_and_dense_sharing_a_name()
+  with pytest.raises(TypeError, match='got the string'):
+    dl.chain_spec(params, 'conv1')
+  with pytest.raises(ValueError, match="norms: 'cnv1' is not a layer"):
+    dl.chain_spec(
+      params, ['conv1', 'fc1', 'fc2'], norms={'cnv1': None, 'fc1': None}
+    )
+
+
+def test_flops_keyword_arguments_are_fixed_flags():
+  class Net(nn.Module):
+    @nn.compact
+    def __call__(self, x, train: bool = True):
+      x = nn.Dense(8)(x)
+      return nn.BatchNorm(use_running_average=not train)(x)
+
+  x = jnp.ones((4, 3))
+  variables = Net().init(jax.random.key(0), x, train=False)
+  by_keyword = dl.flops(Net().apply, variables, x, train=False)
+  by_closure = dl.flops(
+    lambda v, x: Net().apply(v, x, train=False), variables, x
+  )
+  assert by_keyword == by_closure > 0
