@@ -317,3 +317,19 @@ def check_record(record: Any, arg: str = 'record') -> None:
         'track_selection or magnitude_record (not a support mask or a '
         'ReferenceOrder epoch record).'
       )
+
+
+def check_rule(penalty: Optional[PenaltyRule]) -> None:
+  """A penalty rule the toolbox compiles with must be hashable.
+
+  Raises:
+    TypeError: the rule cannot be hashed (e.g. a dataclass that is not
+      frozen), so it cannot be a static argument of a compiled function.
+  """
+  try:
+    hash(penalty)
+  except TypeError:
+    raise TypeError(
+      f'penalty: the rule must be hashable (a function, or a frozen '
+      f'dataclass with __call__), got an unhashable {type(penalty).__name__}.'
+    ) from None

@@ -293,6 +293,7 @@ def rank_groups(
     raise ValueError(f"scope must be 'layer' or 'global', got {scope!r}.")
   record = _trees.pure(record)
   _trees.check_record(record)
+  _trees.check_rule(penalty)
   return _rank_groups(_trees.pure(params), record, scope=scope, penalty=penalty)
 
 

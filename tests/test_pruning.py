@@ -231,3 +231,28 @@ def test_numpy_scalars_are_numbers_too():
     np.testing.assert_array_equal(x, y)
   with pytest.raises(TypeError, match='fraction must be a Python number'):
     dl.prune(params, record, np.bool_(True))
+
+
+def test_an_unhashable_rule_is_named():
+  import dataclasses
+
+  @dataclasses.dataclass
+  class Rule:  # eq=True and not frozen: no __hash__
+    lam: float = 1.0
+
+    def __call__(self, path, leaf):
+      return dl.GroupLasso(lam=self.lam) if leaf.ndim == 4 else None
+
+  params, record = _random_case()
+  record = {'conv1': record['conv1']}
+  with pytest.raises(TypeError, match='penalty: the rule must be hashable'):
+    dl.rank_groups(params, record, penalty=Rule())
+  with pytest.raises(TypeError, match='penalty: the rule must be hashable'):
+    dl.prune(params, record, 0.5, penalty=Rule())
+
+  @dataclasses.dataclass(frozen=True)
+  class FrozenRule:
+    lam: float = 1.0
+    __call__ = Rule.__call__
+
+  dl.prune(params, record, 0.5, penalty=FrozenRule())
