@@ -52,6 +52,45 @@ def check_non_negative(name: str, value: Any) -> None:
     raise ValueError(f'{name} must be a finite number >= 0, got {v}.')
 
 
+def check_threshold(name: str, value: Any) -> None:
+  """A concrete threshold λ (a scalar or an array) is finite and >= 0.
+
+  Traced values, and arrays this process cannot read (spread over other
+  hosts), are not checked.
+  """
+  if isinstance(value, jax.core.Tracer) or not getattr(
+    value, 'is_fully_addressable', True
+  ):
+    return
+  if np.ndim(value) == 0:
+    check_non_negative(name, value)
+    return
+  arr = np.asarray(value)
+  if arr.dtype == bool or not (
+    np.issubdtype(arr.dtype, np.floating)
+    or np.issubdtype(arr.dtype, np.integer)
+  ):
+    raise TypeError(
+      f'{name} must be a real number or a real array, got dtype {arr.dtype}.'
+    )
+  bad = arr[~(np.isfinite(arr) & (arr >= 0))]
+  if bad.size:
+    raise ValueError(
+      f'{name} must be finite and >= 0 everywhere, got {bad.flat[0]}.'
+    )
+
+
+def check_floating(name: str, value: Any) -> None:
+  """An array whose dtype is a real floating-point type (at trace time)."""
+  dtype = jnp.result_type(value)
+  if not jnp.issubdtype(dtype, jnp.floating):
+    raise TypeError(
+      f'{name} must be a floating-point array, got dtype {dtype}; the '
+      f'threshold would be cast to that dtype (0.5 -> 0): cast {name} first, '
+      f'e.g. {name}.astype(jnp.float32).'
+    )
+
+
 def check_learning_rate(value: Any) -> None:
   """A learning rate is a schedule (unchecked) or a finite number >= 0."""
   if not callable(value):

@@ -15,7 +15,7 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
-from dessilbi_jax import _trees
+from dessilbi_jax import _checks, _trees
 from dessilbi_jax.penalties import GroupLasso, PenaltyRule
 from dessilbi_jax.topology import Spec, channel_masks
 
@@ -88,6 +88,7 @@ def support(
   """
   core = _trees.core_state(opt_state)
   if by_group:
+    _trees.check_rule(penalty)
     _trees.grouped_penalties(core, penalty)  # checks the rule against Γ
   return _support(core.gamma, bool(by_group), penalty)
 
@@ -219,6 +220,9 @@ def residue(
   Returns:
     A float scalar array (jit-compatible, no host synchronisation).
 
+  Raises:
+    ValueError: ν is concrete (not traced) and not a finite number > 0.
+
   Example:
     >>> import jax.numpy as jnp
     >>> import dessilbi_jax as dl
@@ -227,6 +231,7 @@ def residue(
     >>> print(dl.residue(params, state, nu=2.0))  # (1 + 4) / 4
     1.25
   """
+  _checks.check_positive('nu', nu)
   pairs = [(w, g) for _, w, g in _coupled_pairs(params, opt_state)]
   return _residue(pairs, nu)
 
@@ -383,6 +388,9 @@ def path_summary(
     A :class:`PathSummary`; ``print(summary)`` shows it as a table and
     ``summary.as_dict()`` gives plain data.
 
+  Raises:
+    ValueError: ``nu`` is given and not a finite number > 0.
+
   Example:
     >>> import jax.numpy as jnp
     >>> import dessilbi_jax as dl
@@ -394,6 +402,8 @@ def path_summary(
     >>> s.layers['conv/kernel'].groups_selected, s.params_kept
     (1, 6)
   """
+  if nu is not None:
+    _checks.check_positive('nu', nu)
   core = _trees.core_state(opt_state)
   penalties = _trees.grouped_penalties(core, penalty)
   pairs = _coupled_pairs(params, opt_state)

@@ -5,15 +5,32 @@ and neither values nor gradients through them contain NaN or Inf there.
 """
 
 import functools
+import numbers
 from collections.abc import Sequence
+from typing import Any, Union
 
 import jax
 import jax.numpy as jnp
 
+from dessilbi_jax import _checks
 from dessilbi_jax.penalties import GroupLasso, Lasso, Penalty
 
 
-@jax.jit
+def _check_args(z: Any, lam: Any) -> None:
+  """z is floating-point; a concrete λ is finite and >= 0 (at trace time)."""
+  _checks.check_floating('z', z)
+  _checks.check_threshold('lam', lam)
+
+
+def _as_axes(reduce_axes: Union[int, Sequence[int]]) -> tuple[int, ...]:
+  """A single axis, or a sequence of axes, as a tuple (a static argument)."""
+  if isinstance(reduce_axes, numbers.Integral) and not isinstance(
+    reduce_axes, bool
+  ):
+    return (int(reduce_axes),)
+  return tuple(reduce_axes)
+
+
 def soft_threshold(z: jax.Array, lam: jax.typing.ArrayLike) -> jax.Array:
   r"""Elementwise soft-thresholding, the prox of ``λ‖·‖₁``.
 
@@ -21,11 +38,15 @@ def soft_threshold(z: jax.Array, lam: jax.typing.ArrayLike) -> jax.Array:
     \mathrm{soft}(z, λ) = \mathrm{sign}(z) \max(|z| - λ, 0)
 
   Args:
-    z: input array.
+    z: input array (floating-point).
     lam: threshold λ >= 0.
 
   Returns:
     An array of z's shape and dtype.
+
+  Raises:
+    TypeError: z is not floating-point (λ would be truncated to its dtype).
+    ValueError: λ is concrete (not traced) and negative or not finite.
 
   Example:
     >>> import jax.numpy as jnp
@@ -33,6 +54,12 @@ def soft_threshold(z: jax.Array, lam: jax.typing.ArrayLike) -> jax.Array:
     >>> soft_threshold(jnp.array([-3.0, 0.5, 2.0]), 1.0)
     Array([-2.,  0.,  1.], dtype=float32)
   """
+  _check_args(z, lam)
+  return _soft_threshold(z, lam)
+
+
+@jax.jit
+def _soft_threshold(z, lam):
   lam = jnp.asarray(lam, z.dtype)
   return jnp.sign(z) * jnp.maximum(jnp.abs(z) - lam, 0)
 
@@ -40,7 +67,7 @@ def soft_threshold(z: jax.Array, lam: jax.typing.ArrayLike) -> jax.Array:
 def group_shrink(
   z: jax.Array,
   lam: jax.typing.ArrayLike,
-  reduce_axes: Sequence[int],
+  reduce_axes: Union[int, Sequence[int]],
 ) -> jax.Array:
   r"""Group soft-thresholding, the prox of ``λ Σ_g ‖z_g‖₂``.
 
@@ -51,12 +78,16 @@ def group_shrink(
   ``reduce_axes``; the norm runs over ``reduce_axes``.
 
   Args:
-    z: input array.
+    z: input array (floating-point).
     lam: threshold λ >= 0 (a scalar, or an array broadcastable to the groups).
-    reduce_axes: the axes each group spans (static).
+    reduce_axes: the axes each group spans, or a single axis (static).
 
   Returns:
     An array of z's shape and dtype; a group with ``‖z_g‖ <= λ`` is exactly 0.
+
+  Raises:
+    TypeError: z is not floating-point (λ would be truncated to its dtype).
+    ValueError: λ is concrete (not traced) and negative or not finite.
 
   Example:
     >>> import jax.numpy as jnp
@@ -66,8 +97,8 @@ def group_shrink(
     Array([[2.4, 0. ],
            [3.2, 0. ]], dtype=float32)
   """
-  reduce_axes = tuple(reduce_axes)
-  return _group_shrink(z, lam, reduce_axes=reduce_axes)
+  _check_args(z, lam)
+  return _group_shrink(z, lam, reduce_axes=_as_axes(reduce_axes))
 
 
 @functools.partial(jax.jit, static_argnames=('reduce_axes',))
@@ -78,21 +109,26 @@ def _group_shrink(z, lam, reduce_axes):
 def group_factor(
   z: jax.Array,
   lam: jax.typing.ArrayLike,
-  reduce_axes: Sequence[int],
+  reduce_axes: Union[int, Sequence[int]],
 ) -> jax.Array:
   r"""The per-group factor of :func:`group_shrink`: ``max(0, 1 - λ/‖z_g‖₂)``.
 
   Args:
-    z: input array.
+    z: input array (floating-point).
     lam: threshold λ >= 0.
-    reduce_axes: the axes each group spans (static).
+    reduce_axes: the axes each group spans, or a single axis (static).
 
   Returns:
     An array of z's dtype with size 1 along ``reduce_axes`` (one entry per
     group); ``group_shrink(z, ...) == z * group_factor(z, ...)``. It is 0
     exactly for groups with ``‖z_g‖ <= λ``, zero-norm groups included.
+
+  Raises:
+    TypeError: z is not floating-point (λ would be truncated to its dtype).
+    ValueError: λ is concrete (not traced) and negative or not finite.
   """
-  return _group_factor(z, lam, reduce_axes=tuple(reduce_axes))
+  _check_args(z, lam)
+  return _group_factor(z, lam, reduce_axes=_as_axes(reduce_axes))
 
 
 @functools.partial(jax.jit, static_argnames=('reduce_axes',))
@@ -118,7 +154,29 @@ def group_threshold(penalty: GroupLasso, shape: Sequence[int]) -> float:
 
 
 def prox(z: jax.Array, penalty: Penalty) -> jax.Array:
-  """Applies the shrinkage of ``penalty`` to z."""
+  """Applies the shrinkage of ``penalty`` to z.
+
+  Args:
+    z: input array (floating-point).
+    penalty: a :class:`~dessilbi_jax.Lasso` or a
+      :class:`~dessilbi_jax.GroupLasso` (not a penalty rule).
+
+  Returns:
+    An array of z's shape and dtype.
+
+  Raises:
+    TypeError: ``penalty`` is not a Lasso or a GroupLasso, or z is not
+      floating-point.
+  """
+  if not isinstance(penalty, (Lasso, GroupLasso)):
+    hint = (
+      '; a penalty rule gives one per leaf: call it as rule(path, leaf) first'
+      if callable(penalty)
+      else ''
+    )
+    raise TypeError(
+      f'penalty must be a Lasso or a GroupLasso, got {penalty!r}{hint}.'
+    )
   if isinstance(penalty, Lasso):
     return soft_threshold(z, penalty.lam)
   return group_shrink(

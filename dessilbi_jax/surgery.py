@@ -23,7 +23,7 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
-from dessilbi_jax import _trees
+from dessilbi_jax import _checks, _trees
 from dessilbi_jax.path import support
 from dessilbi_jax.penalties import PenaltyRule
 from dessilbi_jax.selection import NOT_SELECTED
@@ -476,28 +476,59 @@ def widen(
 # Slim.
 
 
+def _is_layer_mask(v) -> bool:
+  """An array, or a non-empty Python list or tuple (not a tree node)."""
+  return hasattr(v, 'shape') or (type(v) in (list, tuple) and len(v) > 0)
+
+
+def _layer_mask(mask, layer: str) -> np.ndarray:
+  """A mask given per layer as an array, a list or a tuple, as NumPy bools."""
+  if hasattr(mask, 'shape'):
+    return np.asarray(mask, bool)
+  arr = np.asarray(mask)
+  if arr.dtype != bool and not np.issubdtype(arr.dtype, np.integer):
+    raise TypeError(
+      f'keep: the mask of layer {layer!r} must hold bools or ints (one per '
+      f'output channel), got {type(mask).__name__} with dtype {arr.dtype}.'
+    )
+  return arr.astype(bool)
+
+
 def _keep_per_layer(keep, table, spec) -> dict[str, np.ndarray]:
   """Normalises ``keep`` to {producer layer: boolean per output channel}."""
   if isinstance(keep, Mapping) and all(
-    hasattr(v, 'shape') for v in keep.values()
+    _is_layer_mask(v) for v in keep.values()
   ):
     out = {}
     for layer, mask in keep.items():
+      kernel_names = (*_trees.split_name(str(layer)), 'kernel')
+      if kernel_names not in table:
+        raise ValueError(
+          f'keep: {layer!r} is not a layer of the params (no kernel '
+          f'{_trees.join(kernel_names)!r}); the layers that can be slimmed '
+          f'are those of the spec: {sorted(spec)}.'
+        )
       if layer not in spec:
         raise ValueError(
           f'keep: layer {layer!r} is not in the spec; add spec[{layer!r}] = '
           'dessilbi_jax.Link(...) naming its norm and consumers (layers '
           'whose outputs feed a residual addition or the model output cannot '
-          'be slimmed).'
+          f'be slimmed). The spec has {sorted(spec)}.'
         )
-      kernel = table[(*_trees.split_name(layer), 'kernel')]
-      out[layer] = _channel_mask(np.asarray(mask, bool), kernel.shape, layer)
+      kernel = table[kernel_names]
+      out[layer] = _channel_mask(_layer_mask(mask, layer), kernel.shape, layer)
     return out
   out = {}
   for names, mask in _trees.leaves_by_name(_trees.pure(keep)).items():
     if not names or names[-1] != 'kernel':
       continue
     layer = _trees.join(names[:-1])
+    if names not in table:
+      raise ValueError(
+        f'keep: has a mask for {_trees.join(names)!r}, which is not a kernel '
+        'of the params: the masks belong to another model; the layers that '
+        f'can be slimmed are those of the spec: {sorted(spec)}.'
+      )
     if layer in spec:
       kernel = table[names]
       out[layer] = _channel_mask(np.asarray(mask, bool), kernel.shape, layer)
@@ -528,7 +559,8 @@ def slim(
     spec: the links of the model (:func:`~dessilbi_jax.chain_spec` or by
       hand). Layers not in it are not slimmed.
     keep: which output channels to keep: a dict ``{layer: bool array}`` (per
-      channel, or kernel-shaped), or a tree such as
+      channel, or kernel-shaped; a list or tuple of bools or ints works
+      too), or a tree such as
       ``support(opt_state, by_group=True)`` or the masks of
       :func:`~dessilbi_jax.prune` (kernel entries of layers not in the spec
       are ignored).
@@ -540,8 +572,10 @@ def slim(
     build the smaller model with).
 
   Raises:
-    ValueError: a layer named in ``keep`` is not in the spec, the spec does
-      not fit the params, or a layer would lose every filter.
+    ValueError: a layer named in ``keep`` is not a layer of the params or
+      not in the spec, the spec does not fit the params, or a layer would
+      lose every filter.
+    TypeError: a mask given as a list or tuple holds neither bools nor ints.
 
   Example:
     >>> import jax.numpy as jnp
@@ -584,21 +618,94 @@ def set_nnx_opt_state(optimizer: Any, opt_state: optax.OptState) -> None:
   Args:
     optimizer: an ``nnx.Optimizer``.
     opt_state: a pure optimizer state (e.g. ``Surgery.opt_state``).
+
+  Raises:
+    ValueError: ``opt_state`` differs from the optimizer's state in its tree
+      structure, or at a leaf in its shape or dtype; the error names the first
+      such leaf, and nothing is written.
   """
   from flax import nnx
 
-  def assign(var, value):
-    if tuple(np.shape(var.get_value())) != tuple(np.shape(value)):
-      raise ValueError(
-        f'opt_state: a leaf has shape {np.shape(value)} but the optimizer '
-        f'holds {np.shape(var.get_value())}; build the optimizer for the '
-        'edited model first.'
-      )
-    var.set_value(value)
-
-  jax.tree.map(
-    assign,
+  pairs = _state_pairs(
     optimizer.opt_state,
     _trees.pure(opt_state),
-    is_leaf=lambda x: isinstance(x, nnx.Variable),
+    lambda x: isinstance(x, nnx.Variable),
   )
+  for var, value in pairs:
+    var.set_value(value)
+
+
+_SET_STATE_HINT = (
+  'build the optimizer for the edited model, with the transformation that '
+  'made the state, first'
+)
+
+
+def _one_level(tree: Any) -> Optional[list[tuple[Any, Any]]]:
+  """A pytree node's ``(key, child)`` pairs, or None for a leaf."""
+  flat = jax.tree_util.tree_flatten_with_path(
+    tree, is_leaf=lambda x: x is not tree
+  )[0]
+  if len(flat) == 1 and not flat[0][0]:
+    return None
+  return [(path[0], child) for path, child in flat]
+
+
+def _state_pairs(held, given, is_var, path=()) -> list[tuple[Any, Any]]:
+  """``(variable, value)`` for every leaf of the optimizer's state ``held``.
+
+  Walks ``held`` and the pure state ``given`` together and raises, before
+  anything is written, at the first place where they differ.
+  """
+  where = _trees.join(_trees.names_of(path)) or '<root>'
+  current = held.get_value() if is_var(held) else held
+  if _trees.is_empty(current) and _trees.is_empty(given):
+    return [(held, given)] if is_var(held) else []
+  mine = None if is_var(held) else _one_level(held)
+  theirs = _one_level(given)
+  if mine is None or theirs is None:  # a leaf on either side
+    arrays = _checks._is_array(current), _checks._is_array(given)
+    if not all(arrays):
+      if not any(arrays) and (
+        jax.tree.structure(current) == jax.tree.structure(given)
+      ):
+        return [(held, given)]
+      raise ValueError(
+        f'opt_state: at {where!r} it holds {_checks._describe(given)}, '
+        f'where the optimizer holds {_checks._describe(current)}; '
+        f'{_SET_STATE_HINT}.'
+      )
+    if tuple(np.shape(given)) != tuple(np.shape(current)):
+      raise ValueError(
+        f'opt_state: leaf {where!r} has shape {tuple(np.shape(given))}, '
+        f'the optimizer holds {tuple(np.shape(current))}; '
+        f'{_SET_STATE_HINT}.'
+      )
+    if given.dtype != current.dtype:
+      raise ValueError(
+        f'opt_state: leaf {where!r} has dtype {given.dtype}, the optimizer '
+        f'holds {current.dtype}; cast the state, or build the optimizer '
+        'with the same state dtype.'
+      )
+    return [(held, given)]
+  if type(held) is not type(given):
+    raise ValueError(
+      f'opt_state: at {where!r} it holds {_checks._describe(given)}, where '
+      f'the optimizer holds {_checks._describe(held)}; {_SET_STATE_HINT}.'
+    )
+  keys = [k for k, _ in mine]
+  other = dict(theirs)
+  missing = [k for k in keys if k not in other]
+  extra = [k for k in other if k not in keys]
+  if missing or extra:
+    name = _trees.join(_trees.names_of((*path, (missing + extra)[0])))
+    what = (
+      'has no entry {!r}, which the optimizer holds'
+      if missing
+      else 'has an entry {!r}, which the optimizer does not hold'
+    )
+    raise ValueError(f'opt_state: {what.format(name)}; {_SET_STATE_HINT}.')
+  out = []
+  for key, h in mine:
+    out.extend(_state_pairs(h, other[key], is_var, (*path, key)))
+  return out

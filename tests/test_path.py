@@ -281,3 +281,25 @@ def test_w_star_with_channels_zeroes_bias_and_norm_of_unselected_filters():
   # Elementwise leaves have no channels to drop: only the kernel is masked.
   np.testing.assert_array_equal(out['fc']['bias'], [1, 1])
   np.testing.assert_array_equal(out['fc']['kernel'], [[1, 0], [0, 0], [0, 0]])
+
+
+@pytest.mark.parametrize('nu', [0.0, -2.0, float('nan'), float('inf'), 0])
+def test_residue_and_summary_refuse_the_nu_the_optimizer_refuses(nu):
+  params, state = _trained(steps=1)
+  msg = r'nu must be a finite number > 0'
+  with pytest.raises(ValueError, match=msg):
+    dl.scale_by_dessilbi(1.0, nu=nu)
+  with pytest.raises(ValueError, match=msg):
+    dl.residue(params, state, nu)
+  with pytest.raises(ValueError, match=msg):
+    dl.residue(params, state, jnp.asarray(nu, jnp.float32))
+  with pytest.raises(ValueError, match=msg):
+    dl.path_summary(params, state, nu=nu)
+  with pytest.raises(TypeError, match=r'nu must be a real number'):
+    dl.residue(params, state, True)
+  # A traced ν cannot be checked; the residue is computed as before.
+  np.testing.assert_allclose(
+    jax.jit(dl.residue)(params, state, 4.0),
+    dl.residue(params, state, 2.0) / 2,
+    rtol=1e-6,
+  )

@@ -139,3 +139,65 @@ def test_reduce_axes_may_be_a_list_and_lam_a_numpy_scalar():
   )
   assert dl.Lasso(np.float32(0.25)).lam == 0.25
   assert dl.GroupLasso(lam=np.float64(2.0)).lam == 2.0
+
+
+def test_integer_z_is_refused_instead_of_truncating_lam():
+  zi = jnp.array([3, -1, 0])
+  with pytest.raises(TypeError, match=r'z must be a floating-point.*int'):
+    dl.soft_threshold(zi, 0.5)
+  with pytest.raises(TypeError, match=r'z must be a floating-point.*int'):
+    dl.group_shrink(zi[None], 0.5, reduce_axes=(1,))
+  with pytest.raises(TypeError, match=r'z must be a floating-point.*bool'):
+    dl.prox(jnp.array([True, False]), dl.Lasso(0.5))
+  # Cast, the threshold is applied as given.
+  np.testing.assert_allclose(
+    dl.soft_threshold(zi.astype(jnp.float32), 0.5), [2.5, -0.5, 0.0]
+  )
+
+
+@pytest.mark.parametrize('lam', [-1.0, float('nan'), float('inf'), -1])
+def test_a_concrete_negative_or_non_finite_lam_is_refused(lam):
+  z = jnp.array([[3.0, -1.0, 0.0]])
+  with pytest.raises(ValueError, match=r'lam must be a finite number >= 0'):
+    dl.soft_threshold(z, lam)
+  with pytest.raises(ValueError, match=r'lam must be a finite number >= 0'):
+    dl.group_shrink(z, jnp.asarray(lam), reduce_axes=(1,))
+  # Closed over by a jitted function, λ is still concrete: refused too.
+  with pytest.raises(ValueError, match=r'lam must be a finite number >= 0'):
+    jax.jit(lambda z: dl.soft_threshold(z, lam))(z)
+  with pytest.raises(ValueError, match=r'lam must be finite and >= 0 every'):
+    dl.group_shrink(z, np.array([[1.0], [lam]]), reduce_axes=(1,))
+
+
+def test_traced_lam_is_not_checked_and_gradients_flow():
+  z = jnp.array([3.0, -1.0, 0.0])
+  # Under jit λ is traced: no check, the kernel computes as before.
+  np.testing.assert_allclose(
+    jax.jit(dl.soft_threshold)(z, -1.0), [4.0, -2.0, 0.0]
+  )
+  g = jax.grad(lambda lam: jnp.sum(dl.soft_threshold(z, lam)))(0.5)
+  assert float(g) == 0.0  # d/dλ of (3 - λ) - (1 - λ)
+  g = jax.grad(
+    lambda lam: jnp.sum(dl.group_shrink(z[None], lam, reduce_axes=1))
+  )(0.5)
+  np.testing.assert_allclose(g, -2 / np.sqrt(10))  # d/dλ of 2 (1 - λ/√10)
+
+
+def test_prox_refuses_what_is_not_a_penalty():
+  z = jnp.ones((2, 3))
+  with pytest.raises(TypeError, match=r'penalty must be a Lasso or a Group'):
+    dl.prox(z, None)
+  with pytest.raises(TypeError, match=r'penalty must.*rule\(path, leaf\)'):
+    dl.prox(z, dl.default_penalty)
+
+
+def test_reduce_axes_may_be_a_single_int():
+  z = np.random.default_rng(4).normal(size=(4, 3))
+  for axis in (1, np.int64(1), -1):
+    np.testing.assert_array_equal(
+      dl.group_shrink(z, 0.5, reduce_axes=axis),
+      dl.group_shrink(z, 0.5, reduce_axes=(1,)),
+    )
+  np.testing.assert_allclose(
+    dl.group_shrink(z, 0.5, reduce_axes=0), np_group(z, 0.5, (0,)), rtol=1e-13
+  )

@@ -486,3 +486,83 @@ def test_slim_and_widen_carry_a_state_with_gamma_rebuilt_from_z():
     jax.tree.map(jnp.ones_like, grown.params), grown.opt_state, grown.params
   )
   assert updates['conv2']['kernel'].shape == (3, 3, 8, 4)
+
+
+def test_slim_accepts_lists_and_tuples_and_refuses_unknown_layers():
+  params = {
+    'fc1': {'kernel': jnp.arange(12.0).reshape(3, 4), 'bias': jnp.ones(4)},
+    'fc2': {'kernel': jnp.ones((4, 1))},
+  }
+  spec = dl.chain_spec(params, ['fc1', 'fc2'])
+  want = dl.slim(params, spec, {'fc1': np.array([1, 0, 0, 1], bool)})
+  for mask in ([True, False, False, True], (1, 0, 0, 1)):
+    out = dl.slim(params, spec, {'fc1': mask})
+    assert out.widths == {'fc1': 2}
+    np.testing.assert_array_equal(
+      out.params['fc1']['kernel'], want.params['fc1']['kernel']
+    )
+    assert out.params['fc2']['kernel'].shape == (2, 1)
+  # A typo is not ignored: the error lists the layers that can be slimmed.
+  typo = {'fc1': [True, False, False, True], 'fc_typo': [True]}
+  with pytest.raises(ValueError, match=r"'fc_typo' is not a layer.*\['fc1'\]"):
+    dl.slim(params, spec, typo)
+  with pytest.raises(ValueError, match=r"'fc2' is not in the spec.*\['fc1'\]"):
+    dl.slim(params, spec, {'fc2': [True]})
+  with pytest.raises(TypeError, match=r"layer 'fc1' must hold bools or ints"):
+    dl.slim(params, spec, {'fc1': [0.5, 1.0, 0.0, 1.0]})
+  with pytest.raises(ValueError, match=r"'fc1'.*shape \(3,\)"):
+    dl.slim(params, spec, {'fc1': [True, False, True]})
+  # A masks tree naming a kernel the params lack belongs to another model.
+  other = {'fc1': {'kernel': np.ones(4, bool)}, 'fc9': {'kernel': np.ones(1)}}
+  with pytest.raises(ValueError, match=r"'fc9/kernel', which is not a kernel"):
+    dl.slim(params, spec, other)
+  # A masks tree of the params' layout still works, non-spec layers ignored.
+  tree = {
+    'fc1': {'kernel': np.array([0, 1, 1, 1], bool), 'bias': optax.MaskedNode()},
+    'fc2': {'kernel': np.ones((4, 1), bool)},
+  }
+  assert dl.slim(params, spec, tree).widths == {'fc1': 3}
+
+
+def test_set_nnx_opt_state_checks_structure_shape_and_dtype():
+  model = nnx.Linear(3, 2, rngs=nnx.Rngs(0))
+  tx = dl.dessilbi(0.1)
+  optimizer = nnx.Optimizer(model, tx, wrt=nnx.Param)
+  params = nnx.as_pure(nnx.state(model, nnx.Param))
+  before = nnx.as_pure(optimizer.opt_state)
+
+  def load(state):
+    dl.set_nnx_opt_state(optimizer, state)
+
+  half = jax.tree.map(lambda a: a.astype(jnp.float16), params)
+  with pytest.raises(
+    ValueError, match=r"opt_state: leaf '2/trace/bias' has dtype float16"
+  ):
+    load(tx.init(half))
+  wide = nnx.as_pure(nnx.state(nnx.Linear(3, 4, rngs=nnx.Rngs(0)), nnx.Param))
+  with pytest.raises(
+    ValueError, match=r"opt_state: leaf '2/trace/bias' has shape \(4,\)"
+  ):
+    load(tx.init(wide))
+  with pytest.raises(ValueError, match=r"opt_state: at '<root>'.*SelectionSt"):
+    load(dl.track_selection(tx).init(params))
+  with pytest.raises(ValueError, match=r"opt_state: has no entry '2'"):
+    load(optax.sgd(0.1, momentum=0.9).init(params))
+  uncoupled = dl.dessilbi(0.1, penalty=dl.penalty_rule(dense=None))
+  with pytest.raises(ValueError, match=r"opt_state: at '3/z/kernel'"):
+    load(uncoupled.init(params))
+  # Nothing was written by the refused loads.
+  jax.tree.map(
+    np.testing.assert_array_equal, nnx.as_pure(optimizer.opt_state), before
+  )
+  # A state of the optimizer's layout loads, and training goes on.
+  grads = jax.tree.map(jnp.ones_like, params)
+  _, state = tx.update(grads, tx.init(params), params)
+  load(state)
+  np.testing.assert_array_equal(
+    dl.get_gamma(optimizer.opt_state)['kernel'], dl.get_gamma(state)['kernel']
+  )
+  optimizer.update(
+    model, jax.tree.map(jnp.ones_like, nnx.state(model, nnx.Param))
+  )
+  assert int(optax.tree.get(optimizer.opt_state, 'count')) == 2
