@@ -15,6 +15,7 @@ For Flax NNX, build the model at its new widths and load the result with
 ``nnx.update(new_model, result.params)``.
 """
 
+import numbers
 from collections.abc import Mapping, Sequence
 from typing import Any, NamedTuple, Optional
 
@@ -223,7 +224,8 @@ def orthogonal_filters(
     A ``(d, count)`` array in the dtype of ``existing``.
 
   Raises:
-    ValueError: the existing filters already span the whole filter space.
+    ValueError: ``existing`` is not a matrix, ``count`` is not an int >= 0,
+      or the existing filters already span the whole filter space.
 
   Example:
     >>> import jax, jax.numpy as jnp
@@ -233,6 +235,18 @@ def orthogonal_filters(
     >>> print(jnp.round(jnp.abs(kept.T @ new).max(), 6))
     0.0
   """
+  if (
+    isinstance(count, (bool, np.bool_))
+    or not isinstance(count, numbers.Integral)
+    or count < 0
+  ):
+    raise ValueError(f'count must be an int >= 0, got {count!r}.')
+  count = int(count)
+  if np.ndim(existing) != 2:
+    raise ValueError(
+      f'existing: expected the filters as columns of a (d, k) matrix (a '
+      f'kernel reshaped to (-1, out)), got shape {np.shape(existing)}.'
+    )
   dtype = jnp.asarray(existing).dtype
   existing = np.asarray(existing, np.float64)
   d = existing.shape[0]
@@ -437,8 +451,13 @@ def widen(
     >>> out.params['fc1']['kernel'].shape, out.params['fc2']['kernel'].T
     ((3, 4), Array([[1., 1., 0., 0.]], dtype=float32))
   """
-  if isinstance(add, bool) or not isinstance(add, int) or add < 1:
+  if (
+    isinstance(add, (bool, np.bool_))
+    or not isinstance(add, numbers.Integral)
+    or add < 1
+  ):
     raise ValueError(f'add must be a positive int, got {add!r}.')
+  add = int(add)
   params = _trees.pure(params)
   batch_stats = _pure_or_none(batch_stats)
   opt_state = _pure_or_none(opt_state)

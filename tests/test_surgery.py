@@ -566,3 +566,22 @@ def test_set_nnx_opt_state_checks_structure_shape_and_dtype():
     model, jax.tree.map(jnp.ones_like, nnx.state(model, nnx.Param))
   )
   assert int(optax.tree.get(optimizer.opt_state, 'count')) == 2
+
+
+def test_orthogonal_filters_and_widen_name_bad_counts():
+  key = jax.random.key(0)
+  kernel = jax.random.normal(key, (3, 3, 2, 4))
+  with pytest.raises(ValueError, match=r'existing: expected .* \(d, k\)'):
+    dl.orthogonal_filters(key, kernel, 2)
+  for bad in (2.0, -1, True):
+    with pytest.raises(ValueError, match='count must be an int >= 0'):
+      dl.orthogonal_filters(key, kernel.reshape(-1, 4), bad)
+  new = dl.orthogonal_filters(key, kernel.reshape(-1, 4), np.int64(2))
+  assert new.shape == (18, 2)
+  params = {
+    'fc1': {'kernel': jnp.ones((3, 2)), 'bias': jnp.zeros(2)},
+    'fc2': {'kernel': jnp.ones((2, 1))},
+  }
+  spec = dl.chain_spec(params, ['fc1', 'fc2'])
+  out = dl.widen(key, params, spec, 'fc1', np.int64(2))
+  assert out.params['fc1']['kernel'].shape == (3, 4)
