@@ -314,9 +314,16 @@ def check_gradients(
 
 
 def check_state_dtype(value: Any) -> None:
-  """``state_dtype`` is None or a floating-point dtype."""
+  """``state_dtype`` is None or a floating-point dtype of 16 bits or more."""
   if value is None:
     return
+  if isinstance(value, (jax.Array, np.ndarray, np.generic)):
+    # E.g. jnp.float32(count): optax.inject_hyperparams calls callables.
+    raise TypeError(
+      f'state_dtype must be a dtype (e.g. jnp.float32 or "float32"), got the '
+      f'array {value!r}; under optax.inject_hyperparams, name state_dtype in '
+      "static_args (static_args=('state_dtype',))."
+    )
   try:
     dtype = jnp.dtype(value)
   except TypeError as e:
@@ -328,3 +335,55 @@ def check_state_dtype(value: Any) -> None:
       f'state_dtype must be a floating-point dtype or None, got {dtype}: z '
       'and Γ accumulate small steps and would be truncated.'
     )
+  if dtype.itemsize < 2:
+    raise TypeError(
+      f'state_dtype must have 16 bits or more, got {dtype}: z and Γ '
+      'accumulate small steps and would be lost.'
+    )
+
+
+def check_mask_leaves(mask: Any, arg: str = 'weight_decay_mask') -> None:
+  """A mask tree holds Python (or NumPy) bools, one per parameter leaf.
+
+  Raises:
+    TypeError: a leaf is something else: a string (not a layer name), an
+      array (a per-element mask), or a JAX array such as the one
+      ``optax.inject_hyperparams`` makes by calling a mask function with the
+      step count.
+  """
+  if isinstance(mask, (bool, np.bool_)):
+    raise TypeError(
+      f'{arg} is the single bool {mask!r}: pass weight_decay=0 to decay '
+      'nothing, or a tree of bools / a function params -> tree of bools. '
+      'Under optax.inject_hyperparams, name a mask function in static_args '
+      "(static_args=('weight_decay_mask',)), or it is called with the step "
+      'count.'
+    )
+  for name, leaf in zip(_leaf_paths(mask), jax.tree.leaves(mask), strict=True):
+    if not isinstance(leaf, (bool, np.bool_)):
+      hint = (
+        '; under optax.inject_hyperparams, name it in static_args '
+        "(static_args=('weight_decay_mask',)), or it is called with the "
+        'step count'
+        if isinstance(leaf, jax.Array)
+        else ''
+      )
+      raise TypeError(
+        f'{arg} must be None, a function params -> tree of bools, or a tree '
+        f'of bools laid out like the params; leaf {name!r} is {leaf!r}'
+        f'{hint}.'
+      )
+
+
+def check_mask_tree(mask: Any, params: Any, arg: str = 'weight_decay_mask'):
+  """The mask (or what a mask function returned) fits the params' tree: the
+  same tree, or a prefix of it (as ``optax.masked`` allows)."""
+  check_mask_leaves(mask, arg)
+  try:
+    jax.tree.map(lambda m, p: None, mask, params)
+  except (ValueError, TypeError):
+    raise ValueError(
+      f'{arg}: the tree of bools must be laid out like the params (or like '
+      f'a prefix of them); it is {jax.tree.structure(mask)}, the params are '
+      f'{jax.tree.structure(params)}.'
+    ) from None

@@ -20,15 +20,17 @@ def matrix_mask(params: optax.Params) -> Any:
   return jax.tree.map(lambda p: jnp.ndim(p) > 1, params)
 
 
-def _check_gradients() -> optax.GradientTransformation:
+def _check_gradients(mask: Any) -> optax.GradientTransformation:
   """Passes updates through after checking them against the params.
 
   Heads the chain of :func:`dessilbi`, so that a gradient of the wrong shape
-  or dtype is reported before weight decay and momentum broadcast it.
+  or dtype is reported before weight decay and momentum broadcast it; its
+  ``init`` checks the weight-decay mask against the params.
   """
 
   def init_fn(params):
-    del params
+    tree = mask(params) if callable(mask) else mask
+    _checks.check_mask_tree(tree, params)
     return optax.EmptyState()
 
   def update_fn(updates, state, params=None):
@@ -135,7 +137,12 @@ def dessilbi(
     store_gamma=store_gamma,
   )
   mask = matrix_mask if weight_decay_mask is None else weight_decay_mask
-  parts = [_check_gradients(), optax.add_decayed_weights(weight_decay, mask)]
+  if not callable(mask):
+    _checks.check_mask_leaves(mask)
+  parts = [
+    _check_gradients(mask),
+    optax.add_decayed_weights(weight_decay, mask),
+  ]
   if momentum is not None:
     parts.append(
       optax.trace(

@@ -21,8 +21,16 @@ from typing import Any, Union
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 KeyPath = tuple[Any, ...]
+
+
+def _is_int(value: Any) -> bool:
+  """A Python or NumPy integer, not a bool."""
+  return isinstance(value, numbers.Integral) and not isinstance(
+    value, (bool, np.bool_)
+  )
 
 
 def _check_lam(lam: float) -> float:
@@ -71,15 +79,17 @@ class GroupLasso:
   scale_by_size: bool = False
 
   def __post_init__(self):
-    axes = (self.axes,) if isinstance(self.axes, int) else self.axes
-    if not isinstance(axes, Sequence) or not all(
-      isinstance(a, int) and not isinstance(a, bool) for a in axes
-    ):
+    axes = (self.axes,) if _is_int(self.axes) else self.axes
+    if not isinstance(axes, Sequence) or not all(_is_int(a) for a in axes):
       raise TypeError(
         f'axes must be an int or a sequence of ints, got {self.axes!r}.'
       )
-    object.__setattr__(self, 'axes', tuple(axes))
+    object.__setattr__(self, 'axes', tuple(int(a) for a in axes))
     object.__setattr__(self, 'lam', _check_lam(self.lam))
+    if not isinstance(self.scale_by_size, (bool, np.bool_)):
+      raise TypeError(
+        f'scale_by_size must be a bool, got {self.scale_by_size!r}.'
+      )
     object.__setattr__(self, 'scale_by_size', bool(self.scale_by_size))
 
   def group_axes(self, ndim: int) -> tuple[int, ...]:
@@ -106,6 +116,8 @@ class GroupLasso:
     reduce_axes = self.reduce_axes(len(shape))
     return tuple(1 if a in reduce_axes else n for a, n in enumerate(shape))
 
+
+_NO_LEAF = object()
 
 Penalty = Union[Lasso, GroupLasso]
 PenaltyRule = Callable[[KeyPath, Any], Union[Penalty, None]]
@@ -151,6 +163,11 @@ def penalty_rule(
       raise TypeError(
         f'{name} must be a Lasso, a GroupLasso or None, got {value!r}.'
       )
+  if overrides is not None and not isinstance(overrides, Mapping):
+    raise TypeError(
+      'overrides must be a mapping {regular expression: penalty or None}, '
+      f'got {type(overrides).__name__}.'
+    )
   compiled = []
   for pattern, value in (overrides or {}).items():
     if value is not None and not isinstance(value, (Lasso, GroupLasso)):
@@ -158,9 +175,20 @@ def penalty_rule(
         f'overrides[{pattern!r}] must be a Lasso, a GroupLasso or None, '
         f'got {value!r}.'
       )
-    compiled.append((re.compile(pattern), value))
+    try:
+      compiled.append((re.compile(pattern), value))
+    except (re.error, TypeError) as e:
+      raise ValueError(
+        f'overrides: {pattern!r} is not a regular expression: {e}.'
+      ) from None
 
-  def rule(path: KeyPath, leaf: Any) -> Union[Penalty, None]:
+  def rule(path: KeyPath, leaf: Any = _NO_LEAF) -> Union[Penalty, None]:
+    if leaf is _NO_LEAF:
+      raise TypeError(
+        'penalty: a rule is called as rule(path, leaf), here with one '
+        'argument: under optax.inject_hyperparams, name penalty in '
+        "static_args (e.g. static_args=('penalty',))."
+      )
     name = path_str(path)
     for pattern, value in compiled:
       if pattern.search(name):
@@ -172,6 +200,8 @@ def penalty_rule(
       return dense
     return None
 
+  # The override patterns, so that init can say which of them matched nothing.
+  rule.override_patterns = tuple(p for p, _ in compiled)
   return rule
 
 

@@ -1,5 +1,6 @@
 """The DessiLBI core as an Optax gradient transformation."""
 
+import warnings
 from typing import Any, NamedTuple, Optional
 
 import jax
@@ -106,6 +107,11 @@ def resolve_penalties(
         f'params: leaf {name!r} has dtype {leaf.dtype}; DessiLBI needs real '
         'floating-point parameters (exclude other leaves from the optimizer, '
         'e.g. with optax.partition or nnx.Optimizer(wrt=nnx.Param)).'
+      )
+    if jnp.dtype(leaf.dtype).itemsize < 2:
+      raise TypeError(
+        f'params: leaf {name!r} has dtype {leaf.dtype}; 8-bit floats are not '
+        'supported (keep a wider copy of such parameters to train them).'
       )
     choice = rule(path, leaf)
     if choice is not None and not isinstance(choice, (Lasso, GroupLasso)):
@@ -224,6 +230,7 @@ def scale_by_dessilbi(
   def init_fn(params):
     _checks.check_param_leaves(params)
     penalties, treedef = resolve_penalties(params, penalty)
+    _warn_unmatched_overrides(params)
 
     z, gamma = [], []
     for leaf, choice in zip(
@@ -244,6 +251,25 @@ def scale_by_dessilbi(
       z=treedef.unflatten(z),
       gamma=treedef.unflatten(gamma),
     )
+
+  def _warn_unmatched_overrides(params):
+    """A pattern of :func:`~dessilbi_jax.penalty_rule` that matched no leaf
+    is most likely a typo (a layer meant to be uncoupled stays coupled)."""
+    patterns = getattr(penalty, 'override_patterns', ())
+    if not patterns:
+      return
+    names = [
+      path_str(_normalise_path(path))
+      for path, _ in jax.tree_util.tree_leaves_with_path(params)
+    ]
+    for pattern in patterns:
+      if not any(pattern.search(name) for name in names):
+        warnings.warn(
+          f'penalty: the override {pattern.pattern!r} matches no parameter '
+          f'(e.g. {names[:3]}); check its spelling (patterns are regular '
+          'expressions searched in paths such as "layer/kernel").',
+          stacklevel=3,
+        )
 
   def _new_gamma(z, choice):
     """What the state stores for Γ = κ·Prox(z): Γ, or the per-group scale.
@@ -268,6 +294,11 @@ def scale_by_dessilbi(
     lr = (
       learning_rate(state.count) if callable(learning_rate) else learning_rate
     )
+    if jnp.ndim(lr) != 0:
+      raise ValueError(
+        f'learning_rate: the schedule returned an array of shape '
+        f'{jnp.shape(lr)} at step count {state.count}; expected a scalar.'
+      )
     step = kappa * lr
     z_step = lr / nu
 

@@ -2,6 +2,7 @@
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 import optax
 import pytest
 
@@ -114,3 +115,85 @@ def test_values_are_checked_when_concrete_and_skipped_when_traced():
   state = jax.jit(tx.init)(PARAMS)
   updates, _ = jax.jit(tx.update)(PARAMS, state, PARAMS)
   assert jax.tree.structure(updates) == jax.tree.structure(PARAMS)
+
+
+KB = {'kernel': jnp.ones((3, 4)), 'bias': jnp.ones(4)}
+ZERO = jax.tree.map(jnp.zeros_like, KB)
+
+
+def _decayed(tx, params=KB):
+  """Which leaves weight decay moved, with zero gradients and no coupling."""
+  updates, _ = tx.update(ZERO, tx.init(params), params)
+  return {k: bool(jnp.any(jnp.abs(v) > 1e-3)) for k, v in updates.items()}
+
+
+def test_weight_decay_mask_is_checked():
+  plain = dict(learning_rate=1.0, nu=1e9, momentum=None, weight_decay=0.5)
+  # A layer name or strings as leaves used to decay every leaf.
+  for bad in ('bias', {'kernel': 'no', 'bias': 'no'}):
+    with pytest.raises(TypeError, match='weight_decay_mask must be None'):
+      dl.dessilbi(**plain, weight_decay_mask=bad)
+  with pytest.raises(TypeError, match='pass weight_decay=0 to decay nothing'):
+    dl.dessilbi(**plain, weight_decay_mask=False)
+  with pytest.raises(ValueError, match='laid out like the params'):
+    dl.dessilbi(**plain, weight_decay_mask={'kernel': True}).init(KB)
+  assert _decayed(dl.dessilbi(**plain)) == {'kernel': True, 'bias': False}
+  # A prefix of the params' tree is a mask, as in optax.masked.
+  nested = {'enc': KB, 'dec': KB}
+  tx = dl.dessilbi(**plain, weight_decay_mask={'enc': True, 'dec': False})
+  updates, _ = tx.update(
+    jax.tree.map(jnp.zeros_like, nested), tx.init(nested), nested
+  )
+  assert bool(jnp.all(jnp.abs(updates['enc']['bias']) > 1e-3))
+  assert not bool(jnp.any(jnp.abs(updates['dec']['kernel']) > 1e-3))
+
+
+def test_inject_hyperparams_callables_need_static_args():
+  inject = optax.inject_hyperparams
+  plain = dict(learning_rate=1.0, nu=1e9, momentum=None, weight_decay=0.5)
+  # The mask function was called with the step count: no decay at all.
+  tx = inject(dl.dessilbi)(**plain, weight_decay_mask=dl.matrix_mask)
+  with pytest.raises(TypeError, match="static_args=\\('weight_decay_mask',\\)"):
+    tx.init(KB)
+  tx = inject(dl.dessilbi, static_args=('weight_decay_mask',))(
+    **plain, weight_decay_mask=dl.matrix_mask
+  )
+  assert _decayed(tx) == {'kernel': True, 'bias': False}
+  # jnp.float32 is callable too, and so is a penalty rule.
+  with pytest.raises(TypeError, match="static_args=\\('state_dtype',\\)"):
+    inject(dl.dessilbi)(learning_rate=0.1, state_dtype=jnp.float32).init(KB)
+  inject(dl.dessilbi, static_args=('state_dtype',))(
+    learning_rate=0.1, state_dtype=jnp.float32
+  ).init(KB)
+  rule = dl.penalty_rule(overrides={'bias': None})
+  with pytest.raises(TypeError, match="static_args=\\('penalty',\\)"):
+    inject(dl.dessilbi)(learning_rate=0.1, penalty=rule).init(KB)
+
+
+def test_penalty_rule_overrides_are_checked():
+  with pytest.warns(UserWarning, match="override 'head' matches no parameter"):
+    dl.dessilbi(0.1, penalty=dl.penalty_rule(overrides={'head': None})).init(
+      {'Head': {'kernel': jnp.ones((4, 2))}}
+    )
+  with pytest.raises(TypeError, match='overrides must be a mapping'):
+    dl.penalty_rule(overrides=[('head', None)])
+  with pytest.raises(ValueError, match='not a regular expression'):
+    dl.penalty_rule(overrides={'head[': None})
+
+
+def test_schedules_must_return_a_scalar():
+  rates = jnp.array([0.1, 0.1, 0.05])
+  tx = dl.dessilbi(lambda count: rates[count : count + 1], nu=1.0)
+  with pytest.raises(ValueError, match='learning_rate: the schedule returned'):
+    tx.update(KB, tx.init(KB), KB)
+
+
+def test_penalties_and_dtypes_refuse_what_they_would_misread():
+  with pytest.raises(TypeError, match='scale_by_size must be a bool'):
+    dl.GroupLasso(scale_by_size='no')
+  assert dl.GroupLasso(axes=np.int64(0)).axes == (0,)
+  with pytest.raises(TypeError, match='state_dtype must have 16 bits'):
+    dl.scale_by_dessilbi(0.1, state_dtype=jnp.float8_e4m3fn)
+  eight = {'w': jnp.ones((3, 4), jnp.float8_e4m3fn)}
+  with pytest.raises(TypeError, match='8-bit floats are not supported'):
+    dl.dessilbi(0.1).init(eight)
