@@ -351,14 +351,6 @@ def check_mask_leaves(mask: Any, arg: str = 'weight_decay_mask') -> None:
       ``optax.inject_hyperparams`` makes by calling a mask function with the
       step count.
   """
-  if isinstance(mask, (bool, np.bool_)):
-    raise TypeError(
-      f'{arg} is the single bool {mask!r}: pass weight_decay=0 to decay '
-      'nothing, or a tree of bools / a function params -> tree of bools. '
-      'Under optax.inject_hyperparams, name a mask function in static_args '
-      "(static_args=('weight_decay_mask',)), or it is called with the step "
-      'count.'
-    )
   for name, leaf in zip(_leaf_paths(mask), jax.tree.leaves(mask), strict=True):
     if not isinstance(leaf, (bool, np.bool_)):
       hint = (
@@ -377,8 +369,21 @@ def check_mask_leaves(mask: Any, arg: str = 'weight_decay_mask') -> None:
 
 def check_mask_tree(mask: Any, params: Any, arg: str = 'weight_decay_mask'):
   """The mask (or what a mask function returned) fits the params' tree: the
-  same tree, or a prefix of it (as ``optax.masked`` allows)."""
+  same tree, or a prefix of it (as ``optax.masked`` allows).
+
+  A single bool for params of several leaves is refused: it is what a mask
+  function returns when ``optax.inject_hyperparams`` calls it with the step
+  count (``matrix_mask(count)`` is False: no decay at all, silently).
+  """
   check_mask_leaves(mask, arg)
+  if isinstance(mask, (bool, np.bool_)) and len(jax.tree.leaves(params)) > 1:
+    raise TypeError(
+      f'{arg} is the single bool {mask!r} for params of several leaves: pass '
+      'weight_decay=0 to decay nothing, or a tree of bools / a function '
+      'params -> tree of bools. Under optax.inject_hyperparams, name a mask '
+      "function in static_args (static_args=('weight_decay_mask',)), or it "
+      'is called with the step count.'
+    )
   try:
     jax.tree.map(lambda m, p: None, mask, params)
   except (ValueError, TypeError):

@@ -134,7 +134,13 @@ def test_weight_decay_mask_is_checked():
     with pytest.raises(TypeError, match='weight_decay_mask must be None'):
       dl.dessilbi(**plain, weight_decay_mask=bad)
   with pytest.raises(TypeError, match='pass weight_decay=0 to decay nothing'):
-    dl.dessilbi(**plain, weight_decay_mask=False)
+    dl.dessilbi(**plain, weight_decay_mask=False).init(KB)
+  # For a single array, a single bool is the mask (matrix_mask gives one).
+  w = jnp.ones((3, 4))
+  for mask in (None, True, dl.matrix_mask):
+    tx = dl.dessilbi(**plain, weight_decay_mask=mask)
+    updates, _ = tx.update(jnp.zeros_like(w), tx.init(w), w)
+    assert bool(jnp.all(jnp.abs(updates) > 1e-3))
   with pytest.raises(ValueError, match='laid out like the params'):
     dl.dessilbi(**plain, weight_decay_mask={'kernel': True}).init(KB)
   assert _decayed(dl.dessilbi(**plain)) == {'kernel': True, 'bias': False}
