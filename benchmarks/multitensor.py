@@ -507,6 +507,14 @@ def _compare(got, want, penalties, treedef) -> dict:
       'support_mismatches': mismatch,
       'selected_share': selected / units,
     }
+  # Float32 rounding stays far below this; a wrong kernel does not.
+  out['ok'] = (
+    max(params_rel, state_rel) < 1e-4
+    and sum(
+      out[u]['support_mismatches'] for u in ('filters', 'weights') if u in out
+    )
+    == 0
+  )
   return out
 
 
@@ -544,7 +552,8 @@ def main(argv=None) -> dict:
       if unit in row
     )
     print(
-      f'  {name:18s} max difference: params {row["params_max_abs"]:.1e}'
+      f'  {name:18s} {"ok" if row["ok"] else "MISMATCH"}; max difference:'
+      f' params {row["params_max_abs"]:.1e}'
       f' ({row["params_max_rel"]:.1e} rel), state {row["state_max_abs"]:.1e}'
       f' ({row["state_max_rel"]:.1e} rel); in one support only: {supports}',
       flush=True,

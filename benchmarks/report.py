@@ -140,6 +140,7 @@ def _agreement(run: dict) -> list[str]:
     rows.append(
       [
         name,
+        'yes' if r.get('ok') else 'NO',
         f'{r["params_max_abs"]:.1e} ({r["params_max_rel"]:.1e})',
         f'{r["state_max_abs"]:.1e} ({r["state_max_rel"]:.1e})',
         *supports,
@@ -147,6 +148,7 @@ def _agreement(run: dict) -> list[str]:
     )
   header = [
     'kernel',
+    'agrees',
     'params: max diff (rel)',
     'state: max diff (rel)',
     'filters in one support only',

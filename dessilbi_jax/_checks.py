@@ -30,8 +30,8 @@ def concrete_scalar(name: str, value: Any) -> Optional[float]:
   except Exception as e:  # pragma: no cover - exotic objects
     raise TypeError(f'{name} must be a real number, got {value!r}.') from e
   if arr.shape != () or not (
-    np.issubdtype(arr.dtype, np.floating)
-    or np.issubdtype(arr.dtype, np.integer)
+    jnp.issubdtype(arr.dtype, jnp.floating)
+    or jnp.issubdtype(arr.dtype, jnp.integer)
   ):
     raise TypeError(
       f'{name} must be a real scalar, got {type(value).__name__} with '
@@ -67,8 +67,8 @@ def check_threshold(name: str, value: Any) -> None:
     return
   arr = np.asarray(value)
   if arr.dtype == bool or not (
-    np.issubdtype(arr.dtype, np.floating)
-    or np.issubdtype(arr.dtype, np.integer)
+    jnp.issubdtype(arr.dtype, jnp.floating)
+    or jnp.issubdtype(arr.dtype, jnp.integer)
   ):
     raise TypeError(
       f'{name} must be a real number or a real array, got dtype {arr.dtype}.'
@@ -342,28 +342,41 @@ def check_state_dtype(value: Any) -> None:
     )
 
 
+def _is_bool_scalar(value: Any) -> bool:
+  """A Python or NumPy bool, or a concrete 0-d boolean array."""
+  if isinstance(value, (bool, np.bool_)):
+    return True
+  if isinstance(value, jax.core.Tracer):
+    return False
+  return (
+    isinstance(value, (jax.Array, np.ndarray))
+    and value.shape == ()
+    and value.dtype == bool
+  )
+
+
 def check_mask_leaves(mask: Any, arg: str = 'weight_decay_mask') -> None:
   """A mask tree holds Python (or NumPy) bools, one per parameter leaf.
 
   Raises:
-    TypeError: a leaf is something else: a string (not a layer name), an
-      array (a per-element mask), or a JAX array such as the one
-      ``optax.inject_hyperparams`` makes by calling a mask function with the
-      step count.
+    TypeError: a leaf is something else than one bool (a 0-d bool array
+      counts): a string (not a layer name), a per-element array, or a traced
+      value such as ``optax.inject_hyperparams`` makes by calling a mask
+      function with the step count.
   """
   for name, leaf in zip(_leaf_paths(mask), jax.tree.leaves(mask), strict=True):
-    if not isinstance(leaf, (bool, np.bool_)):
+    if not _is_bool_scalar(leaf):
       hint = (
         '; under optax.inject_hyperparams, name it in static_args '
         "(static_args=('weight_decay_mask',)), or it is called with the "
         'step count'
-        if isinstance(leaf, jax.Array)
+        if isinstance(leaf, jax.core.Tracer)
         else ''
       )
       raise TypeError(
         f'{arg} must be None, a function params -> tree of bools, or a tree '
-        f'of bools laid out like the params; leaf {name!r} is {leaf!r}'
-        f'{hint}.'
+        f'of bools (one per leaf) laid out like the params; leaf {name!r} is '
+        f'{leaf!r}{hint}.'
       )
 
 
@@ -371,18 +384,23 @@ def check_mask_tree(mask: Any, params: Any, arg: str = 'weight_decay_mask'):
   """The mask (or what a mask function returned) fits the params' tree: the
   same tree, or a prefix of it (as ``optax.masked`` allows).
 
-  A single bool for params of several leaves is refused: it is what a mask
-  function returns when ``optax.inject_hyperparams`` calls it with the step
-  count (``matrix_mask(count)`` is False: no decay at all, silently).
+  A single False for params of several leaves is refused: it is what a
+  mask function returns when ``optax.inject_hyperparams`` calls it with the
+  step count (``matrix_mask(count)``: no decay at all, silently). A single
+  True decays every leaf, as in ``optax.masked``.
   """
   check_mask_leaves(mask, arg)
-  if isinstance(mask, (bool, np.bool_)) and len(jax.tree.leaves(params)) > 1:
+  if (
+    _is_bool_scalar(mask)
+    and not bool(mask)
+    and len(jax.tree.leaves(params)) > 1
+  ):
     raise TypeError(
-      f'{arg} is the single bool {mask!r} for params of several leaves: pass '
-      'weight_decay=0 to decay nothing, or a tree of bools / a function '
-      'params -> tree of bools. Under optax.inject_hyperparams, name a mask '
-      "function in static_args (static_args=('weight_decay_mask',)), or it "
-      'is called with the step count.'
+      f'{arg} is the single bool False for params of several leaves, which '
+      'decays nothing: pass weight_decay=0 for that. Under '
+      'optax.inject_hyperparams, name a mask function in static_args '
+      "(static_args=('weight_decay_mask',)), or it is called with the step "
+      'count (matrix_mask(count) is False).'
     )
   try:
     jax.tree.map(lambda m, p: None, mask, params)

@@ -190,8 +190,9 @@ def grouped_penalties(
 @functools.partial(jax.jit, static_argnums=2)
 def _grouping_holds(zs, gammas, choices) -> list[jax.Array]:
   """Per leaf: whether Γ's support could be that of κ·Prox(z) under the
-  leaf's penalty. Exact comparisons only, so that states rounded to another
-  precision on the way (bfloat16, or float32 read as float64) still pass.
+  leaf's penalty. Comparisons of supports only, not of values, so that
+  states rounded to another precision on the way (bfloat16, or float32 read
+  as float64) still pass.
 
   Entries where z is 0 are left out (Γ is 0 there in any state an optimizer
   made; hand-made states may set Γ alone), and so are non-finite ones (a
@@ -208,9 +209,17 @@ def _grouping_holds(zs, gammas, choices) -> list[jax.Array]:
       low_on = jnp.min(jnp.where(on, a, jnp.inf), initial=jnp.inf)
       out.append(top_off <= low_on)
     else:
-      # A group is in the support or out of it as a whole (Γ_g = z_g · s_g).
+      # A group is in the support or out of it as a whole (Γ_g = z_g · s_g),
+      # except where z_i · s_g underflows in Γ's dtype (float16, a group
+      # that has just entered): an entry counts as out only if z_i · s_g,
+      # with s_g read off the group's entries in, is clearly representable.
       axes = choice.reduce_axes(z.ndim)
-      mixed = jnp.any(on, axis=axes) & jnp.any(off, axis=axes)
+      a = jnp.abs(z).astype(jnp.float32)
+      ratio = jnp.abs(g).astype(jnp.float32) / jnp.where(on, a, 1)
+      scale = jnp.max(jnp.where(on, ratio, 0), axis=axes, keepdims=True)
+      tiny = 4 * float(jnp.finfo(g.dtype).smallest_subnormal)
+      visible = off & (a * scale >= tiny)
+      mixed = jnp.any(on, axis=axes) & jnp.any(visible, axis=axes)
       out.append(~jnp.any(mixed))
   return out
 

@@ -22,6 +22,14 @@ def param_count(params: Any) -> int:
   return int(sum(np.size(x) for x in jax.tree.leaves(_trees.pure(params))))
 
 
+def _is_data(value: Any) -> bool:
+  """An array, a ``jax.ShapeDtypeStruct``, or a non-empty tree of them."""
+  leaves = jax.tree.leaves(value)
+  return bool(leaves) and all(
+    isinstance(x, (jax.Array, np.ndarray, jax.ShapeDtypeStruct)) for x in leaves
+  )
+
+
 def flops(fn: Callable[..., Any], *args: Any, **kwargs: Any) -> float:
   """FLOPs of ``fn(*args, **kwargs)`` as XLA counts them after compiling.
 
@@ -34,8 +42,9 @@ def flops(fn: Callable[..., Any], *args: Any, **kwargs: Any) -> float:
     fn: the function to measure, e.g. a model's forward pass
       ``lambda params, x: model.apply({'params': params}, x)``.
     *args: its arguments (arrays or ``jax.ShapeDtypeStruct``), traced.
-    **kwargs: keyword arguments, fixed at trace time (Python flags such as
-      ``train=False``); pass arrays positionally.
+    **kwargs: keyword arguments: arrays (and trees of them) are traced like
+      ``args``; anything else (flags such as ``train=False``) is fixed at
+      trace time.
 
   Returns:
     The FLOP count as a float.
@@ -49,8 +58,12 @@ def flops(fn: Callable[..., Any], *args: Any, **kwargs: Any) -> float:
     >>> dl.flops(lambda w, x: x @ w, jnp.ones((64, 32)), jnp.ones((8, 64)))
     32768.0
   """
-  bound = functools.partial(fn, **kwargs) if kwargs else fn
-  compiled = jax.jit(bound).lower(*args).compile()
+  # Arrays (and trees of them) are traced wherever they are passed; other
+  # keyword values (flags such as train=False) are fixed at trace time.
+  traced = {k: v for k, v in kwargs.items() if _is_data(v)}
+  fixed = {k: v for k, v in kwargs.items() if k not in traced}
+  bound = functools.partial(fn, **fixed) if fixed else fn
+  compiled = jax.jit(bound).lower(*args, **traced).compile()
   analysis = compiled.cost_analysis()
   if isinstance(analysis, (list, tuple)):  # older JAX: one dict per device
     analysis = analysis[0] if analysis else None

@@ -14,7 +14,7 @@ import optax
 from dessilbi_jax import _trees
 from dessilbi_jax.penalties import PenaltyRule
 from dessilbi_jax.selection import _rank_groups
-from dessilbi_jax.topology import Spec, channel_masks
+from dessilbi_jax.topology import Spec, channel_masks, check_spec
 
 
 def _check_fraction(fraction: float) -> float:
@@ -130,6 +130,8 @@ def prune(
     ),
     record,
   )
+  if spec is not None:
+    check_spec(params, spec)  # named errors, before the spec is hashed
   spec_items = None if spec is None else tuple(sorted(dict(spec).items()))
   return _prune(
     params, record, cuts, scope=scope, spec_items=spec_items, penalty=penalty

@@ -236,8 +236,11 @@ def track_selection(
 
 
 def _check_step(step: Any) -> None:
-  """A concrete time stamp is a whole number that fits the int32 record."""
-  if isinstance(step, jax.core.Tracer):
+  """A Python or NumPy time stamp is a whole number that fits the int32
+  record (JAX arrays are not read back: no host synchronisation)."""
+  if isinstance(step, jax.Array):  # its shape is known without a sync
+    if step.shape != () or step.dtype == bool:
+      raise TypeError(f'step must be a scalar step number, got {step!r}.')
     return
   value = np.asarray(step)
   if value.shape != () or value.dtype == bool:

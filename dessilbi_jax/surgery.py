@@ -496,8 +496,15 @@ def widen(
 
 
 def _is_layer_mask(v) -> bool:
-  """An array, or a non-empty Python list or tuple (not a tree node)."""
-  return hasattr(v, 'shape') or (type(v) in (list, tuple) and len(v) > 0)
+  """An array, or a non-empty Python list or tuple of scalars (a list of
+  subtrees is a tree node: ``{'blocks': [{...}, {...}]}``)."""
+  if hasattr(v, 'shape'):
+    return True
+  return (
+    type(v) in (list, tuple)
+    and len(v) > 0
+    and all(np.ndim(x) == 0 and not isinstance(x, Mapping) for x in v)
+  )
 
 
 def _layer_mask(mask, layer: str) -> np.ndarray:

@@ -109,7 +109,9 @@ def _norm_of(layers: dict, parts: _trees.Names, width: int):
   return None
 
 
-def default_norm(params: optax.Params, layer: str) -> Optional[str]:
+def default_norm(
+  params: optax.Params, layer: str, settled: Sequence[str] = ()
+) -> Optional[str]:
   """The norm layer of ``layer`` by naming: ``conv3`` -> ``bn3``/``norm3``.
 
   The last ``conv``/``fc``/``dense``/``linear`` in the layer's path is
@@ -117,6 +119,12 @@ def default_norm(params: optax.Params, layer: str) -> Optional[str]:
   ``<layer>_bn`` and ``<layer>_norm`` are tried (``shortcut`` ->
   ``shortcut_bn``); the first candidate that exists in ``params`` with
   per-channel leaves of the layer's width wins.
+
+  Args:
+    params: the model's params.
+    layer: the layer's path.
+    settled: layers whose norm is given elsewhere (a spec, ``norms=``):
+      they compete for no naming candidate.
 
   Raises:
     ValueError: naming cannot tell: the candidate found is also the
@@ -134,12 +142,14 @@ def default_norm(params: optax.Params, layer: str) -> Optional[str]:
   width = kernel.shape[-1]
   layers = _shapes_by_layer(table)
   found = _norm_of(layers, parts, width)
+  settled = {_trees.split_name(name) for name in settled}
   if found is not None:
     rivals = [
       _trees.join(n[:-1])
       for n, v in table.items()
       if n[-1] == 'kernel'
       and n[:-1] != parts
+      and n[:-1] not in settled
       and v.ndim >= 2
       and _norm_of(layers, n[:-1], v.shape[-1]) == found
     ]
@@ -147,8 +157,8 @@ def default_norm(params: optax.Params, layer: str) -> Optional[str]:
       raise ValueError(
         f'naming cannot tell the norm layer of {layer!r}: '
         f'{_trees.join(found)!r} is the naming candidate of {rivals[0]!r} '
-        'too; pass spec= (dessilbi_jax.chain_spec(params, layers, '
-        'norms={...})).'
+        f'too; give the norm of {layer!r} or of {rivals[0]!r} explicitly '
+        '(chain_spec(..., norms={...}), or a Link in the spec).'
       )
     return _trees.join(found)
   if _AUTO_LAYER.fullmatch(parts[-1]):
@@ -163,8 +173,8 @@ def default_norm(params: optax.Params, layer: str) -> Optional[str]:
       raise ValueError(
         f'naming cannot tell the norm layer of {layer!r}: Flax Linen '
         f'numbers layers and norms apart ({", ".join(norms)} have its '
-        'width); name the modules, or pass spec= '
-        '(dessilbi_jax.chain_spec(params, layers, norms={...})).'
+        f'width); name the modules, or give the norm of {layer!r} '
+        'explicitly (chain_spec(..., norms={...}), or a Link in the spec).'
       )
   return None
 
@@ -192,8 +202,8 @@ def chain_spec(
   Raises:
     TypeError: ``layers`` is a single string.
     ValueError: a layer is missing, ``norms`` names a layer that is not in
-      the chain (or the last one, which gets no link), or the widths of
-      consecutive layers do not fit (the message names both layers).
+      the chain, or the widths of consecutive layers do not fit (the message
+      names both layers).
 
   Example:
     >>> import jax.numpy as jnp
@@ -217,16 +227,18 @@ def chain_spec(
     )
   order = list(kernel_layers(params) if layers is None else layers)
   norms = dict(norms or {})
-  unknown = sorted(set(norms) - set(order[:-1]))
+  unknown = sorted(set(norms) - set(order))
   if unknown:
     raise ValueError(
-      f'norms: {unknown[0]!r} is not a layer of the chain with a successor; '
-      f'the layers are {order}.'
+      f'norms: {unknown[0]!r} is not a layer of the chain; the layers are '
+      f'{order}.'
     )
   spec = {}
   for producer, consumer in itertools.pairwise(order):
     norm = (
-      norms[producer] if producer in norms else default_norm(params, producer)
+      norms[producer]
+      if producer in norms
+      else default_norm(params, producer, settled=tuple(norms))
     )
     spec[producer] = Link(norm=norm, consumers=(consumer,))
   check_spec(params, spec)
@@ -327,7 +339,7 @@ def link_of(spec: Optional[Spec], params: Any, layer: str) -> Link:
   """The link of ``layer``: from the spec, else its norm by naming only."""
   if spec is not None and layer in spec:
     return spec[layer]
-  return Link(norm=default_norm(params, layer))
+  return Link(norm=default_norm(params, layer, settled=tuple(spec or ())))
 
 
 def channel_masks(

@@ -93,7 +93,15 @@ class LeNet5(nnx.Module):
     return self.fc2(x)
 
   def spec(self) -> dict[str, dl.Link]:
-    return dl.chain_spec(nnx.state(self, nnx.Param), self.LAYERS)
+    # The norms are known here: naming cannot tell bn1 from a fc1 that has
+    # conv1's width.
+    norms = {
+      layer: (
+        f'bn{layer[-1]}' if self.norm and layer.startswith('conv') else None
+      )
+      for layer in self.LAYERS
+    }
+    return dl.chain_spec(nnx.state(self, nnx.Param), self.LAYERS, norms=norms)
 
 
 class MLP(nnx.Module):

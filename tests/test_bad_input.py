@@ -133,7 +133,7 @@ def test_weight_decay_mask_is_checked():
   for bad in ('bias', {'kernel': 'no', 'bias': 'no'}):
     with pytest.raises(TypeError, match='weight_decay_mask must be None'):
       dl.dessilbi(**plain, weight_decay_mask=bad)
-  with pytest.raises(TypeError, match='pass weight_decay=0 to decay nothing'):
+  with pytest.raises(TypeError, match='decays nothing: pass weight_decay=0'):
     dl.dessilbi(**plain, weight_decay_mask=False).init(KB)
   # For a single array, a single bool is the mask (matrix_mask gives one).
   w = jnp.ones((3, 4))
@@ -203,3 +203,18 @@ def test_penalties_and_dtypes_refuse_what_they_would_misread():
   eight = {'w': jnp.ones((3, 4), jnp.float8_e4m3fn)}
   with pytest.raises(TypeError, match='8-bit floats are not supported'):
     dl.dessilbi(0.1).init(eight)
+
+
+def test_weight_decay_masks_that_optax_masked_takes_still_work():
+  plain = dict(learning_rate=1.0, nu=1e9, momentum=None, weight_decay=0.5)
+  every = {'kernel': True, 'bias': True}
+  by_rank = {'kernel': True, 'bias': False}
+  for mask, want in (
+    (True, every),  # a prefix of the params' tree: every leaf
+    (lambda p: True, every),
+    ({'kernel': jnp.array(True), 'bias': np.array(False)}, by_rank),
+    (lambda p: jax.tree.map(lambda x: jnp.asarray(x.ndim > 1), p), by_rank),
+  ):
+    assert _decayed(dl.dessilbi(**plain, weight_decay_mask=mask)) == want
+  with pytest.raises(TypeError, match='one per leaf'):
+    dl.dessilbi(**plain, weight_decay_mask={'kernel': jnp.ones(3, bool)})

@@ -136,6 +136,7 @@ def test_agreement_check_reports_matches_and_mismatches():
   out = multitensor.agreement(params, steps=3)
   assert set(out['results']) == set(multitensor.VARIANTS)
   for row in out['results'].values():
+    assert row['ok']
     assert row['params_max_rel'] < 1e-5 and row['state_max_rel'] < 1e-5
     for unit, count in (('filters', 60), ('weights', 700)):
       assert row[unit]['count'] == count
@@ -160,5 +161,5 @@ def test_agreement_check_reports_matches_and_mismatches():
     penalties,
     treedef,
   )
-  assert row['filters']['support_mismatches'] == 1
+  assert row['filters']['support_mismatches'] == 1 and not row['ok']
   assert row['state_max_abs'] > 0 and row['params_max_abs'] == 0

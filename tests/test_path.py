@@ -303,3 +303,17 @@ def test_residue_and_summary_refuse_the_nu_the_optimizer_refuses(nu):
     dl.residue(params, state, 2.0) / 2,
     rtol=1e-6,
   )
+
+
+def test_float16_underflow_in_a_new_filter_is_not_a_grouping_error():
+  # A filter that has just entered: s = 1 - λ/‖z‖ is tiny, and the small
+  # entry's z · s underflows to 0 in float16 while the filter is selected.
+  params = {'conv': jnp.zeros((1, 1, 2, 1), jnp.float16)}
+  state = dl.scale_by_dessilbi(1.0).init(params)
+  z = jnp.array([1.0005, 1e-5], jnp.float16).reshape(1, 1, 2, 1)
+  gamma = dl.group_shrink(z, 1.0, (0, 1, 2))
+  assert gamma[0, 0, 0, 0] != 0 and gamma[0, 0, 1, 0] == 0
+  state = state._replace(z={'conv': z}, gamma={'conv': gamma})
+  np.testing.assert_array_equal(
+    dl.support(state, by_group=True)['conv'], [True]
+  )

@@ -201,3 +201,11 @@ def test_reduce_axes_may_be_a_single_int():
   np.testing.assert_allclose(
     dl.group_shrink(z, 0.5, reduce_axes=0), np_group(z, 0.5, (0,)), rtol=1e-13
   )
+
+
+def test_a_bfloat16_lam_is_a_real_number():
+  z = jnp.ones((2, 4), jnp.bfloat16)
+  lam = jnp.full((1, 4), 0.5, jnp.bfloat16)
+  out = dl.group_shrink(z, lam, (0,))
+  assert out.dtype == jnp.bfloat16 and bool(jnp.all(out > 0))
+  dl.soft_threshold(z, jnp.bfloat16(0.5))

@@ -585,3 +585,23 @@ def test_orthogonal_filters_and_widen_name_bad_counts():
   spec = dl.chain_spec(params, ['fc1', 'fc2'])
   out = dl.widen(key, params, spec, 'fc1', np.int64(2))
   assert out.params['fc1']['kernel'].shape == (3, 4)
+
+
+def test_slim_takes_a_keep_tree_with_lists_of_layers():
+  # {'blocks': [layer, layer]}: a list of subtrees is a tree, not a mask.
+  params = {
+    'blocks': [
+      {'kernel': jnp.ones((3, 4)), 'bias': jnp.zeros(4)},
+      {'kernel': jnp.ones((4, 2)), 'bias': jnp.zeros(2)},
+    ]
+  }
+  spec = dl.chain_spec(params, ['blocks/0', 'blocks/1'])
+  keep = {
+    'blocks': [
+      {'kernel': jnp.array([True, False, True, True]), 'bias': None},
+      {'kernel': jnp.array([True, True]), 'bias': None},
+    ]
+  }
+  out = dl.slim(params, spec, keep)
+  assert out.params['blocks'][0]['kernel'].shape == (3, 3)
+  assert out.params['blocks'][1]['kernel'].shape == (3, 2)

@@ -131,3 +131,31 @@ def test_flops_keyword_arguments_are_fixed_flags():
     lambda v, x: Net().apply(v, x, train=False), variables, x
   )
   assert by_keyword == by_closure > 0
+
+
+def test_flops_traces_array_keyword_arguments():
+  x = jnp.ones((64, 64))
+
+  def f(x):
+    return (x * 2 + 1) @ x
+
+  by_position = dl.flops(f, x)
+  assert dl.flops(f, x=x) == by_position  # not folded as a constant
+  spec = jax.ShapeDtypeStruct((64, 64), jnp.float32)
+  assert dl.flops(f, x=spec) == by_position
+
+
+def test_norms_given_settle_naming_and_the_last_layer_may_have_one():
+  params = _conv_and_dense_sharing_a_name()
+  # fc1's norm given: bn1 is conv1's by naming, with no rival left.
+  spec = dl.chain_spec(params, ['conv1', 'fc1', 'fc2'], norms={'fc1': None})
+  assert spec['conv1'].norm == 'bn1' and spec['fc1'].norm is None
+  # A norm given for the last layer (which gets no link) is no error.
+  dl.chain_spec(
+    params, ['conv1', 'fc1', 'fc2'], norms={'fc1': None, 'fc2': None}
+  )
+  # A spec whose values are not Links is named before it is used.
+  rule = dl.penalty_rule(dense=dl.GroupLasso(axes=-1))
+  record = dl.magnitude_record({'fc1': params['fc1']}, rule)
+  with pytest.raises(TypeError, match=r"spec\['fc1'\] must be a"):
+    dl.prune(params, record, 0.5, spec={'fc1': {'norm': None}}, penalty=rule)
