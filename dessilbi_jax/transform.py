@@ -297,7 +297,7 @@ def scale_by_dessilbi(
     if jnp.ndim(lr) != 0:
       raise ValueError(
         f'learning_rate: the schedule returned an array of shape '
-        f'{jnp.shape(lr)} at step count {state.count}; expected a scalar.'
+        f'{jnp.shape(lr)}; expected a scalar.'
       )
     step = kappa * lr
     z_step = lr / nu
