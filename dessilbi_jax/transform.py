@@ -258,9 +258,13 @@ def scale_by_dessilbi(
     patterns = getattr(penalty, 'override_patterns', ())
     if not patterns:
       return
+    # Leaves that optax.masked / optax.partition give to other branches are
+    # MaskedNode()s here: their names count too.
     names = [
       path_str(_normalise_path(path))
-      for path, _ in jax.tree_util.tree_leaves_with_path(params)
+      for path, _ in jax.tree_util.tree_leaves_with_path(
+        params, is_leaf=lambda x: isinstance(x, optax.MaskedNode)
+      )
     ]
     for pattern in patterns:
       if not any(pattern.search(name) for name in names):

@@ -218,3 +218,23 @@ def test_weight_decay_masks_that_optax_masked_takes_still_work():
     assert _decayed(dl.dessilbi(**plain, weight_decay_mask=mask)) == want
   with pytest.raises(TypeError, match='one per leaf'):
     dl.dessilbi(**plain, weight_decay_mask={'kernel': jnp.ones(3, bool)})
+
+
+def test_override_naming_a_leaf_of_another_branch_is_no_typo():
+  import warnings
+
+  params = {
+    'body': {'kernel': jnp.ones((3, 4))},
+    'head': {'kernel': KB['kernel']},
+  }
+  rule = dl.penalty_rule(overrides={'head': None})
+  tx = optax.partition(
+    {'lbi': dl.dessilbi(0.1, penalty=rule), 'sgd': optax.sgd(0.1)},
+    {'body': 'lbi', 'head': 'sgd'},
+  )
+  with warnings.catch_warnings():
+    warnings.simplefilter('error')
+    tx.init(params)
+    optax.masked(
+      dl.dessilbi(0.1, penalty=rule), {'body': True, 'head': False}
+    ).init(params)
