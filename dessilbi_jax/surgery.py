@@ -470,6 +470,11 @@ def widen(
       'alone).'
     )
   check_spec_table(table, {layer: spec[layer]})
+  if not spec[layer].consumers:
+    raise ValueError(
+      f'layer {layer!r} has no consumers in the spec (its outputs feed a '
+      'residual addition or the model output), so it cannot be widened alone.'
+    )
   width = producer_width(table, layer)
   kernel_names = (*_trees.split_name(layer), 'kernel')
   filters = np.asarray(table[kernel_names]).reshape(-1, width)
@@ -621,6 +626,14 @@ def slim(
   per_layer = _keep_per_layer(keep, table, spec)
   edits, widths = [], {}
   for layer, mask in per_layer.items():
+    if not spec[layer].consumers:
+      if mask.all():  # e.g. a support tree that keeps all of this layer
+        continue
+      raise ValueError(
+        f'keep: layer {layer!r} has no consumers in the spec (its outputs '
+        'feed a residual addition or the model output), so its width cannot '
+        'change; keep all its filters.'
+      )
     if not mask.any():
       raise ValueError(
         f'keep: layer {layer!r} would lose all its {mask.size} filters; '

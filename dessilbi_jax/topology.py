@@ -38,7 +38,10 @@ class Link:
       inputs: a conv reads them on its kernel's axis -2; a Dense layer on its
       kernel's rows, either directly or as a feature map flattened
       channels-last (``x.reshape(n, -1)`` of an NHWC array), so its kernel has
-      ``spatial × channels`` rows.
+      ``spatial × channels`` rows. Empty: the channels go where no consumer
+      can follow (a residual addition, the model's output); such a link only
+      names the layer's norm (for ``prune`` and ``w_star``), and ``slim`` and
+      ``widen`` refuse to change the layer's width.
   """
 
   norm: Optional[str] = None
@@ -158,7 +161,8 @@ def default_norm(
         f'naming cannot tell the norm layer of {layer!r}: '
         f'{_trees.join(found)!r} is the naming candidate of {rivals[0]!r} '
         f'too; give the norm of {layer!r} or of {rivals[0]!r} explicitly '
-        '(chain_spec(..., norms={...}), or a Link in the spec).'
+        '(chain_spec(..., norms={...}), or a Link in the spec; '
+        'Link(norm=..., consumers=()) for a layer whose width must stay).'
       )
     return _trees.join(found)
   if _AUTO_LAYER.fullmatch(parts[-1]):
@@ -174,7 +178,8 @@ def default_norm(
         f'naming cannot tell the norm layer of {layer!r}: Flax Linen '
         f'numbers layers and norms apart ({", ".join(norms)} have its '
         f'width); name the modules, or give the norm of {layer!r} '
-        'explicitly (chain_spec(..., norms={...}), or a Link in the spec).'
+        'explicitly (chain_spec(..., norms={...}), or a Link in the spec; '
+        'Link(norm=..., consumers=()) for a layer whose width must stay).'
       )
   return None
 

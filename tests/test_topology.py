@@ -159,3 +159,24 @@ def test_norms_given_settle_naming_and_the_last_layer_may_have_one():
   record = dl.magnitude_record({'fc1': params['fc1']}, rule)
   with pytest.raises(TypeError, match=r"spec\['fc1'\] must be a"):
     dl.prune(params, record, 0.5, spec={'fc1': {'norm': None}}, penalty=rule)
+
+
+def test_a_link_without_consumers_names_a_norm_and_freezes_the_width():
+  # A conv whose outputs feed a residual addition: its norm can be named for
+  # prune, and slim / widen then refuse to change its width.
+  x = jnp.ones((1, 4, 4, 1))
+  params = dict(_AutoNamed().init(jax.random.key(0), x)['params'])
+  params['BatchNorm_0'] = {'scale': jnp.ones(4), 'bias': jnp.full(4, 0.5)}
+  spec = {'Conv_0': dl.Link(norm='BatchNorm_0', consumers=())}
+  record = {'Conv_0': {'kernel': jnp.array([0, 1, 2, dl.NOT_SELECTED])}}
+  pruned, masks = dl.prune(params, record, 0.5, spec=spec)
+  gone = ~masks['Conv_0']['bias']
+  assert gone.sum() == 2 and not pruned['BatchNorm_0']['bias'][gone].any()
+  with pytest.raises(ValueError, match='no consumers in the spec'):
+    dl.slim(params, spec, masks)
+  with pytest.raises(ValueError, match='no consumers in the spec'):
+    dl.widen(jax.random.key(1), params, spec, 'Conv_0', 2)
+  # Keeping every filter of it is no change, and allowed.
+  everything = jax.tree.map(lambda m: m | True, masks)
+  out = dl.slim(params, spec, everything)
+  assert out.params['Conv_0']['kernel'].shape[-1] == 4
