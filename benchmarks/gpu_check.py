@@ -101,7 +101,7 @@ RUNS = [
   (
     harness.main,
     'update --model resnet18 --dtype bfloat16 --repeats 9'
-    ' --optimizers sgd dessilbi dessilbi_f32',
+    ' --optimizers sgd dessilbi dessilbi_f32 dessilbi_mt dessilbi_mt_f32',
   ),
 ]
 

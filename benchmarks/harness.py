@@ -53,7 +53,12 @@ DEFAULT_OPTIMIZERS = ['sgd', 'dessilbi', 'dessilbi_z', 'adam']
 # GPU, interpret mode (slow) elsewhere; `_z` without Γ in the state, `_apply`
 # writing the new params itself. `dessilbi_mt:32x32x8` sets the filters per
 # program, rows per loop iteration and warps.
-MULTITENSOR = ('dessilbi_mt', 'dessilbi_mt_z', 'dessilbi_mt_apply')
+MULTITENSOR = (
+  'dessilbi_mt',
+  'dessilbi_mt_z',
+  'dessilbi_mt_apply',
+  'dessilbi_mt_f32',  # float32 state beside bfloat16 params (--dtype)
+)
 
 
 def multitensor_args(name: str) -> dict:
@@ -66,6 +71,8 @@ def multitensor_args(name: str) -> dict:
     'store_gamma': base != 'dessilbi_mt_z',
     'apply': base == 'dessilbi_mt_apply',
   }
+  if base == 'dessilbi_mt_f32':
+    kwargs['state_dtype'] = jnp.float32
   if tiles:
     parts = tiles.split('x')
     if len(parts) != 3 or not all(v.isdigit() for v in parts):

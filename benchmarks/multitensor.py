@@ -27,7 +27,8 @@ GPU measurement says whether it belongs in the library; on the CPU it runs in
 Pallas interpret mode (for the equality tests), and on a GPU with Triton.
 Run as a script, it checks the compiled kernel against ``dessilbi`` on a
 model's params (:func:`agreement`), which a GPU run does before timing it.
-Supported: a learning rate or schedule, momentum without Nesterov, weight decay
+Supported: a learning rate or schedule, float32 / bfloat16 / float16 params
+and state (computed in float32), momentum without Nesterov, weight decay
 on the leaves of rank >= 2, the default penalty rule (or any rule whose group
 lassos reduce over all axes but the last).
 """
@@ -90,6 +91,7 @@ def dessilbi_multitensor(
   weight_decay: float = 0.0,
   penalty=None,
   store_gamma: bool = True,
+  state_dtype=None,
   apply: bool = False,
   block: int = 2048,
   tile_cols: int = 16,
@@ -100,9 +102,11 @@ def dessilbi_multitensor(
   """``dl.dessilbi(...)``'s update as one multi-tensor Pallas kernel.
 
   Args:
-    learning_rate, kappa, nu, momentum, weight_decay, penalty, store_gamma:
-      as in :func:`dessilbi_jax.dessilbi` (the learning rate a float or a
-      schedule; the kernel reads it at every step).
+    learning_rate, kappa, nu, momentum, weight_decay, penalty, store_gamma,
+      state_dtype: as in :func:`dessilbi_jax.dessilbi` (the learning rate a
+      float or a schedule, which the kernel reads at every step; params,
+      gradients and state in float32, bfloat16 or float16, computed in
+      float32).
     apply: if true, the kernel writes the new params instead of the updates,
       and the result is a :class:`FusedStep` (``step(grads, state, params)
       -> (new_params, new_state)``) rather than an Optax transformation: the
@@ -134,6 +138,7 @@ def dessilbi_multitensor(
     weight_decay=weight_decay,
     penalty=penalty,
     store_gamma=store_gamma,
+    state_dtype=state_dtype,
   )
 
   def layout(params):
@@ -183,13 +188,27 @@ def dessilbi_multitensor(
         lambda b=body, a=(leaf, pid - leaf.start, ins, outs): b(*a, rates)
       )
 
-  def applied(w, update):
-    """What the kernel writes for W: its update, or (apply) the new W."""
+  def load(ref, at, mask):
+    """A tile as float32 (params and gradients may be bfloat16/float16)."""
+    return plt.load(ref.at[at], mask=mask, other=0.0).astype(jnp.float32)
+
+  def store(ref, at, value, mask):
+    plt.store(ref.at[at], value.astype(ref.dtype), mask=mask)
+
+  def stored(value, ref):
+    """``value`` as ``ref`` will hold it: Γ comes from the z the state keeps
+    (rounded to the state's dtype), as in dessilbi."""
+    return value.astype(ref.dtype).astype(jnp.float32)
+
+  def applied(w, update, dtype):
+    """What the kernel writes for W: its update, or (apply) the new W, with
+    the update rounded to W's dtype first, as optax.apply_updates adds it."""
+    update = update.astype(dtype).astype(jnp.float32)
     return w + update if apply else update
 
-  def direction(leaf, g, m, w):
-    if leaf.decayed:
-      g = g + weight_decay * w
+  def direction(leaf, g, m, w, dtype):
+    if leaf.decayed:  # optax.add_decayed_weights, in the gradients' dtype
+      g = (g + weight_decay * w).astype(dtype).astype(jnp.float32)
     return g + momentum * m
 
   def _flat_program(leaf, b, ins, outs, rates):
@@ -197,19 +216,20 @@ def dessilbi_multitensor(
     off = b * block
     mask = off + jnp.arange(block) < leaf.size
     at = pl.ds(off, block)
-    g, m, w, *zg = (plt.load(r.at[at], mask=mask, other=0.0) for r in ins)
-    m = direction(leaf, g, m, w)
-    plt.store(outs[0].at[at], m, mask=mask)
+    g, m, w, *zg = (load(r, at, mask) for r in ins)
+    m = direction(leaf, g, m, w, ins[0].dtype)
+    store(outs[0], at, m, mask)
     if leaf.kind == 'plain':
-      plt.store(outs[1].at[at], applied(w, -step * m), mask=mask)
+      store(outs[1], at, applied(w, -step * m, outs[1].dtype), mask)
       return
     z, gamma = zg
     diff = w - gamma
-    plt.store(outs[1].at[at], applied(w, -step * (m + diff / nu)), mask=mask)
-    z = z + z_step * diff
-    plt.store(outs[2].at[at], z, mask=mask)
+    update = -step * (m + diff / nu)
+    store(outs[1], at, applied(w, update, outs[1].dtype), mask)
+    z = stored(z + z_step * diff, outs[2])
+    store(outs[2], at, z, mask)
     shrunk = jnp.sign(z) * jnp.maximum(jnp.abs(z) - leaf.lam, 0)
-    plt.store(outs[3].at[at], kappa * shrunk, mask=mask)
+    store(outs[3], at, kappa * shrunk, mask)
 
   def _group_program(leaf, b, ins, outs, rates):
     step, z_step = rates
@@ -225,20 +245,19 @@ def dessilbi_multitensor(
 
     def update(i, sq):
       at, mask = tile(i)
-      g, m, w, z = (plt.load(r.at[at], mask=mask, other=0.0) for r in ins[:4])
+      g, m, w, z = (load(r, at, mask) for r in ins[:4])
       if store_gamma:
-        gamma = plt.load(ins[4].at[at], mask=mask, other=0.0)
+        gamma = load(ins[4], at, mask)
       else:  # the per-filter scale: Γ = z · scale
-        scale = plt.load(
-          ins[4].at[pl.ds(c0, leaf.tile)], mask=cols[0] < leaf.cols
-        )
+        scale = load(ins[4], pl.ds(c0, leaf.tile), cols[0] < leaf.cols)
         gamma = z * scale[None, :]
-      m = direction(leaf, g, m, w)
-      plt.store(outs[0].at[at], m, mask=mask)
+      m = direction(leaf, g, m, w, ins[0].dtype)
+      store(outs[0], at, m, mask)
       diff = w - gamma
-      plt.store(outs[1].at[at], applied(w, -step * (m + diff / nu)), mask=mask)
-      z = z + z_step * diff
-      plt.store(outs[2].at[at], z, mask=mask)
+      update = -step * (m + diff / nu)
+      store(outs[1], at, applied(w, update, outs[1].dtype), mask)
+      z = stored(z + z_step * diff, outs[2])
+      store(outs[2], at, z, mask)
       return sq + z * z
 
     # Squares summed per position, reduced across rows once after the loop
@@ -252,16 +271,14 @@ def dessilbi_multitensor(
     factor = jnp.where(nonzero & (norm > leaf.lam), 1 - leaf.lam / norm, 0.0)
     scale = kappa * factor
     if not store_gamma:
-      plt.store(
-        outs[3].at[pl.ds(c0, leaf.tile)], scale, mask=cols[0] < leaf.cols
-      )
+      store(outs[3], pl.ds(c0, leaf.tile), scale, cols[0] < leaf.cols)
       return
 
     def write_gamma(j, carry):
       # Backwards: the tiles of z written last are the likeliest in cache.
       at, mask = tile(n_iter - 1 - j)
-      z = plt.load(outs[2].at[at], mask=mask, other=0.0)
-      plt.store(outs[3].at[at], z * scale[None, :], mask=mask)
+      z = load(outs[2], at, mask)
+      store(outs[3], at, z * scale[None, :], mask)
       return carry
 
     # z is read back by threads other than those that wrote it only if the
@@ -276,11 +293,12 @@ def dessilbi_multitensor(
     if params is None:
       raise ValueError('dessilbi_multitensor needs params.')
     leaves, treedef, programs = layout(params)
+    floats = {'float32', 'bfloat16', 'float16'}
     dtypes = {str(x.dtype) for x in jax.tree.leaves((params, updates, state))}
-    if not dtypes <= {'float32', 'int32'}:
+    if not dtypes <= floats | {'int32'}:
       raise TypeError(
-        'dessilbi_multitensor supports float32 params, gradients and state; '
-        f'got dtypes {sorted(dtypes)}.'
+        'dessilbi_multitensor supports float32, bfloat16 and float16 params, '
+        f'gradients and state; got dtypes {sorted(dtypes)}.'
       )
     trace_state, core = state[2], state[3]
     columns = [
@@ -307,10 +325,13 @@ def dessilbi_multitensor(
         else (lambda x: x.reshape(-1))
       )
       arrays = [as2d(g), as2d(m), as2d(w)]
-      like = jax.ShapeDtypeStruct(arrays[0].shape, w.dtype)
+      shape = arrays[0].shape
+      # Each output in the dtype of what it replaces (W's update in W's).
+      m_out = jax.ShapeDtypeStruct(shape, m.dtype)
+      w_out = jax.ShapeDtypeStruct(shape, w.dtype)
       if leaf.kind == 'plain':
         ins += arrays
-        out_shape += [like, like]
+        out_shape += [m_out, w_out]
         continue
       arrays.append(as2d(z))
       if leaf.kind == 'group' and not store_gamma:
@@ -318,9 +339,14 @@ def dessilbi_multitensor(
         gamma_out = jax.ShapeDtypeStruct((leaf.cols,), gamma.dtype)
       else:
         arrays.append(as2d(gamma))
-        gamma_out = like
+        gamma_out = jax.ShapeDtypeStruct(shape, gamma.dtype)
       ins += arrays
-      out_shape += [like, like, like, gamma_out]
+      out_shape += [
+        m_out,
+        w_out,
+        jax.ShapeDtypeStruct(shape, z.dtype),
+        gamma_out,
+      ]
     any_spec = pl.BlockSpec(memory_space=pl.ANY)
     outs = pl.pallas_call(
       lambda *refs: kernel(leaves, *refs),
