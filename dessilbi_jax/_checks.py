@@ -1,6 +1,7 @@
 """Early checks of hyper-parameters, with errors that name the argument."""
 
 import math
+import numbers
 from typing import Any, Optional
 
 import jax
@@ -38,6 +39,21 @@ def concrete_scalar(name: str, value: Any) -> Optional[float]:
       f'shape {arr.shape} and dtype {arr.dtype}.'
     )
   return float(arr)
+
+
+def check_int(name: str, value: Any, minimum: int, expected: str) -> int:
+  """A Python or NumPy integer (not a bool) of at least ``minimum``.
+
+  Raises:
+    ValueError: otherwise, saying what was expected (e.g. 'a positive int').
+  """
+  if (
+    isinstance(value, (bool, np.bool_))
+    or not isinstance(value, numbers.Integral)
+    or value < minimum
+  ):
+    raise ValueError(f'{name} must be {expected}, got {value!r}.')
+  return int(value)
 
 
 def check_positive(name: str, value: Any) -> None:

@@ -117,9 +117,9 @@ def prune(
   if scope not in ('layer', 'global'):
     raise ValueError(f"scope must be 'layer' or 'global', got {scope!r}.")
   params = _trees.pure(params)
-  _trees.check_record(_trees.pure(record))
   _trees.check_rule(penalty)
-  record = _select_leaves(record, layers)
+  record = _select_leaves(record, layers)  # pure
+  _trees.check_record(record)
   # How many groups each leaf loses, counted here in Python's float64 so
   # that floor(0.7 · 10) is 7, and passed as data: one compiled program
   # serves every fraction.

@@ -15,7 +15,6 @@ For Flax NNX, build the model at its new widths and load the result with
 ``nnx.update(new_model, result.params)``.
 """
 
-import numbers
 from collections.abc import Mapping, Sequence
 from typing import Any, NamedTuple, Optional
 
@@ -235,13 +234,7 @@ def orthogonal_filters(
     >>> print(jnp.round(jnp.abs(kept.T @ new).max(), 6))
     0.0
   """
-  if (
-    isinstance(count, (bool, np.bool_))
-    or not isinstance(count, numbers.Integral)
-    or count < 0
-  ):
-    raise ValueError(f'count must be an int >= 0, got {count!r}.')
-  count = int(count)
+  count = _checks.check_int('count', count, 0, 'an int >= 0')
   if np.ndim(existing) != 2:
     raise ValueError(
       f'existing: expected the filters as columns of a (d, k) matrix (a '
@@ -451,13 +444,7 @@ def widen(
     >>> out.params['fc1']['kernel'].shape, out.params['fc2']['kernel'].T
     ((3, 4), Array([[1., 1., 0., 0.]], dtype=float32))
   """
-  if (
-    isinstance(add, (bool, np.bool_))
-    or not isinstance(add, numbers.Integral)
-    or add < 1
-  ):
-    raise ValueError(f'add must be a positive int, got {add!r}.')
-  add = int(add)
+  add = _checks.check_int('add', add, 1, 'a positive int')
   params = _trees.pure(params)
   batch_stats = _pure_or_none(batch_stats)
   opt_state = _pure_or_none(opt_state)
