@@ -1,0 +1,225 @@
+"""The README's Python blocks run as written.
+
+Each block runs in a namespace that supplies what the README leaves to the
+reader (the model classes, a batch, a loss, a checkpoint path); the lines the
+README elides with ``...`` are the only ones replaced. A block that stops
+running, or runs but computes something other than it says, fails here.
+"""
+
+import pathlib
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+from flax import nnx
+
+import dessilbi_jax as dl
+
+README = pathlib.Path(__file__).parents[1] / 'README.md'
+
+
+def _blocks() -> dict[str, str]:
+  """The README's Python blocks, keyed by the heading above each."""
+  out, heading, n, block = {}, None, 0, None
+  for line in README.read_text(encoding='utf-8').splitlines(keepends=True):
+    if block is not None:
+      if line.rstrip() == '```':
+        n += 1
+        out[heading if n == 1 else f'{heading} ({n})'] = ''.join(block)
+        block = None
+      else:
+        block.append(line)
+    elif line.startswith('## '):
+      heading, n = line[3:].strip(), 0
+    elif line.rstrip() == '```python':
+      block = []
+  return out
+
+
+BLOCKS = _blocks()
+
+
+class Net(nnx.Module):
+  """A conv-bn network built at given widths (the README's ``Net``)."""
+
+  def __init__(self, widths=None, *, rngs):
+    w = {'conv1': 8, 'conv2': 8, **(widths or {})}
+    self.conv1 = nnx.Conv(1, w['conv1'], (3, 3), rngs=rngs)
+    self.bn1 = nnx.BatchNorm(w['conv1'], rngs=rngs)
+    self.conv2 = nnx.Conv(w['conv1'], w['conv2'], (3, 3), rngs=rngs)
+    self.bn2 = nnx.BatchNorm(w['conv2'], rngs=rngs)
+    self.fc = nnx.Linear(4 * 4 * w['conv2'], 10, rngs=rngs)
+
+  def __call__(self, x):
+    x = nnx.relu(self.bn1(self.conv1(x)))
+    x = nnx.max_pool(nnx.relu(self.bn2(self.conv2(x))), (2, 2), (2, 2))
+    return self.fc(x.reshape(x.shape[0], -1))
+
+
+def _batch():
+  x = jax.random.normal(jax.random.key(1), (16, 8, 8, 1))
+  y = jnp.arange(16) % 10
+  return x, y
+
+
+@nnx.jit
+def _train_step(model, optimizer, x, y):
+  def loss_fn(model):
+    logits = model(x)
+    return optax.softmax_cross_entropy_with_integer_labels(logits, y).mean()
+
+  loss, grads = nnx.value_and_grad(loss_fn)(model)
+  optimizer.update(model, grads)
+  return loss
+
+
+def _run(name, namespace, replace=None):
+  # The imports of the quickstart, which later blocks take as given.
+  namespace = {'jax': jax, 'optax': optax, 'nnx': nnx, 'dl': dl, **namespace}
+  code = BLOCKS[name]
+  for old, new in (replace or {}).items():
+    assert code.count(old) == 1, f'{name}: {old!r} is no longer in the block'
+    code = code.replace(old, new)
+  exec(compile(code, f'README.md: {name}', 'exec'), namespace)
+  return namespace
+
+
+def test_the_blocks_are_found():
+  assert set(BLOCKS) == {
+    'Quickstart (Flax NNX)',
+    'API at a glance',
+    'The sparse path, end to end',
+    'Scale and reliability',
+    'Scale and reliability (2)',
+  }
+
+
+def test_quickstart():
+  x, y = _batch()
+  # Train between the block's train_step and its reading of Γ.
+  train = (
+    'losses = [float(train_step(model, optimizer, x, y)) for _ in range(250)]\n'
+  )
+  marker = '# Γ, the sparse structure, lives in the optimizer state:'
+  ns = _run(
+    'Quickstart (Flax NNX)',
+    {'MyModel': Net, 'x': x, 'y': y},
+    {marker: train + marker},
+  )
+  assert ns['losses'][-1] < ns['losses'][0]
+  # Filters have entered Γ's support, and the two readings agree.
+  by_group = dl.support(ns['optimizer'].opt_state, by_group=True)
+  assert 0 < int(ns['selected_filters'].sum()) <= 8
+  assert ns['selected_filters'].shape == (8,)
+  np.testing.assert_array_equal(
+    ns['selected_filters'], by_group['conv1']['kernel']
+  )
+
+
+def test_penalty_rule_examples():
+  ns = _run('API at a glance', {})
+  model = Net(rngs=nnx.Rngs(0))
+  params = nnx.state(model, nnx.Param)
+  state = ns['tx'].init(params)  # the lottery variant, the last one built
+  gamma = dl.get_gamma(state)
+  assert gamma['conv1']['kernel'].shape == (3, 3, 1, 8)
+  rule = ns['rule']
+  assert rule(('fc', 'kernel'), params['fc']['kernel'][...]) == dl.GroupLasso(
+    axes=-1
+  )
+  assert rule(('head', 'kernel'), jnp.zeros((3, 4))) is None
+
+
+def test_sparse_path_walkthrough():
+  x, y = _batch()
+  model = Net(rngs=nnx.Rngs(0))
+  train = 'for _ in range(15):\n  train_step(model, optimizer, x, y)'
+  ns = _run(
+    'The sparse path, end to end',
+    {'model': model, 'x': x, 'y': y, 'Net': Net, 'train_step': _train_step},
+    {'...  # train_step as in the quickstart': train},
+  )
+  # The path has started: some filters of conv2 are selected, some are not.
+  assert 0 < int(ns['filters'].sum()) < 8
+  assert 'conv2' in str(ns['summary'])
+  # Pruning half of conv1 and conv2 zeroes those filters and their biases.
+  for layer in ('conv1', 'conv2'):
+    kept = np.asarray(ns['masks'][layer]['bias'][...])
+    assert int(kept.sum()) == 4
+    np.testing.assert_array_equal(ns['masks'][layer]['kernel'][0, 0, 0], kept)
+    assert not np.any(ns['pruned'][layer]['kernel'][...][..., ~kept])
+    assert not np.any(ns['pruned'][layer]['bias'][...][~kept])
+  # The slim model has the kept widths; grown by 4 filters, conv2 has 8.
+  assert ns['small'].conv2.out_features == 4
+  assert ns['out'].widths == {'conv2': 8}
+
+
+def test_many_hosts_block_on_one_process(monkeypatch):
+  monkeypatch.setattr(jax.distributed, 'initialize', lambda *a, **k: None)
+  x, y = _batch()
+  x = x.reshape(16, -1)
+
+  def init_params(key):
+    k1, k2 = jax.random.split(key)
+    return {
+      'hidden': {'kernel': jax.random.normal(k1, (64, 32)) / 8},
+      'out': {'kernel': jax.random.normal(k2, (32, 10)) / 6},
+    }
+
+  def loss_fn(p, x, y):
+    logits = jax.nn.relu(x @ p['hidden']['kernel']) @ p['out']['kernel']
+    return optax.softmax_cross_entropy_with_integer_labels(logits, y).mean()
+
+  def local_batches():
+    return [(np.asarray(x), np.asarray(y))] * 3
+
+  ns = _run(
+    'Scale and reliability',
+    {
+      'init_params': init_params,
+      'loss_fn': loss_fn,
+      'local_batches': local_batches,
+    },
+  )
+  params, opt_state = (
+    init_params(jax.random.key(0)),
+    ns['tx'].init(ns['params']),
+  )
+  for _ in range(3):
+    grads = jax.grad(loss_fn)(params, x, y)
+    updates, opt_state = ns['tx'].update(grads, opt_state, params)
+    params = optax.apply_updates(params, updates)
+
+  def check(a, b):  # one jitted step against eager ones: float32 rounding
+    np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-7)
+
+  jax.tree.map(check, ns['params'], params)
+  jax.tree.map(check, ns['opt_state'], opt_state)
+
+
+def test_checkpoint_block(tmp_path):
+  params = nnx.to_pure_dict(nnx.state(Net(rngs=nnx.Rngs(0)), nnx.Param))
+  tx = dl.dessilbi(0.1, nu=1.0)
+  opt_state = tx.init(params)
+  grads = jax.tree.map(jnp.ones_like, params)
+  for _ in range(3):
+    updates, opt_state = tx.update(grads, opt_state, params)
+    params = optax.apply_updates(params, updates)
+  ns = _run(
+    'Scale and reliability (2)',
+    {
+      'path': tmp_path / 'ckpt',
+      'params': params,
+      'opt_state': opt_state,
+      'tx': tx,
+    },
+  )
+  saved = {'params': params, 'opt_state': opt_state}
+  restored = ns['restored']
+  assert jax.tree.structure(restored) == jax.tree.structure(saved)
+  jax.tree.map(np.testing.assert_array_equal, restored, saved)
+  # The restored state goes on as the saved one does.
+  a = tx.update(grads, restored['opt_state'], restored['params'])
+  b = tx.update(grads, opt_state, params)
+  jax.tree.map(np.testing.assert_array_equal, a, b)
