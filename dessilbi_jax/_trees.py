@@ -33,9 +33,30 @@ from dessilbi_jax.transform import (
 Names = tuple[str, ...]
 
 
+def variable_value(var: nnx.Variable) -> Any:
+  """What an NNX variable holds (``get_value`` from Flax 0.12.7 on)."""
+  if hasattr(nnx.Variable, 'get_value'):
+    return var.get_value()
+  return var.value
+
+
+def set_variable(var: nnx.Variable, value: Any) -> None:
+  """Writes ``value`` into an NNX variable."""
+  if hasattr(nnx.Variable, 'set_value'):
+    var.set_value(value)
+  else:
+    var.value = value
+
+
 def pure(tree: Any) -> Any:
   """The tree with Flax NNX variables replaced by their values."""
-  return nnx.as_pure(tree)
+  if hasattr(nnx, 'as_pure'):  # Flax 0.12.7 on
+    return nnx.as_pure(tree)
+  return jax.tree.map(
+    lambda x: variable_value(x) if isinstance(x, nnx.Variable) else x,
+    tree,
+    is_leaf=lambda x: isinstance(x, nnx.Variable),
+  )
 
 
 def is_empty(x: Any) -> bool:

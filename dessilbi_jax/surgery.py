@@ -658,7 +658,7 @@ def set_nnx_opt_state(optimizer: Any, opt_state: optax.OptState) -> None:
     lambda x: isinstance(x, nnx.Variable),
   )
   for var, value in pairs:
-    var.set_value(value)
+    _trees.set_variable(var, value)
 
 
 _SET_STATE_HINT = (
@@ -684,7 +684,7 @@ def _state_pairs(held, given, is_var, path=()) -> list[tuple[Any, Any]]:
   anything is written, at the first place where they differ.
   """
   where = _trees.join(_trees.names_of(path)) or '<root>'
-  current = held.get_value() if is_var(held) else held
+  current = _trees.variable_value(held) if is_var(held) else held
   if _trees.is_empty(current) and _trees.is_empty(given):
     return [(held, given)] if is_var(held) else []
   mine = None if is_var(held) else _one_level(held)

@@ -224,7 +224,14 @@ def ones_masks(model) -> Any:
 
 
 def opt_state(optimizer: nnx.Optimizer) -> Any:
-  return nnx.as_pure(optimizer.opt_state)
+  """The optimizer's state with NNX variables unwrapped to arrays."""
+  if hasattr(nnx, 'as_pure'):  # Flax 0.12.7 on
+    return nnx.as_pure(optimizer.opt_state)
+  return jax.tree.map(
+    lambda x: x.value if isinstance(x, nnx.Variable) else x,
+    optimizer.opt_state,
+    is_leaf=lambda x: isinstance(x, nnx.Variable),
+  )
 
 
 def selected_filters(opt_state, rule) -> dict[str, np.ndarray]:

@@ -10,6 +10,7 @@ from flax import linen, nnx
 from flax.training import train_state
 
 import dessilbi_jax as dl
+from dessilbi_jax._trees import pure
 
 
 def _data(n=64, seed=0):
@@ -90,7 +91,7 @@ def test_nnx_optimizer_trains_with_group_and_elementwise_penalties():
   step = _nnx_step()
   losses = [float(step(model, optimizer)) for _ in range(60)]
   assert losses[-1] < 0.5 * losses[0]
-  gamma = optax.tree.get(nnx.as_pure(optimizer.opt_state), 'gamma')
+  gamma = optax.tree.get(pure(optimizer.opt_state), 'gamma')
   kernel = gamma['conv1']['kernel']
   assert kernel.shape == (3, 3, 1, 6)
   _assert_filter_groups(kernel)
@@ -145,8 +146,9 @@ def test_nnx_optimizer_with_gamma_rebuilt_from_z_follows_the_same_path():
     runs.append((nnx.state(model, nnx.Param), optimizer.opt_state))
   (params, stored), (params_z, compact) = runs
   # The same path up to rounding: inside one fused kernel XLA may contract
-  # z * scale into the W update instead of rounding Γ first.
-  close = functools.partial(np.testing.assert_allclose, rtol=1e-5, atol=1e-7)
+  # z * scale into the W update instead of rounding Γ first. Over 30 steps
+  # that leaves ~1e-7 in entries that are about 0 (biases near zero).
+  close = functools.partial(np.testing.assert_allclose, rtol=1e-5, atol=1e-6)
   jax.tree.map(close, params_z, params)
   gamma = dl.get_gamma(compact)
   jax.tree.map(close, gamma, dl.get_gamma(stored))
@@ -156,5 +158,5 @@ def test_nnx_optimizer_with_gamma_rebuilt_from_z_follows_the_same_path():
     dl.support(stored),
   )
   assert int(jnp.sum(gamma['conv1']['kernel'] != 0)) > 0
-  scale = optax.tree.get(nnx.as_pure(compact), 'gamma')['conv1']['kernel']
+  scale = optax.tree.get(pure(compact), 'gamma')['conv1']['kernel']
   assert scale.shape == (1, 1, 1, 6)

@@ -10,6 +10,7 @@ import pytest
 from flax import nnx
 
 import dessilbi_jax as dl
+from dessilbi_jax._trees import pure
 from tests._golden import GOLDEN, STEPS, TOOLBOX_CASES, golden, replay
 
 
@@ -230,7 +231,7 @@ def test_flax_nnx_states_work_directly():
   sparse = nnx.clone(model)
   nnx.update(sparse, ws)
   fc = np.asarray(sparse.fc.kernel[...])
-  gamma = nnx.as_pure(optax.tree.get(optimizer.opt_state, 'gamma'))
+  gamma = pure(optax.tree.get(optimizer.opt_state, 'gamma'))
   np.testing.assert_array_equal(fc != 0, np.asarray(gamma['fc']['kernel']) != 0)
   s = dl.path_summary(params, optimizer.opt_state, nu=0.5)
   assert set(s.layers) == {'conv1/kernel', 'fc/kernel'}

@@ -8,6 +8,7 @@ import pytest
 from flax import nnx
 
 import dessilbi_jax as dl
+from dessilbi_jax._trees import pure
 from tests._golden import (
   GOLDEN,
   STEPS,
@@ -135,7 +136,7 @@ def test_track_selection_in_a_flax_nnx_optimizer():
 
   for _ in range(20):
     step(model, optimizer)
-  record = nnx.as_pure(optax.tree.get(optimizer.opt_state, 'first_step'))
+  record = pure(optax.tree.get(optimizer.opt_state, 'first_step'))
   kernel = np.asarray(record['kernel'])
   assert kernel.shape == (3, 2)
   assert kernel[0, 0] < dl.NOT_SELECTED and kernel[2, 1] < dl.NOT_SELECTED

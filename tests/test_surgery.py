@@ -11,6 +11,7 @@ from flax import linen, nnx
 from sklearn.datasets import load_digits
 
 import dessilbi_jax as dl
+from dessilbi_jax._trees import pure
 
 NS = dl.NOT_SELECTED
 
@@ -130,7 +131,7 @@ def _trained_lenet_cached():
     dl.dessilbi(0.1, nu=1.0, penalty=LENET_RULE), LENET_RULE
   )
   optimizer = _train(model, tx, 30)
-  return model, nnx.as_pure(optimizer.opt_state), tx
+  return model, pure(optimizer.opt_state), tx
 
 
 def _trained_lenet():
@@ -156,7 +157,7 @@ RESNET_SPEC = {
 
 def test_reinit_is_orthogonal_to_kept_filters_and_resets_state():
   model, state, _ = _trained_lenet()
-  params = nnx.as_pure(nnx.state(model, nnx.Param))
+  params = pure(nnx.state(model, nnx.Param))
   # A fixed split of the conv2 filters, half kept.
   keep = np.arange(16) % 2 == 0
   new_params, new_state = dl.reinit_unselected(
@@ -270,9 +271,7 @@ def test_widen_keeps_the_function_and_carries_optimizer_state():
   new_optimizer = nnx.Optimizer(wide, tx, wrt=nnx.Param)
   dl.set_nnx_opt_state(new_optimizer, out.opt_state)
   np.testing.assert_array_equal(
-    nnx.as_pure(optax.tree.get(new_optimizer.opt_state, 'z'))['conv2'][
-      'kernel'
-    ],
+    pure(optax.tree.get(new_optimizer.opt_state, 'z'))['conv2']['kernel'],
     optax.tree.get(out.opt_state, 'z')['conv2']['kernel'],
   )
 
@@ -336,7 +335,7 @@ def test_slim_lenet5_nnx_equals_pruned_model_with_fewer_params_and_flops():
   # The carried optimizer state fits an optimizer of the small model.
   small_opt = nnx.Optimizer(small, tx, wrt=nnx.Param)
   dl.set_nnx_opt_state(small_opt, out.opt_state)
-  gamma = nnx.as_pure(optax.tree.get(small_opt.opt_state, 'gamma'))
+  gamma = pure(optax.tree.get(small_opt.opt_state, 'gamma'))
   assert gamma['fc1']['kernel'].shape == (2 * 2 * 8, 60)
 
 
@@ -528,8 +527,8 @@ def test_set_nnx_opt_state_checks_structure_shape_and_dtype():
   model = nnx.Linear(3, 2, rngs=nnx.Rngs(0))
   tx = dl.dessilbi(0.1)
   optimizer = nnx.Optimizer(model, tx, wrt=nnx.Param)
-  params = nnx.as_pure(nnx.state(model, nnx.Param))
-  before = nnx.as_pure(optimizer.opt_state)
+  params = pure(nnx.state(model, nnx.Param))
+  before = pure(optimizer.opt_state)
 
   def load(state):
     dl.set_nnx_opt_state(optimizer, state)
@@ -539,7 +538,7 @@ def test_set_nnx_opt_state_checks_structure_shape_and_dtype():
     ValueError, match=r"opt_state: leaf '2/trace/bias' has dtype float16"
   ):
     load(tx.init(half))
-  wide = nnx.as_pure(nnx.state(nnx.Linear(3, 4, rngs=nnx.Rngs(0)), nnx.Param))
+  wide = pure(nnx.state(nnx.Linear(3, 4, rngs=nnx.Rngs(0)), nnx.Param))
   with pytest.raises(
     ValueError, match=r"opt_state: leaf '2/trace/bias' has shape \(4,\)"
   ):
@@ -552,9 +551,7 @@ def test_set_nnx_opt_state_checks_structure_shape_and_dtype():
   with pytest.raises(ValueError, match=r"opt_state: at '3/z/kernel'"):
     load(uncoupled.init(params))
   # Nothing was written by the refused loads.
-  jax.tree.map(
-    np.testing.assert_array_equal, nnx.as_pure(optimizer.opt_state), before
-  )
+  jax.tree.map(np.testing.assert_array_equal, pure(optimizer.opt_state), before)
   # A state of the optimizer's layout loads, and training goes on.
   grads = jax.tree.map(jnp.ones_like, params)
   _, state = tx.update(grads, tx.init(params), params)
