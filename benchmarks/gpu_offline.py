@@ -19,6 +19,7 @@ Usage::
 
 import argparse
 import collections
+import contextlib
 import glob
 import os
 import re
@@ -96,11 +97,14 @@ def main(argv=None) -> dict:
 
       run.__name__ = f'offline_{tag}'
       jitted = jax.jit(run, donate_argnums=(0, 1), compiler_options=options)
-      traced = jitted.trace(*abstract((params, state, grads)))
+      inputs = (params, state, grads)
     else:
-      step = harness.make_train_step(module, tx, options, f'offline_{tag}')
-      traced = step.trace(*abstract((params, stats, state, x, y)))
-    compiled = traced.lower(lowering_platforms=('cuda',)).compile()
+      jitted = harness.make_train_step(module, tx, options, f'offline_{tag}')
+      inputs = (params, stats, state, x, y)
+    with _abstract_gpu(jax, topology.devices[0].device_kind):
+      traced = jitted.trace(*abstract(inputs))
+      lowered = traced.lower(lowering_platforms=('cuda',))
+    compiled = lowered.compile()
     row = harness.hlo_counts(compiled)
     row['kernels'] = _launches(dump, f'offline_{tag}')
     results[name] = row
@@ -108,6 +112,23 @@ def main(argv=None) -> dict:
   device = topology.devices[0].device_kind
   print(f'({args.mode} / {args.model}, compiled for {device}; dumps: {dump})')
   return results
+
+
+def _abstract_gpu(jax, device_kind: str):
+  """A context naming the target GPU to Pallas's Triton lowering.
+
+  Newer JAX versions read it from the abstract mesh when no GPU is attached
+  (and refuse to lower a Triton kernel without it); older ones have no
+  ``AbstractDevice`` and need nothing.
+  """
+  if not hasattr(jax.sharding, 'AbstractDevice'):
+    return contextlib.nullcontext()
+  gpu = jax.sharding.AbstractDevice(
+    device_kind=device_kind, num_cores=None, platform='gpu'
+  )
+  return jax.sharding.use_abstract_mesh(
+    jax.sharding.AbstractMesh((), (), abstract_device=gpu)
+  )
 
 
 def _launches(dump: str, name: str) -> dict[str, int]:
