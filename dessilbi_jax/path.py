@@ -16,7 +16,7 @@ import numpy as np
 import optax
 
 from dessilbi_jax import _checks, _trees
-from dessilbi_jax.penalties import GroupLasso, PenaltyRule
+from dessilbi_jax.penalties import GroupLasso, Lasso, PenaltyRule
 from dessilbi_jax.topology import Spec, channel_masks
 
 
@@ -122,10 +122,13 @@ def w_star(
   Args:
     params: the weights W (a pytree, or a Flax NNX ``State``).
     opt_state: the optimizer state holding Γ.
-    channels: also zero, for every unselected output filter of a
-      group-lasso kernel, its bias and its norm layer's scale and shift, so
-      that the filter's output is exactly zero: the network
-      :func:`~dessilbi_jax.slim` builds from the support.
+    channels: also zero, for every output filter of a kernel that is out
+      of Γ's support as a whole (an unselected filter of a kernel grouped
+      per output filter; under a lasso, a filter none of whose weights is
+      selected), its bias and its norm layer's scale and shift, so that the
+      filter's output is exactly zero: the network
+      :func:`~dessilbi_jax.slim` builds from ``support(opt_state,
+      by_group=True)``.
     spec: with ``channels``, the model's spec (a ``Link`` per layer) to
       find norm layers; None to find them by naming (``conv3`` → ``bn3``).
     penalty: with ``channels``, the optimizer's penalty rule if not the
@@ -156,9 +159,15 @@ def w_star(
   masks = {}
   for names, choice in _trees.grouped_penalties(core, penalty).items():
     g = gammas[names]
-    if names[-1] == 'kernel' and _trees.is_output_grouped(choice, g.ndim):
+    if names[-1] != 'kernel' or g.ndim < 2:
+      continue
+    if _trees.is_output_grouped(choice, g.ndim):
       keep = _trees.group_any(g != 0, choice)
-      masks.update(channel_masks(table, names, keep, spec, out))
+    elif isinstance(choice, Lasso):  # a filter with no selected weight
+      keep = jnp.any(g.reshape(-1, g.shape[-1]) != 0, axis=0)
+    else:  # groups across filters: no filter is out as a whole
+      continue
+    masks.update(channel_masks(table, names, keep, spec, out))
   return _trees.map_with_names(
     lambda names, w: jnp.where(masks[names], w, 0) if names in masks else w,
     out,

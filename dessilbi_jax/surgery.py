@@ -549,8 +549,29 @@ def _keep_per_layer(keep, table, spec) -> dict[str, np.ndarray]:
       )
     if layer in spec:
       kernel = table[names]
-      out[layer] = _channel_mask(np.asarray(mask, bool), kernel.shape, layer)
+      channels = _channel_mask(np.asarray(mask, bool), kernel.shape, layer)
+      out[layer] = channels | _kept_by_companions(keep, names, spec, layer)
   return out
+
+
+def _kept_by_companions(keep, kernel, spec, layer) -> np.ndarray:
+  """Channels that a keep tree keeps through the layer's bias or norm.
+
+  The masks of :func:`~dessilbi_jax.prune` drop a channel's bias and norm
+  parameters only with the whole channel (groups per output filter). Under a
+  lasso, prune cuts single weights: a channel can lose every weight and still
+  output its bias, so it stays. A support tree has no masks there.
+  """
+  flat = _trees.leaves_by_name(_trees.pure(keep))
+  width = np.shape(flat[kernel])[-1]
+  kept = np.zeros(width, bool)
+  owners = [kernel[:-1]]
+  if spec[layer].norm is not None:
+    owners.append(_trees.split_name(spec[layer].norm))
+  for names, mask in flat.items():
+    if names[:-1] in owners and names != kernel and np.shape(mask) == (width,):
+      kept |= np.asarray(mask, bool)
+  return kept
 
 
 def slim(
@@ -568,8 +589,15 @@ def slim(
   and the matching input channels of its consumers (rows of a Dense kernel
   reading a flattened feature map included). If the dropped channels output
   exactly zero in the model (as after :func:`~dessilbi_jax.prune`, or when
-  their kernel, bias and norm shift are zero) and the activations map 0 to
-  0, the slim model computes the same function.
+  their kernel, bias and norm shift are zero), the activations map 0 to 0
+  and the norms are per channel (BatchNorm; a LayerNorm, GroupNorm or
+  RMSNorm over the channels computes other statistics once channels are
+  gone), the slim model computes the same function.
+
+  A channel goes when its mask drops it whole: every entry of a
+  kernel-shaped mask and, in a tree of masks such as prune's, the layer's
+  bias and norm entries too (under a lasso prune cuts weights, not channels,
+  so a channel that lost every weight keeps its bias and stays).
 
   Args:
     params: the params (in Flax NNX, ``nnx.state(model)`` also carries the

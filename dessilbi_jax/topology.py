@@ -373,7 +373,21 @@ def channel_masks(
   norm = link_of(spec, params, _trees.join(kernel[:-1])).norm
   if norm is not None:
     norm_names = _trees.split_name(norm)
-    for other, v in table.items():
-      if other[:-1] == norm_names and tuple(v.shape) == tuple(keep.shape):
-        masks[other] = keep
+    found = [
+      other
+      for other, v in table.items()
+      if other[:-1] == norm_names and tuple(v.shape) == tuple(keep.shape)
+    ]
+    # With a scale of 0 the norm outputs its shift; without one it outputs
+    # shift - mean/σ, zero only if its running mean is zeroed with it.
+    if not {'scale', 'mean'} & {other[-1] for other in found}:
+      raise ValueError(
+        f'the norm {norm!r} of layer {_trees.join(kernel[:-1])!r} has no '
+        'scale: zeroing its shift cannot make a filter output zero while its '
+        'running mean is kept elsewhere; pass the params together with the '
+        "norm's statistics (in Flax NNX, nnx.state(model)), or give the norm "
+        'a scale.'
+      )
+    for other in found:
+      masks[other] = keep
   return masks

@@ -279,8 +279,9 @@ def test_w_star_with_channels_zeroes_bias_and_norm_of_unselected_filters():
   np.testing.assert_array_equal(out['conv1']['bias'], [1, 0, 1])
   np.testing.assert_array_equal(out['bn1']['scale'], [1, 0, 1])
   np.testing.assert_array_equal(out['bn1']['bias'], [1, 0, 1])
-  # Elementwise leaves have no channels to drop: only the kernel is masked.
-  np.testing.assert_array_equal(out['fc']['bias'], [1, 1])
+  # Under a lasso, a neuron none of whose weights is selected is out as a
+  # whole (slim drops it from the support): its bias goes too.
+  np.testing.assert_array_equal(out['fc']['bias'], [1, 0])
   np.testing.assert_array_equal(out['fc']['kernel'], [[1, 0], [0, 0], [0, 0]])
 
 

@@ -256,3 +256,27 @@ def test_an_unhashable_rule_is_named():
     __call__ = Rule.__call__
 
   dl.prune(params, record, 0.5, penalty=FrozenRule())
+
+
+def test_a_norm_without_scale_is_refused_unless_its_statistics_come_along():
+  params = {
+    'conv1': {'kernel': jnp.ones((3, 3, 1, 4))},
+    'bn1': {'bias': jnp.ones(4)},  # BatchNorm(use_scale=False)
+    'conv2': {'kernel': jnp.ones((3, 3, 4, 2))},
+  }
+  record = dl.magnitude_record(params)
+  spec = {'conv1': dl.Link(norm='bn1', consumers=('conv2',))}
+  # Zeroing the shift leaves shift - mean/σ: the filter would not be silent.
+  with pytest.raises(
+    ValueError, match=r"norm 'bn1' of layer 'conv1' has no scale"
+  ):
+    dl.prune(params, record, 0.5, layers=['conv1'], spec=spec)
+  # With the running statistics (NNX's nnx.state(model)) they are zeroed too.
+  full = {
+    **params,
+    'bn1': {'bias': jnp.ones(4), 'mean': jnp.ones(4), 'var': jnp.ones(4)},
+  }
+  pruned, masks = dl.prune(full, record, 0.5, layers=['conv1'], spec=spec)
+  dropped = ~np.asarray(masks['bn1']['mean'])
+  assert dropped.sum() == 2
+  assert not np.any(np.asarray(pruned['bn1']['mean'])[dropped])

@@ -602,3 +602,47 @@ def test_slim_takes_a_keep_tree_with_lists_of_layers():
   out = dl.slim(params, spec, keep)
   assert out.params['blocks'][0]['kernel'].shape == (3, 3)
   assert out.params['blocks'][1]['kernel'].shape == (3, 2)
+
+
+def _mlp_forward(p, x):
+  h = jax.nn.relu(x @ p['fc1']['kernel'] + p['fc1']['bias'])
+  return h @ p['fc2']['kernel'] + p['fc2']['bias']
+
+
+def test_slim_keeps_the_function_for_lasso_layers():
+  # fc1 under a lasso: neuron 1 has no selected weight, neuron 2 one.
+  key = jax.random.key(0)
+  params = {
+    'fc1': {
+      'kernel': jax.random.normal(key, (4, 3)),
+      'bias': jnp.array([0.3, 0.5, -0.2]),
+    },
+    'fc2': {'kernel': jnp.ones((3, 2)), 'bias': jnp.zeros(2)},
+  }
+  rule = dl.penalty_rule(dense=dl.Lasso(), overrides={'fc2': None})
+  state = dl.scale_by_dessilbi(1.0, penalty=rule).init(params)
+  gamma = jnp.zeros((4, 3)).at[:, 0].set(1.0).at[2, 2].set(1.0)
+  state = state._replace(
+    gamma={**state.gamma, 'fc1': {**state.gamma['fc1'], 'kernel': gamma}}
+  )
+  spec = dl.chain_spec(params, ['fc1', 'fc2'])
+  x = jax.random.normal(jax.random.key(1), (5, 4))
+  # W* with channels and the slim network built from the support agree.
+  sparse = dl.w_star(params, state, channels=True, penalty=rule)
+  np.testing.assert_array_equal(sparse['fc1']['bias'] != 0, [True, False, True])
+  out = dl.slim(sparse, spec, dl.support(state, by_group=True, penalty=rule))
+  assert out.widths == {'fc1': 2}
+  np.testing.assert_allclose(
+    _mlp_forward(out.params, x), _mlp_forward(sparse, x), rtol=1e-6
+  )
+  # prune under a lasso cuts weights, not neurons: a neuron that lost every
+  # weight still outputs its bias, so slim keeps it.
+  record = jnp.where(gamma != 0, 0, dl.NOT_SELECTED).astype(jnp.int32)
+  record = {'fc1': {'kernel': record}, 'fc2': {'kernel': optax.MaskedNode()}}
+  pruned, masks = dl.prune(params, record, 0.75, spec=spec, penalty=rule)
+  assert not np.asarray(masks['fc1']['kernel'])[:, 1].any()
+  out = dl.slim(pruned, spec, masks)
+  assert out.widths == {'fc1': 3}
+  np.testing.assert_allclose(
+    _mlp_forward(out.params, x), _mlp_forward(pruned, x), rtol=1e-6
+  )
