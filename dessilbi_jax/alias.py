@@ -84,7 +84,11 @@ def dessilbi(
       of rank >= 2, as in the reference).
     penalty: rule ``(path, leaf) -> Penalty | None`` choosing the coupled
       leaves and their penalty; None for :func:`~dessilbi_jax.default_penalty`.
-    state_dtype: dtype of the momentum buffer, z and Γ; None for the params'.
+    state_dtype: dtype of the momentum buffer, z and Γ; None for the params'
+      (for z and Γ; the momentum buffer is ``optax.trace``'s, which promotes
+      it to the gradients' dtype when that is wider, e.g. float32 gradients
+      for bfloat16 params: pass ``state_dtype`` to keep it fixed, as
+      ``lax.scan`` and ``optax.MultiSteps`` need).
     freeze: stop selected filters (groups with ``Γ_g ≠ 0``) from moving, as
       the reference's ``step_with_freeze``; see :func:`scale_by_dessilbi`.
     store_gamma: keep Γ in the state (default), or rebuild it from z and a

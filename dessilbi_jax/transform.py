@@ -184,6 +184,10 @@ def scale_by_dessilbi(
       put both in one kernel it copies z first (measured: no faster in a
       ResNet-18 train step on a GPU). Lasso leaves keep Γ. Read Γ with
       :func:`dessilbi_jax.get_gamma`, which works for both storages.
+      ``optax.tree.map_params`` cannot tell the scale from a params-shaped
+      leaf (its placeholders carry no shape for the rule to group), so it
+      applies its function to the scale too: map shardings or values over
+      such a state with ``jax.tree.map`` on the arrays instead.
 
   Returns:
     A :class:`optax.GradientTransformation` whose state is a
@@ -304,7 +308,13 @@ def scale_by_dessilbi(
         f'{jnp.shape(lr)}; expected a scalar.'
       )
     step = kappa * lr
-    z_step = lr / nu
+
+    def z_step(dtype):
+      # α/ν in z's precision at least: optax.inject_hyperparams keeps the
+      # hyper-parameters in the params' dtype, and a float16 quotient would
+      # round away the small steps of a float32 z (or flush them to zero).
+      wide = jnp.promote_types(jnp.result_type(lr, nu), dtype)
+      return jnp.asarray(lr, wide) / jnp.asarray(nu, wide)
 
     new_updates, new_z, new_gamma = [], [], []
     for d, w, z, gamma, choice in zip(
@@ -323,7 +333,7 @@ def scale_by_dessilbi(
       gamma = _expand(gamma, z)
       diff = w - gamma
       update = -step * (d + diff / nu)
-      z_next = z + z_step * diff
+      z_next = z + z_step(z.dtype) * diff
       if freeze and isinstance(choice, GroupLasso):
         reduce_axes = choice.reduce_axes(w.ndim)
         moving = ~jnp.any(gamma != 0, axis=reduce_axes, keepdims=True)

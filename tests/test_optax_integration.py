@@ -350,3 +350,26 @@ def test_store_gamma_false_gives_the_same_path_with_less_memory(freeze):
     dl.w_star(stored, stored_state),
     **tol,
   )
+
+
+def test_injected_float16_hyperparams_keep_a_float32_z_moving():
+  # inject_hyperparams stores lr and ν in the params' dtype (float16); z's
+  # step α/ν = 2e-8 is below float16's smallest subnormal and must be taken
+  # in z's float32.
+  params = {'w': jnp.full((4, 4), 0.5, jnp.float16)}
+  grads = {'w': jnp.zeros((4, 4), jnp.float16)}
+  kw = dict(learning_rate=1e-4, nu=5000.0, momentum=None)
+  kw['state_dtype'] = jnp.float32
+  plain = dl.dessilbi(**kw)
+  injected = optax.inject_hyperparams(
+    dl.dessilbi, static_args=('state_dtype',)
+  )(**kw)
+  a, b = plain.init(params), injected.init(params)
+  for _ in range(3):
+    _, a = plain.update(grads, a, params)
+    _, b = jax.jit(injected.update)(grads, b, params)
+  za, zb = optax.tree.get(a, 'z')['w'], optax.tree.get(b, 'z')['w']
+  assert zb.dtype == jnp.float32
+  # Equal up to the float16 rounding of the injected learning rate itself.
+  np.testing.assert_allclose(zb, za, rtol=2e-3)
+  np.testing.assert_allclose(za, 3 * 1e-4 / 5000 * 0.5, rtol=1e-5)
