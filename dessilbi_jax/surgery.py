@@ -167,6 +167,7 @@ class _Edit:
 
 
 def _apply_edits(edits, params, opt_state, batch_stats):
+  _check_paths_line_up(edits, params, opt_state, batch_stats)
   for edit in edits:
     shapes = {
       n: tuple(v.shape)
@@ -180,6 +181,47 @@ def _apply_edits(edits, params, opt_state, batch_stats):
     if opt_state is not None:
       opt_state = edit.apply(opt_state, shapes, state=True)
   return params, opt_state, batch_stats
+
+
+_LINE_UP_HINT = (
+  'the trees must be laid out alike: in Flax Linen params=variables["params"]'
+  ', batch_stats=variables["batch_stats"] and the state of an optimizer '
+  'built on those params'
+)
+
+
+def _check_paths_line_up(edits, params, opt_state, batch_stats):
+  """Raises where an edit would miss a leaf that belongs to it.
+
+  Leaves are matched by their paths; a state built on params laid out
+  otherwise (``{'params': p}`` against ``p``), or statistics under another
+  prefix than their norm's parameters, would silently keep the old widths.
+  """
+  table = _joint_table(params, batch_stats)
+  if opt_state is not None:
+    for names, x in _trees.leaves_by_name(opt_state).items():
+      if np.ndim(x) == 0 or not jnp.issubdtype(np.asarray(x).dtype, np.number):
+        continue
+      if not any(names[k:] in table for k in range(len(names))):
+        raise ValueError(
+          f'opt_state: leaf {_trees.join(names)!r} matches no parameter '
+          f'(the params have e.g. {_trees.join(next(iter(table)))!r}), so a '
+          f'channel edit could not follow it; {_LINE_UP_HINT}.'
+        )
+  stats = [names for names in table if names[-1] in ('mean', 'var', 'variance')]
+  for edit in edits:
+    for key in edit.ops:
+      owner = key[:-1]
+      if any(names[:-1] == owner for names in stats):
+        continue
+      for names in stats:
+        if names[-2] == owner[-1] and table[names].shape[:1] == (edit.width,):
+          raise ValueError(
+            f'batch_stats: {_trees.join(names)!r} looks like the statistics '
+            f'of norm {_trees.join(owner)!r}, but its path differs, so the '
+            f'edit of layer {_trees.join(edit.layer)!r} would not reach it; '
+            f'{_LINE_UP_HINT}.'
+          )
 
 
 def _pure_or_none(tree):
@@ -432,7 +474,9 @@ def widen(
     A :class:`Surgery` with the new trees and ``widths = {layer: new}``.
 
   Raises:
-    ValueError: ``layer`` is not in the spec, or the spec does not fit.
+    ValueError: ``layer`` is not in the spec, the spec does not fit, or
+      the paths of ``opt_state`` or ``batch_stats`` do not line up with the
+      params' (an edit would miss their leaves).
 
   Example:
     >>> import jax, jax.numpy as jnp
@@ -619,8 +663,9 @@ def slim(
 
   Raises:
     ValueError: a layer named in ``keep`` is not a layer of the params or
-      not in the spec, the spec does not fit the params, or a layer would
-      lose every filter.
+      not in the spec, the spec does not fit the params, a layer would
+      lose every filter, or the paths of ``opt_state`` or ``batch_stats``
+      do not line up with the params' (an edit would miss their leaves).
     TypeError: a mask given as a list or tuple holds neither bools nor ints.
 
   Example:

@@ -646,3 +646,47 @@ def test_slim_keeps_the_function_for_lasso_layers():
   np.testing.assert_allclose(
     _mlp_forward(out.params, x), _mlp_forward(pruned, x), rtol=1e-6
   )
+
+
+def test_trees_whose_paths_do_not_line_up_are_refused_before_any_edit():
+  variables = _vgg_variables()
+  params, stats = variables['params'], variables['batch_stats']
+  wrapped = {'params': params}
+  spec = dl.chain_spec(wrapped, ['params/conv1', 'params/conv2'])
+  keep = {'params/conv1': np.arange(8) < 6}
+  # Statistics under another prefix than their norm's parameters.
+  with pytest.raises(
+    ValueError, match=r"batch_stats: 'bn1/mean'.*'params/bn1'"
+  ):
+    dl.slim(wrapped, spec, keep, batch_stats=stats)
+  with pytest.raises(ValueError, match=r"batch_stats: 'bn1/mean'"):
+    dl.widen(
+      jax.random.key(0), wrapped, spec, 'params/conv1', 2, batch_stats=stats
+    )
+  # The whole variables dict as params: the statistics sit under
+  # 'batch_stats/', the norm under 'params/'.
+  spec = dl.chain_spec(variables, ['params/conv1', 'params/conv2'])
+  with pytest.raises(ValueError, match=r"'batch_stats/bn1/mean'"):
+    dl.slim(variables, spec, keep)
+  # A state built on params laid out otherwise matches no parameter.
+  opt_state = dl.dessilbi(0.1).init(params)
+  with pytest.raises(
+    ValueError, match=r"opt_state: leaf '2/trace/.*' matches no parameter"
+  ):
+    dl.slim(
+      wrapped,
+      dl.chain_spec(wrapped, ['params/conv1', 'params/conv2']),
+      keep,
+      opt_state=opt_state,
+    )
+  # Laid out alike, everything follows.
+  spec = dl.chain_spec(params, ['conv1', 'conv2'])
+  out = dl.slim(
+    params,
+    spec,
+    {'conv1': keep['params/conv1']},
+    opt_state=opt_state,
+    batch_stats=stats,
+  )
+  assert out.batch_stats['bn1']['mean'].shape == (6,)
+  assert optax.tree.get(out.opt_state, 'z')['conv1']['kernel'].shape[-1] == 6
