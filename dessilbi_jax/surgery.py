@@ -156,6 +156,9 @@ class _Edit:
       if key == (*self.layer, 'kernel') and tuple(x.shape) == (self.width,):
         return _take(x, self.src, 0, fill)  # a per-filter record
       if key in self.consumer_kernels and integer and x.ndim == 1:
+        rows, cols = shape[-2], shape[-1]
+        if x.shape[0] == rows and rows != cols:  # one entry per input
+          return _take(x, self.src, 0, fill, repeat)
         return x  # the consumer's per-filter record: its filters stay
       raise ValueError(
         f'opt_state: leaf {_trees.join(names)!r} of shape '

@@ -690,3 +690,29 @@ def test_trees_whose_paths_do_not_line_up_are_refused_before_any_edit():
   )
   assert out.batch_stats['bn1']['mean'].shape == (6,)
   assert optax.tree.get(out.opt_state, 'z')['conv1']['kernel'].shape[-1] == 6
+
+
+def test_a_consumer_grouped_per_input_has_its_record_cut_with_its_rows():
+  params = {
+    'fc1': {'kernel': jnp.ones((4, 6)), 'bias': jnp.ones(6)},
+    'fc2': {'kernel': jnp.ones((6, 3)), 'bias': jnp.ones(3)},
+  }
+  rule = dl.penalty_rule(
+    dense=dl.GroupLasso(axes=-1), overrides={'fc2': dl.GroupLasso(axes=0)}
+  )
+  tx = dl.track_selection(dl.dessilbi(0.1, penalty=rule), penalty=rule)
+  state = tx.init(params)
+  record = optax.tree.get(state, 'first_step')
+  assert record['fc2']['kernel'].shape == (6,)  # one group per input row
+  record = {
+    'fc1': {**record['fc1'], 'kernel': jnp.arange(6, dtype=jnp.int32)},
+    'fc2': {**record['fc2'], 'kernel': 10 + jnp.arange(6, dtype=jnp.int32)},
+  }
+  state = state._replace(first_step=record)
+  spec = dl.chain_spec(params, ['fc1', 'fc2'])
+  keep = {'fc1': np.array([True, False, True, True, False, True])}
+  out = dl.slim(params, spec, keep, opt_state=state)
+  new = optax.tree.get(out.opt_state, 'first_step')
+  np.testing.assert_array_equal(new['fc1']['kernel'], [0, 2, 3, 5])
+  np.testing.assert_array_equal(new['fc2']['kernel'], [10, 12, 13, 15])
+  assert out.params['fc2']['kernel'].shape == (4, 3)
