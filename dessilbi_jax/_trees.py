@@ -26,6 +26,7 @@ from dessilbi_jax.penalties import (
 )
 from dessilbi_jax.transform import (
   _normalise_path,
+  _variable_paths,
   expand_gamma,
   resolve_penalties,
 )
@@ -309,10 +310,11 @@ def penalty_table(
   rule = default_penalty if penalty is None else penalty
   wanted = set(names)
   out = {}
+  variables = _variable_paths(params)
   for path, leaf in jax.tree_util.tree_leaves_with_path(params):
     key = names_of(path)
     if key in wanted:
-      out[key] = rule(_normalise_path(path), leaf)
+      out[key] = rule(_normalise_path(tuple(path), variables), leaf)
   return out
 
 

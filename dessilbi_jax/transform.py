@@ -66,10 +66,25 @@ def expand_gamma(gamma: Any, z: Any) -> Any:
   )
 
 
-def _normalise_path(path: tuple[Any, ...]) -> tuple[Any, ...]:
-  """Drops the trailing ``.value`` Flax NNX variables add to a leaf's path."""
+def _variable_paths(tree: Any) -> frozenset:
+  """The key paths of the Flax NNX variables in ``tree``."""
+  from flax import nnx
+
+  def is_var(x):
+    return isinstance(x, nnx.Variable)
+
+  leaves = jax.tree_util.tree_flatten_with_path(tree, is_leaf=is_var)[0]
+  return frozenset(tuple(path) for path, x in leaves if is_var(x))
+
+
+def _normalise_path(
+  path: tuple[Any, ...], variables: frozenset = frozenset()
+) -> tuple[Any, ...]:
+  """Drops the trailing ``.value`` a Flax NNX variable adds to its leaf's
+  path (``variables``: the variables' paths; a field of another node that is
+  named ``value`` stays)."""
   if path and isinstance(path[-1], jax.tree_util.GetAttrKey):
-    if path[-1].name in ('value', 'raw_value'):
+    if path[-1].name in ('value', 'raw_value') and path[:-1] in variables:
       return tuple(path[:-1])
   return tuple(path)
 
@@ -94,9 +109,10 @@ def resolve_penalties(
   """
   rule = default_penalty if penalty is None else penalty
   leaves, treedef = jax.tree_util.tree_flatten_with_path(params)
+  variables = _variable_paths(params)
   out = []
   for path, leaf in leaves:
-    path = _normalise_path(path)
+    path = _normalise_path(tuple(path), variables)
     if not hasattr(leaf, 'dtype'):
       # Not an array: optax.tree.map_params initialises with placeholders.
       out.append(None)
@@ -264,8 +280,9 @@ def scale_by_dessilbi(
       return
     # Leaves that optax.masked / optax.partition give to other branches are
     # MaskedNode()s here: their names count too.
+    variables = _variable_paths(params)
     names = [
-      path_str(_normalise_path(path))
+      path_str(_normalise_path(tuple(path), variables))
       for path, _ in jax.tree_util.tree_leaves_with_path(
         params, is_leaf=lambda x: isinstance(x, optax.MaskedNode)
       )

@@ -1,5 +1,7 @@
 """DessiLBI as a citizen of Optax: chains, wrappers, schedules, dtypes, jit."""
 
+from typing import NamedTuple
+
 import chex
 import jax
 import jax.numpy as jnp
@@ -373,3 +375,33 @@ def test_injected_float16_hyperparams_keep_a_float32_z_moving():
   # Equal up to the float16 rounding of the injected learning rate itself.
   np.testing.assert_allclose(zb, za, rtol=2e-3)
   np.testing.assert_allclose(za, 3 * 1e-4 / 5000 * 0.5, rtol=1e-5)
+
+
+def test_a_field_named_value_keeps_its_name_for_the_rule():
+  # Only the `.value` of a Flax NNX variable is dropped from a path; a
+  # NamedTuple field called `value` is a name the rule must see.
+  class Attn(NamedTuple):
+    query: jax.Array
+    key: jax.Array
+    value: jax.Array
+
+  params = {'attn': Attn(*(jnp.ones((4, 4)) for _ in range(3)))}
+  seen = []
+
+  def rule(path, leaf):
+    seen.append(dl.path_str(path))
+    return dl.Lasso()
+
+  dl.scale_by_dessilbi(0.1, penalty=rule).init(params)
+  assert seen == ['attn/query', 'attn/key', 'attn/value']
+  tx = dl.dessilbi(0.1, penalty=dl.penalty_rule(overrides={'attn/value': None}))
+  gamma = dl.get_gamma(tx.init(params))
+  assert isinstance(gamma['attn'].value, optax.MaskedNode)
+  assert gamma['attn'].query.shape == (4, 4)
+  # An NNX variable's `.value` is still dropped.
+  from flax import nnx
+
+  model = nnx.Linear(2, 3, rngs=nnx.Rngs(0))
+  seen.clear()
+  dl.scale_by_dessilbi(0.1, penalty=rule).init(nnx.state(model, nnx.Param))
+  assert sorted(seen) == ['bias', 'kernel']
