@@ -176,8 +176,8 @@ def default_norm(
     if norms:
       raise ValueError(
         f'naming cannot tell the norm layer of {layer!r}: Flax Linen '
-        f'numbers layers and norms apart ({", ".join(norms)} have its '
-        f'width); name the modules, or give the norm of {layer!r} '
+        f'numbers layers and norms apart ({", ".join(norms)} '
+        f'{"has" if len(norms) == 1 else "have"} its width); name the modules, or give the norm of {layer!r} '
         'explicitly (chain_spec(..., norms={...}), or a Link in the spec; '
         'Link(norm=..., consumers=()) for a layer whose width must stay).'
       )
