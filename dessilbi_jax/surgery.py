@@ -203,7 +203,10 @@ def _check_paths_line_up(edits, params, opt_state, batch_stats):
   table = _joint_table(params, batch_stats)
   if opt_state is not None:
     for names, x in _trees.leaves_by_name(opt_state).items():
-      if np.ndim(x) == 0 or not jnp.issubdtype(np.asarray(x).dtype, np.number):
+      dtype = getattr(x, 'dtype', None)
+      if (
+        np.ndim(x) == 0 or dtype is None or not jnp.issubdtype(dtype, np.number)
+      ):
         continue
       if not any(names[k:] in table for k in range(len(names))):
         raise ValueError(
@@ -218,7 +221,11 @@ def _check_paths_line_up(edits, params, opt_state, batch_stats):
       if any(names[:-1] == owner for names in stats):
         continue
       for names in stats:
-        if names[-2] == owner[-1] and table[names].shape[:1] == (edit.width,):
+        if (
+          len(names) > 1
+          and names[-2] == owner[-1]
+          and table[names].shape[:1] == (edit.width,)
+        ):
           raise ValueError(
             f'batch_stats: {_trees.join(names)!r} looks like the statistics '
             f'of norm {_trees.join(owner)!r}, but its path differs, so the '

@@ -177,7 +177,8 @@ def default_norm(
       raise ValueError(
         f'naming cannot tell the norm layer of {layer!r}: Flax Linen '
         f'numbers layers and norms apart ({", ".join(norms)} '
-        f'{"has" if len(norms) == 1 else "have"} its width); name the modules, or give the norm of {layer!r} '
+        f'{"has" if len(norms) == 1 else "have"} its width); name the '
+        f'modules, or give the norm of {layer!r} '
         'explicitly (chain_spec(..., norms={...}), or a Link in the spec; '
         'Link(norm=..., consumers=()) for a layer whose width must stay).'
       )
