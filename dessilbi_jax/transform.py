@@ -66,6 +66,28 @@ def expand_gamma(gamma: Any, z: Any) -> Any:
   )
 
 
+def _caller_stacklevel() -> int:
+  """The ``stacklevel`` that points a warning at the user's code.
+
+  Counted from the function that calls ``warnings.warn``, past every frame
+  of this package and of the libraries that call into it (Optax's chains,
+  JAX's transformations, Flax's optimizers).
+  """
+  import os
+  import sys
+
+  import flax
+
+  inside = tuple(
+    os.path.dirname(module.__file__) + os.sep
+    for module in (sys.modules[__package__], optax, jax, flax)
+  )
+  frame, level = sys._getframe(2), 2  # the warning caller's caller
+  while frame is not None and frame.f_code.co_filename.startswith(inside):
+    frame, level = frame.f_back, level + 1
+  return level
+
+
 def _variable_paths(tree: Any) -> frozenset:
   """The key paths of the Flax NNX variables in ``tree``."""
   from flax import nnx
@@ -293,7 +315,7 @@ def scale_by_dessilbi(
           f'penalty: the override {pattern.pattern!r} matches no parameter '
           f'(e.g. {names[:3]}); check its spelling (patterns are regular '
           'expressions searched in paths such as "layer/kernel").',
-          stacklevel=3,
+          stacklevel=_caller_stacklevel(),
         )
 
   def _new_gamma(z, choice):

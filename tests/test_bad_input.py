@@ -177,10 +177,14 @@ def test_inject_hyperparams_callables_need_static_args():
 
 
 def test_penalty_rule_overrides_are_checked():
-  with pytest.warns(UserWarning, match="override 'head' matches no parameter"):
+  with pytest.warns(
+    UserWarning, match="override 'head' matches no parameter"
+  ) as caught:
     dl.dessilbi(0.1, penalty=dl.penalty_rule(overrides={'head': None})).init(
       {'Head': {'kernel': jnp.ones((4, 2))}}
     )
+  # The warning points at the line that called init, not into Optax's chain.
+  assert caught[0].filename == __file__
   with pytest.raises(TypeError, match='overrides must be a mapping'):
     dl.penalty_rule(overrides=[('head', None)])
   with pytest.raises(ValueError, match='not a regular expression'):
