@@ -591,7 +591,8 @@ def _keep_per_layer(keep, table, spec) -> dict[str, np.ndarray]:
       out[layer] = _channel_mask(_layer_mask(mask, layer), kernel.shape, layer)
     return out
   out = {}
-  for names, mask in _trees.leaves_by_name(_trees.pure(keep)).items():
+  flat = _trees.leaves_by_name(_trees.pure(keep))
+  for names, mask in flat.items():
     if not names or names[-1] != 'kernel':
       continue
     layer = _trees.join(names[:-1])
@@ -604,19 +605,19 @@ def _keep_per_layer(keep, table, spec) -> dict[str, np.ndarray]:
     if layer in spec:
       kernel = table[names]
       channels = _channel_mask(np.asarray(mask, bool), kernel.shape, layer)
-      out[layer] = channels | _kept_by_companions(keep, names, spec, layer)
+      out[layer] = channels | _kept_by_companions(flat, names, spec, layer)
   return out
 
 
-def _kept_by_companions(keep, kernel, spec, layer) -> np.ndarray:
-  """Channels that a keep tree keeps through the layer's bias or norm.
+def _kept_by_companions(flat, kernel, spec, layer) -> np.ndarray:
+  """Channels that a keep tree (``flat``: its leaves by name) keeps through
+  the layer's bias or norm.
 
   The masks of :func:`~dessilbi_jax.prune` drop a channel's bias and norm
   parameters only with the whole channel (groups per output filter). Under a
   lasso, prune cuts single weights: a channel can lose every weight and still
   output its bias, so it stays. A support tree has no masks there.
   """
-  flat = _trees.leaves_by_name(_trees.pure(keep))
   width = np.shape(flat[kernel])[-1]
   kept = np.zeros(width, bool)
   owners = [kernel[:-1]]
