@@ -123,7 +123,7 @@ def check_unit_interval(name: str, value: Any) -> None:
 # shapes and dtypes only: it runs once per trace, costs nothing inside a jit
 # and never reads a value (no host syncs).
 
-_STATE_FIELDS = ('count', 'z', 'gamma')
+_STATE_FIELDS = ('count', 'z', 'gamma', 'penalties')
 _RESTORE_HINT = (
   'init it with the same params and penalty rule, or restore a checkpoint '
   'into the structure that tx.init(params) (or jax.eval_shape(tx.init, '

@@ -22,7 +22,9 @@ from dessilbi_jax.penalties import (
   Lasso,
   Penalty,
   PenaltyRule,
+  PenaltyTable,
   default_penalty,
+  names_of,
 )
 from dessilbi_jax.transform import (
   _normalise_path,
@@ -65,21 +67,6 @@ def is_empty(x: Any) -> bool:
   return isinstance(x, tuple) and len(x) == 0
 
 
-def key_name(key: Any) -> str:
-  for attr in ('key', 'name', 'idx'):
-    if hasattr(key, attr):
-      return str(getattr(key, attr))
-  return str(key)
-
-
-def names_of(path: Iterable[Any]) -> Names:
-  """``(DictKey('conv1'), DictKey('kernel'))`` -> ``('conv1', 'kernel')``."""
-  out = tuple(key_name(k) for k in path)
-  if out and out[-1] in ('value', 'raw_value'):
-    out = out[:-1]  # NNX variables add a trailing `.value`
-  return out
-
-
 def join(names: Names) -> str:
   return '/'.join(names)
 
@@ -114,6 +101,7 @@ class Core(NamedTuple):
   count: jax.Array
   z: Any
   gamma: Any
+  penalties: Optional[PenaltyTable]
 
 
 def core_state(opt_state: Any, arg: str = 'opt_state') -> Core:
@@ -139,7 +127,32 @@ def core_state(opt_state: Any, arg: str = 'opt_state') -> Core:
         'dessilbi_jax.scale_by_dessilbi (for Flax NNX: optimizer.opt_state).'
       )
   fields['gamma'] = expand_gamma(fields['gamma'], fields['z'])
+  recorded = optax.tree.get(state, 'penalties', filtering=_is_core)
+  fields['penalties'] = recorded if isinstance(recorded, PenaltyTable) else None
   return Core(**fields)
+
+
+def rule_of(core: Core, penalty: Optional[PenaltyRule] = None) -> PenaltyRule:
+  """The rule that gives a state's groups: the penalties the state records
+  (its optimizer's), else ``penalty``, else the default rule.
+
+  Raises:
+    ValueError: ``penalty`` gives a leaf of Γ another penalty than the state
+      records (it is not the rule the optimizer was built with).
+  """
+  if core.penalties is None:
+    return default_penalty if penalty is None else penalty
+  if penalty is None:
+    return core.penalties
+  recorded = core.penalties.by_name
+  for names, choice in penalties_by_name(core.gamma, penalty).items():
+    if recorded.get(names) != choice:
+      raise ValueError(
+        f'penalty: the rule gives {join(names)!r} {choice!r}, but the '
+        f"optimizer state records {recorded.get(names)!r} (its optimizer's "
+        'rule); leave penalty out to use the penalties the state records.'
+      )
+  return penalty
 
 
 def penalties_by_name(
@@ -183,7 +196,9 @@ def grouped_penalties(
     ValueError: the rule leaves a coupled leaf uncoupled, or Γ of a leaf
       is not grouped the way the rule says.
   """
-  penalties = penalties_by_name(core.gamma, penalty)
+  penalties = penalties_by_name(core.gamma, rule_of(core, penalty))
+  if core.penalties is not None:  # the optimizer's own record: nothing to check
+    return penalties
   arrays = jax.tree.leaves((core.z, core.gamma))
   if any(
     isinstance(x, jax.core.Tracer) or not getattr(x, 'is_fully_addressable', 1)

@@ -16,7 +16,7 @@ import numpy as np
 import optax
 
 from dessilbi_jax import _checks, _trees
-from dessilbi_jax.penalties import GroupLasso, Lasso, PenaltyRule
+from dessilbi_jax.penalties import GroupLasso, Lasso, PenaltyRule, PenaltyTable
 from dessilbi_jax.topology import Spec, channel_masks
 
 
@@ -45,6 +45,45 @@ def get_gamma(opt_state: optax.OptState) -> Any:
     Array([[2., 0.]], dtype=float32)
   """
   return _trees.core_state(opt_state).gamma
+
+
+def get_penalty(opt_state: optax.OptState) -> PenaltyTable:
+  """The penalties a DessiLBI optimizer state records, as a penalty rule.
+
+  The toolbox's functions that take an optimizer state read them there, so
+  their ``penalty=`` can be left out. Pass this to the functions that see
+  params and a selection record but no state (:func:`rank_groups`,
+  :func:`prune`, :func:`magnitude_record`), for an optimizer built with
+  another rule than the default one.
+
+  Args:
+    opt_state: an optimizer state containing a
+      :class:`~dessilbi_jax.DessiLBIState`.
+
+  Returns:
+    A :class:`~dessilbi_jax.PenaltyTable`: each coupled leaf's penalty, by
+    name; called as ``table(path, leaf)``, it is the optimizer's rule.
+
+  Raises:
+    ValueError: the state records no penalties (its ``penalties`` field was
+      set to None).
+
+  Example:
+    >>> import jax.numpy as jnp
+    >>> import dessilbi_jax as dl
+    >>> params = {'fc': jnp.zeros((3, 2)), 'b': jnp.zeros(2)}
+    >>> rule = dl.penalty_rule(dense=dl.GroupLasso(axes=0))
+    >>> state = dl.dessilbi(0.1, penalty=rule).init(params)
+    >>> dl.get_penalty(state)
+    PenaltyTable({'fc': GroupLasso(axes=(0,), lam=1.0, scale_by_size=False)})
+  """
+  table = _trees.core_state(opt_state).penalties
+  if table is None:
+    raise ValueError(
+      'opt_state: its DessiLBIState records no penalties (penalties=None); '
+      'pass the penalty rule its optimizer was built with instead.'
+    )
+  return table
 
 
 def support(
@@ -87,10 +126,11 @@ def support(
     {'b': MaskedNode(), 'conv': Array([False,  True, False], dtype=bool)}
   """
   core = _trees.core_state(opt_state)
-  if by_group:
-    _trees.check_rule(penalty)
-    _trees.grouped_penalties(core, penalty)  # checks the rule against Γ
-  return _support(core.gamma, bool(by_group), penalty)
+  if not by_group:
+    return _support(core.gamma, False, None)
+  _trees.check_rule(penalty)
+  _trees.grouped_penalties(core, penalty)  # checks the rule against Γ
+  return _support(core.gamma, True, _trees.rule_of(core, penalty))
 
 
 @functools.partial(jax.jit, static_argnames=('by_group', 'penalty'))

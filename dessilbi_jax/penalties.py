@@ -13,6 +13,7 @@ other choices, or per-layer overrides, with :func:`penalty_rule`.
 """
 
 import dataclasses
+import functools
 import math
 import numbers
 import re
@@ -22,6 +23,7 @@ from typing import Any, Union
 import jax
 import jax.numpy as jnp
 import numpy as np
+from flax import serialization
 
 KeyPath = tuple[Any, ...]
 
@@ -126,6 +128,66 @@ PenaltyRule = Callable[[KeyPath, Any], Union[Penalty, None]]
 def path_str(path: KeyPath) -> str:
   """A readable ``'layer/name'`` string for a parameter's key path."""
   return jax.tree_util.keystr(tuple(path), simple=True, separator='/')
+
+
+def _key_name(key: Any) -> str:
+  for attr in ('key', 'name', 'idx'):
+    if hasattr(key, attr):
+      return str(getattr(key, attr))
+  return str(key)
+
+
+def names_of(path: KeyPath) -> tuple[str, ...]:
+  """``(DictKey('conv1'), DictKey('kernel'))`` -> ``('conv1', 'kernel')``."""
+  out = tuple(_key_name(k) for k in path)
+  if out and out[-1] in ('value', 'raw_value'):
+    out = out[:-1]  # NNX variables add a trailing `.value`
+  return out
+
+
+@jax.tree_util.register_static
+@dataclasses.dataclass(frozen=True)
+class PenaltyTable:
+  """The penalty of every coupled leaf, as an optimizer resolved its rule.
+
+  The state of :func:`~dessilbi_jax.scale_by_dessilbi` carries one (its
+  ``penalties`` field), so the toolbox knows the optimizer's groups without
+  being given its rule again. It is static pytree data: it adds no leaves
+  to the state, only to its tree structure, and compares by value.
+
+  It is itself a penalty rule, ``table(path, leaf)``: the recorded penalty
+  for a leaf of that path, None for any other leaf. Pass
+  :func:`~dessilbi_jax.get_penalty` of a state as ``penalty=`` to the
+  functions that see params and a record but no optimizer state
+  (:func:`~dessilbi_jax.rank_groups`, :func:`~dessilbi_jax.prune`,
+  :func:`~dessilbi_jax.magnitude_record`).
+
+  Attributes:
+    entries: ``(names, penalty)`` pairs in the params' flattening order,
+      ``names`` being the keys on a leaf's path (``('conv1', 'kernel')``).
+  """
+
+  entries: tuple[tuple[tuple[str, ...], Penalty], ...] = ()
+
+  @functools.cached_property
+  def by_name(self) -> dict[tuple[str, ...], Penalty]:
+    """The entries as a dict."""
+    return dict(self.entries)
+
+  def __call__(self, path: KeyPath, leaf: Any = None) -> Union[Penalty, None]:
+    del leaf
+    return self.by_name.get(names_of(path))
+
+  def __repr__(self) -> str:
+    inner = ', '.join(f"'{'/'.join(n)}': {p!r}" for n, p in self.entries)
+    return f'PenaltyTable({{{inner}}})'
+
+
+# Flax's serialization (to_bytes, to_state_dict) writes no leaves for it, as
+# JAX flattens none, and restores the target's own.
+serialization.register_serialization_state(
+  PenaltyTable, lambda table: {}, lambda target, state: target
+)
 
 
 def penalty_rule(

@@ -151,7 +151,9 @@ def update_selection(
     [         2          4 2147483647]
   """
   core = _trees.core_state(opt_state)
-  penalties = _trees.penalties_by_name(core.gamma, penalty)
+  penalties = _trees.penalties_by_name(
+    core.gamma, _trees.rule_of(core, penalty)
+  )
   gamma = _trees.leaves_by_name(core.gamma)
   if step is not None:
     _check_step(step)

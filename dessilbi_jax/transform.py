@@ -13,7 +13,9 @@ from dessilbi_jax.penalties import (
   Lasso,
   Penalty,
   PenaltyRule,
+  PenaltyTable,
   default_penalty,
+  names_of,
   path_str,
 )
 from dessilbi_jax.shrinkage import group_factor, group_threshold, soft_threshold
@@ -27,11 +29,15 @@ class DessiLBIState(NamedTuple):
     z: the auxiliary variable z (the papers' V), shaped like the params for
       coupled leaves and ``optax.MaskedNode()`` for uncoupled ones.
     gamma: the sparse structure parameter Γ = κ·Prox(z), laid out as ``z``.
+    penalties: the :class:`~dessilbi_jax.PenaltyTable` the optimizer's rule
+      gave the params (static data, no leaves), read by the toolbox in place
+      of its ``penalty=`` argument; None in a state built by hand.
   """
 
   count: jax.Array
   z: optax.Updates
   gamma: optax.Updates
+  penalties: Optional[PenaltyTable] = None
 
 
 def _expand(gamma: jax.Array, z: jax.Array) -> jax.Array:
@@ -129,10 +135,18 @@ def resolve_penalties(
       something other than a ``Lasso``, a ``GroupLasso`` or None.
     ValueError: a ``GroupLasso``'s axes do not exist for its leaf.
   """
+  penalties, treedef, _ = _resolve(params, penalty)
+  return penalties, treedef
+
+
+def _resolve(
+  params: optax.Params, penalty: Optional[PenaltyRule]
+) -> tuple[list[Optional[Penalty]], Any, PenaltyTable]:
+  """:func:`resolve_penalties`, and the :class:`PenaltyTable` of its result."""
   rule = default_penalty if penalty is None else penalty
   leaves, treedef = jax.tree_util.tree_flatten_with_path(params)
   variables = _variable_paths(params)
-  out = []
+  out, entries = [], []
   for path, leaf in leaves:
     path = _normalise_path(tuple(path), variables)
     if not hasattr(leaf, 'dtype'):
@@ -165,7 +179,28 @@ def resolve_penalties(
           f'penalty: for leaf {name!r} of shape {tuple(leaf.shape)}: {e}'
         ) from None
     out.append(choice)
-  return out, treedef
+    if choice is not None:
+      entries.append((names_of(path), choice))
+  return out, treedef, PenaltyTable(tuple(entries))
+
+
+def _check_recorded_penalties(recorded: Any, table: PenaltyTable) -> None:
+  """A state records the penalties it was built under; an optimizer whose
+  rule gives others must not silently step it with its own groups."""
+  if not isinstance(recorded, PenaltyTable) or recorded == table:
+    return
+  was, now = recorded.by_name, table.by_name
+  names = next(
+    n for n in (*was, *now) if was.get(n) != now.get(n)
+  )  # the first leaf that differs
+  raise ValueError(
+    f"state: it was built under other penalties than this optimizer's rule "
+    f'gives: for {"/".join(names)!r} the state records {was.get(names)!r}, '
+    f'the rule gives {now.get(names)!r} (None: uncoupled). Build the '
+    'optimizer with the rule the state was made with; to change penalties '
+    'mid-path on purpose, first drop the record: optax.tree.set(state, '
+    'penalties=None).'
+  )
 
 
 def scale_by_dessilbi(
@@ -271,8 +306,13 @@ def scale_by_dessilbi(
 
   def init_fn(params):
     _checks.check_param_leaves(params)
-    penalties, treedef = resolve_penalties(params, penalty)
+    penalties, treedef, table = _resolve(params, penalty)
     _warn_unmatched_overrides(params)
+    if not jax.tree.leaves(params):
+      # optax.tree.map_params initialises with a leafless placeholder for the
+      # params; standing where the table goes too, it lets map_params match
+      # a real state's table (which has no leaves to map) as it is.
+      table = params
 
     z, gamma = [], []
     for leaf, choice in zip(
@@ -292,6 +332,7 @@ def scale_by_dessilbi(
       count=jnp.zeros([], jnp.int32),
       z=treedef.unflatten(z),
       gamma=treedef.unflatten(gamma),
+      penalties=table,
     )
 
   def _warn_unmatched_overrides(params):
@@ -336,8 +377,9 @@ def scale_by_dessilbi(
   def update_fn(updates, state, params=None):
     if params is None:
       raise ValueError(_checks.NO_PARAMS_MSG)
-    penalties, treedef = resolve_penalties(params, penalty)
+    penalties, treedef, table = _resolve(params, penalty)
     _checks.check_update_trees(updates, state, params, penalties, treedef)
+    _check_recorded_penalties(state.penalties, table)
     lr = (
       learning_rate(state.count) if callable(learning_rate) else learning_rate
     )
@@ -387,6 +429,7 @@ def scale_by_dessilbi(
       count=optax.safe_increment(state.count),
       z=treedef.unflatten(new_z),
       gamma=treedef.unflatten(new_gamma),
+      penalties=state.penalties,
     )
     return treedef.unflatten(new_updates), new_state
 

@@ -77,6 +77,66 @@ def test_state_layout_and_tree_get():
   assert len(jax.tree.leaves(core)) == 1 + 2 * 2
 
 
+def test_state_records_its_penalties_as_static_data():
+  params, loss = _problem()
+  rule = dl.penalty_rule(dense=dl.GroupLasso(axes=0, lam=0.5))
+  tx = dl.dessilbi(0.1, penalty=rule)
+  state = tx.init(params)
+  table = state[-1].penalties
+  assert table == dl.PenaltyTable(
+    (
+      (('conv', 'kernel'), dl.GroupLasso()),
+      (('dense', 'kernel'), dl.GroupLasso(axes=0, lam=0.5)),
+    )
+  )
+  # No leaves: the state holds the same arrays as without the record.
+  bare = optax.tree.set(state, penalties=None)
+  assert len(jax.tree.leaves(state)) == len(jax.tree.leaves(bare))
+  assert jax.tree.structure(state) != jax.tree.structure(bare)
+  # The same rule built again gives an equal state structure (by value).
+  again = dl.dessilbi(
+    0.1, penalty=dl.penalty_rule(dense=dl.GroupLasso(axes=0, lam=0.5))
+  )
+  assert jax.tree.structure(again.init(params)) == jax.tree.structure(state)
+  # Kept along the path, under jit and in a lax.scan carry.
+  _, stepped = _run(tx, params, loss, 3)
+  assert jax.tree.structure(stepped) == jax.tree.structure(state)
+
+  def body(carry, _):
+    p, st = carry
+    updates, st = tx.update(jax.grad(loss)(p), st, p)
+    return (optax.apply_updates(p, updates), st), None
+
+  (_, scanned), _ = jax.lax.scan(body, (params, state), length=3)
+  assert scanned[-1].penalties == table
+  # Its groups are the rule's: a table called as a rule gives them.
+  key = (jax.tree_util.DictKey('dense'), jax.tree_util.DictKey('kernel'))
+  assert table(key, None) == dl.GroupLasso(axes=0, lam=0.5)
+  assert table((jax.tree_util.DictKey('bias'),), None) is None
+
+
+@pytest.mark.parametrize(
+  'built, other',
+  [
+    # Γ is stored params-shaped under both: the layouts agree.
+    (dl.penalty_rule(dense=dl.GroupLasso()), dl.penalty_rule()),
+    (dl.penalty_rule(), dl.penalty_rule(conv=dl.GroupLasso(lam=2.0))),
+  ],
+  ids=['group_lasso_then_lasso', 'another_lambda'],
+)
+def test_update_refuses_a_state_recorded_under_other_penalties(built, other):
+  params, loss = _problem()
+  state = dl.dessilbi(0.1, penalty=built).init(params)
+  tx = dl.dessilbi(0.1, penalty=other)
+  grads = jax.grad(loss)(params)
+  with pytest.raises(ValueError, match=r'state: .*records .*the rule gives'):
+    tx.update(grads, state, params)
+  # Dropping the record is how a run changes its penalties on purpose.
+  _, new = tx.update(grads, optax.tree.set(state, penalties=None), params)
+  assert new[-1].penalties is None
+  assert int(optax.tree.get(new, 'count')) == 1
+
+
 def test_update_matches_the_formula():
   params, loss = _problem()
   grads = jax.grad(loss)(params)

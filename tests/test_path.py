@@ -70,18 +70,65 @@ def test_support_per_weight_and_per_group():
   np.testing.assert_array_equal(
     per_group['dense']['kernel'], gamma['dense']['kernel'] != 0
   )
-  # A custom rule defines other groups: one per input row of the dense kernel.
-  rule = dl.penalty_rule(dense=dl.GroupLasso(axes=0))
-  rows = dl.support(state, by_group=True, penalty=rule)['dense']['kernel']
+  # A custom rule defines other groups (one per input row of the dense
+  # kernel); the state records them.
+  _, state = _trained(penalty=dl.penalty_rule(dense=dl.GroupLasso(axes=0)))
+  rows = dl.support(state, by_group=True)['dense']['kernel']
   assert rows.shape == (6,)
 
 
-def test_a_rule_the_state_contradicts_is_refused():
+def test_the_toolbox_takes_the_groups_the_state_records():
   # Trained with a lasso on the conv (single weights, not filters) and with
-  # the dense kernel's rows as groups; the toolbox is then asked for the
-  # default rule's groups, as if penalty= had been forgotten.
+  # the dense kernel's rows as groups: without penalty=, every function of
+  # the toolbox uses those groups, as if given the optimizer's rule.
   rule = dl.penalty_rule(conv=dl.Lasso(), dense=dl.GroupLasso(axes=0))
   params, state = _trained(penalty=rule)
+  assert dl.get_penalty(state) == dl.PenaltyTable(
+    (
+      (('conv', 'kernel'), dl.Lasso()),
+      (('dense', 'kernel'), dl.GroupLasso(axes=0)),
+    )
+  )
+  calls = {
+    'support': lambda **kw: dl.support(state, by_group=True, **kw),
+    'path_summary': lambda **kw: dl.path_summary(params, state, **kw).layers,
+    'w_star': lambda **kw: dl.w_star(params, state, channels=True, **kw),
+    'init_selection': lambda **kw: dl.init_selection(state, **kw),
+    'update_selection': lambda **kw: dl.update_selection(
+      dl.init_selection(state, penalty=rule), state, **kw
+    ),
+    'reference_prune_order': lambda **kw: dl.reference_prune_order(
+      params, state, 0, **kw
+    ),
+  }
+  for name, call in calls.items():
+    mine, given = call(), call(penalty=rule)
+    assert jax.tree.structure(mine) == jax.tree.structure(given), name
+    jax.tree.map(np.testing.assert_array_equal, mine, given)
+  assert dl.support(state, by_group=True)['dense']['kernel'].shape == (6,)
+  # Another rule is refused, by name, whatever Γ holds.
+  for call in calls.values():
+    with pytest.raises(ValueError, match=r'records Lasso.*penalty out'):
+      call(penalty=dl.default_penalty)
+  # Functions that see params and a record, not a state, take the recorded
+  # penalties as a rule.
+  record = dl.magnitude_record(params, penalty=dl.get_penalty(state))
+  assert record['dense']['kernel'].shape == (6,)
+  ranks = dl.rank_groups(params, record, penalty=dl.get_penalty(state))
+  jax.tree.map(
+    np.testing.assert_array_equal,
+    ranks,
+    dl.rank_groups(params, record, penalty=rule),
+  )
+
+
+def test_a_state_without_a_record_is_checked_against_the_rule():
+  # The same state with its record of penalties dropped (as by hand): the
+  # toolbox is then asked for the default rule's groups, as if penalty= had
+  # been forgotten, and Γ shows that they are not the optimizer's.
+  rule = dl.penalty_rule(conv=dl.Lasso(), dense=dl.GroupLasso(axes=0))
+  params, state = _trained(penalty=rule)
+  state = optax.tree.set(state, penalties=None)
   gamma = optax.tree.get(state, 'gamma')
   # Partly selected filters: some weights of a filter in Γ, some not.
   conv = np.asarray(gamma['conv']['kernel'] != 0)
@@ -116,6 +163,7 @@ def test_a_rule_the_state_contradicts_is_refused():
   np.testing.assert_array_equal(rows, [True] + [False] * 5)
   # A diverged entry is not taken for a grouping error.
   _, state = _trained()
+  state = optax.tree.set(state, penalties=None)
   zs = optax.tree.get(state, 'z')
   for layer in ('conv', 'dense'):
     bad = zs[layer]['kernel'].reshape(-1).at[0].set(jnp.nan)

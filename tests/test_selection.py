@@ -98,6 +98,26 @@ def test_tracked_record_is_the_first_step_of_support():
   assert dl.support(state, by_group=True)['conv']['kernel'].sum() >= 3
 
 
+def test_track_selection_records_the_groups_of_the_inner_rule():
+  # Dense kernels grouped per input row: without penalty=, the record has
+  # one entry per row (the inner state's groups), not one per weight.
+  params, loss = _problem()
+  rule = dl.penalty_rule(dense=dl.GroupLasso(axes=0, lam=0.1))
+  tx = dl.track_selection(dl.dessilbi(0.05, nu=1.0, penalty=rule))
+  state = tx.init(params)
+  for _ in range(20):
+    updates, state = tx.update(jax.grad(loss)(params), state, params)
+    params = optax.apply_updates(params, updates)
+  record = optax.tree.get(state, 'first_step')
+  rows = np.asarray(record['dense']['kernel'])
+  assert rows.shape == (2,)
+  gamma = optax.tree.get(state, 'gamma')['dense']['kernel']
+  np.testing.assert_array_equal(
+    rows < dl.NOT_SELECTED, np.any(gamma != 0, axis=1)
+  )
+  assert (rows < dl.NOT_SELECTED).any()
+
+
 def test_recording_has_no_host_callbacks_and_matches_manual_updates():
   params, loss = _problem()
   inner = dl.dessilbi(0.05, nu=1.0)
