@@ -181,9 +181,11 @@ def penalties_by_name(
 def grouped_penalties(
   core: Core, penalty: Optional[PenaltyRule] = None
 ) -> dict[Names, Penalty]:
-  """:func:`penalties_by_name` for a core state, checked against its Γ.
+  """:func:`penalties_by_name` for a core state, under :func:`rule_of`.
 
-  Γ = κ·Prox(z) leaves a trace of the groups it was made with: a group of
+  A state that records its penalties needs no more checks. For one that
+  does not (built by hand), the rule is checked against Γ: Γ = κ·Prox(z)
+  leaves a trace of the groups it was made with: a group of
   a group lasso is in Γ's support or out of it as a whole; under a lasso,
   the selected entries are the ones with the largest |z|. A rule whose groups
   contradict that (another rule than the optimizer's, e.g. the default one
@@ -193,8 +195,8 @@ def grouped_penalties(
   arrays spread over several hosts.
 
   Raises:
-    ValueError: the rule leaves a coupled leaf uncoupled, or Γ of a leaf
-      is not grouped the way the rule says.
+    ValueError: the rule disagrees with the state's record, leaves a coupled
+      leaf uncoupled, or Γ of a leaf is not grouped the way the rule says.
   """
   penalties = penalties_by_name(core.gamma, rule_of(core, penalty))
   if core.penalties is not None:  # the optimizer's own record: nothing to check

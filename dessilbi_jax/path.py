@@ -100,20 +100,22 @@ def support(
     by_group: if False, one boolean per weight (``Γ != 0``); if True, one per
       group: per output filter for a group-lasso leaf (shape ``(out,)`` for a
       HWIO conv kernel), per weight for a lasso leaf.
-    penalty: the penalty rule the optimizer was built with (it defines the
-      groups); None for :func:`~dessilbi_jax.default_penalty`. Only used with
-      ``by_group=True``.
+    penalty: leave it out: the groups are the penalties the state records
+      (:func:`~dessilbi_jax.get_penalty`). A rule given must agree with them;
+      it is used for a state that records none. Only used
+      with ``by_group=True``.
 
   Returns:
     A pytree laid out like Γ: boolean arrays at coupled leaves, an empty node
     (``optax.MaskedNode()``, or ``()`` for NNX states) at uncoupled ones.
 
   Raises:
-    ValueError: with ``by_group=True`` and concrete arrays (not under
-      ``jax.jit``), if Γ cannot have come from ``penalty``: a filter partly in
-      the support under a rule grouping by filter, or under a lasso an
-      unselected weight with a larger ``|z|`` than a selected one. The rule
-      is then not the optimizer's.
+    ValueError: with ``by_group=True``, a ``penalty`` that disagrees with
+      the penalties the state records; for a state that records none, with
+      concrete arrays (not under ``jax.jit``), if Γ cannot have come from
+      the rule: a filter partly in the support under a rule grouping by
+      filter, or under a lasso an unselected weight with a larger ``|z|``
+      than a selected one. The rule is then not the optimizer's.
 
   Example:
     >>> import jax.numpy as jnp
@@ -171,8 +173,10 @@ def w_star(
       by_group=True)``.
     spec: with ``channels``, the model's spec (a ``Link`` per layer) to
       find norm layers; None to find them by naming (``conv3`` → ``bn3``).
-    penalty: with ``channels``, the optimizer's penalty rule if not the
-      default (it defines the groups).
+    penalty: leave it out: the groups are the penalties the state records
+      (:func:`~dessilbi_jax.get_penalty`). A rule given must agree with them;
+      it is used for a state that records none. Only used
+      with ``channels``.
 
   Returns:
     A pytree laid out like the (pure) params. For Flax NNX, load it into a
@@ -430,8 +434,9 @@ def path_summary(
       density, coupled or not).
     opt_state: the optimizer state holding Γ.
     nu: the coupling strength ν, for the residue; None to leave it out.
-    penalty: the penalty rule the optimizer was built with; None for the
-      default.
+    penalty: leave it out: the groups are the penalties the state records
+      (:func:`~dessilbi_jax.get_penalty`). A rule given must agree with them;
+      it is used for a state that records none.
 
   Returns:
     A :class:`PathSummary`; ``print(summary)`` shows it as a table and

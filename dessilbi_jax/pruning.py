@@ -91,7 +91,8 @@ def prune(
     scope: ``'layer'`` or ``'global'``.
     layers: the layers (or leaf paths) to prune; None for every recorded leaf.
     spec: links naming each layer's norm layer, where naming does not tell.
-    penalty: the penalty rule the optimizer was built with.
+    penalty: the rule that gives the groups: for a DessiLBI run
+      ``dl.get_penalty(opt_state)``; None for the default rule.
 
   Returns:
     ``(pruned_params, masks)``: the params with pruned entries set to zero,

@@ -51,16 +51,17 @@ def init_selection(
 
   Args:
     opt_state: an optimizer state containing a DessiLBI core.
-    penalty: the penalty rule the optimizer was built with (it defines the
-      groups); None for the default.
+    penalty: leave it out: the groups are the penalties the state records
+      (:func:`~dessilbi_jax.get_penalty`). A rule given must agree with them;
+      it is used for a state that records none.
 
   Returns:
     A pytree laid out like Γ with int32 arrays of the group shape (``(out,)``
     for a HWIO conv kernel, the kernel's shape for a lasso leaf).
 
   Raises:
-    ValueError: outside ``jax.jit``, if Γ cannot have come from ``penalty``
-      (see :func:`~dessilbi_jax.support`).
+    ValueError: ``penalty`` is not the optimizer's rule (see
+      :func:`~dessilbi_jax.support`).
   """
   core = _trees.core_state(opt_state)
   gamma = core.gamma
@@ -84,8 +85,9 @@ def magnitude_record(
 
   Args:
     params: the weights (a pytree, or a Flax NNX ``State``).
-    penalty: the rule choosing the leaves and their groups; None for the
-      default (conv kernels per output filter, Dense kernels per weight).
+    penalty: the rule choosing the leaves and their groups (for a DessiLBI
+      run, ``dl.get_penalty(opt_state)``); None for the default (conv
+      kernels per output filter, Dense kernels per weight).
 
   Returns:
     A pytree laid out like a :func:`track_selection` record for an optimizer
@@ -129,7 +131,9 @@ def update_selection(
     opt_state: the optimizer state after the step(s) being recorded.
     step: the time stamp (e.g. an epoch number); None for the core's step
       count (the number of updates Γ has seen).
-    penalty: the penalty rule the optimizer was built with.
+    penalty: leave it out: the groups are the penalties the state records
+      (:func:`~dessilbi_jax.get_penalty`). A rule given must agree with them;
+      it is used for a state that records none.
 
   Returns:
     The new record.
@@ -200,7 +204,8 @@ def track_selection(
   Args:
     inner: an optimizer containing a DessiLBI core (e.g.
       :func:`~dessilbi_jax.dessilbi`).
-    penalty: the penalty rule ``inner`` was built with; None for the default.
+    penalty: leave it out: the record follows the penalties ``inner``'s
+      state records. A rule given must agree with them.
 
   Returns:
     An :class:`optax.GradientTransformationExtraArgs` whose state is a
@@ -277,7 +282,8 @@ def rank_groups(
       :func:`track_selection`).
     scope: ``'layer'`` ranks the groups of each leaf among themselves;
       ``'global'`` ranks all groups of all recorded leaves together.
-    penalty: the penalty rule the optimizer was built with.
+    penalty: the rule that gives the groups: for a DessiLBI run
+      ``dl.get_penalty(opt_state)``; None for the default rule.
 
   Returns:
     A pytree laid out like the record, of int32 ranks.
@@ -394,7 +400,9 @@ def reference_prune_order(
     opt_state: the optimizer state holding Γ.
     epoch: the epoch number the reference would be called with.
     previous: the result of the previous call; None for the first call.
-    penalty: the penalty rule the optimizer was built with.
+    penalty: leave it out: the groups are the penalties the state records
+      (:func:`~dessilbi_jax.get_penalty`). A rule given must agree with them;
+      it is used for a state that records none.
 
   Returns:
     A :class:`ReferenceOrder`.

@@ -364,7 +364,9 @@ def reinit_unselected(
       filters in Γ's support.
     scale: the norm of each new filter; None for the mean norm of the kept
       filters of the layer (1 if none is kept).
-    penalty: the penalty rule the optimizer was built with.
+    penalty: leave it out: the groups are the penalties the state records
+      (:func:`~dessilbi_jax.get_penalty`). A rule given must agree with them;
+      it is used for a state that records none.
 
   Returns:
     ``(params, opt_state)``, pure (NNX variables unwrapped).

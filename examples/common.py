@@ -148,8 +148,7 @@ def dessilbi_tx(args, steps_per_epoch: int, rule: dl.PenaltyRule):
       momentum=args.momentum,
       weight_decay=args.weight_decay,
       penalty=rule,
-    ),
-    penalty=rule,
+    )
   )
 
 
@@ -234,9 +233,10 @@ def opt_state(optimizer: nnx.Optimizer) -> Any:
   )
 
 
-def selected_filters(opt_state, rule) -> dict[str, np.ndarray]:
-  """Per coupled layer, a boolean per group (filter / neuron / weight)."""
-  sup = dl.support(opt_state, by_group=True, penalty=rule)
+def selected_filters(opt_state) -> dict[str, np.ndarray]:
+  """Per coupled layer, a boolean per group (filter / neuron / weight), as
+  the optimizer's rule groups it (its state records the penalties)."""
+  sup = dl.support(opt_state, by_group=True)
   out = {}
   for path, s in jax.tree_util.tree_leaves_with_path(sup):
     name = dl.path_str(path)
@@ -288,13 +288,13 @@ def channel_masked(state: Any, keep: dict[str, np.ndarray], spec) -> Any:
   return state
 
 
-def wstar_model(model, optimizer, rule, spec) -> nnx.Module:
+def wstar_model(model, optimizer, spec) -> nnx.Module:
   """W* as a network: W masked by Γ's support, and every unselected filter's
   bias and norm shift zeroed too, so the unselected filters are out of the
   network (the function of the slimmed model)."""
   params = nnx.to_pure_dict(nnx.state(model, nnx.Param))
   st = opt_state(optimizer)
-  ws = dl.w_star(params, st, channels=True, spec=spec, penalty=rule)
+  ws = dl.w_star(params, st, channels=True, spec=spec)
   clone = nnx.clone(model)
   nnx.update(clone, ws)
   return clone

@@ -176,11 +176,9 @@ def main(argv: Optional[Sequence[str]] = None) -> dict[str, Any]:
 
   def on_lbi_epoch(epoch, loss, model, optimizer):
     acc = common.accuracy(model, ds.x_test, ds.y_test)
-    wstar = common.wstar_model(model, optimizer, rule, spec)
+    wstar = common.wstar_model(model, optimizer, spec)
     wacc = common.accuracy(wstar, ds.x_test, ds.y_test)
-    c = common.counts(
-      common.selected_filters(common.opt_state(optimizer), rule)
-    )
+    c = common.counts(common.selected_filters(common.opt_state(optimizer)))
     share = common.conv_share(c, convs)
     history.append(
       dict(
@@ -239,19 +237,19 @@ def main(argv: Optional[Sequence[str]] = None) -> dict[str, Any]:
 
   # The path at its end: pruning by selection order, the slim W* network.
   st = common.opt_state(optimizer)
-  selected = common.selected_filters(st, rule)
+  selected = common.selected_filters(st)
   params = nnx.state(model, nnx.Param)
   record = optax.tree.get(st, 'first_step')
   prune_acc = {}
   if prune_layer in selected and selected[prune_layer].ndim == 1:
     for f in (0.5, 0.7, 0.9):
       pruned, _ = dl.prune(
-        params, record, f, layers=[prune_layer], penalty=rule
+        params, record, f, layers=[prune_layer], penalty=dl.get_penalty(st)
       )
       m = nnx.clone(model)
       nnx.update(m, pruned)
       prune_acc[f'{f:.0%}'] = common.accuracy(m, ds.x_test, ds.y_test)
-  wstar = common.wstar_model(model, optimizer, rule, spec)
+  wstar = common.wstar_model(model, optimizer, spec)
   slim_info = None
   if any(k in spec for k in selected):
     small, widths = common.slim_model(
@@ -268,7 +266,7 @@ def main(argv: Optional[Sequence[str]] = None) -> dict[str, Any]:
       acc=common.accuracy(small, ds.x_test, ds.y_test),
       **slim_cost,
     )
-  summary = dl.path_summary(params, st, nu=args.nu, penalty=rule)
+  summary = dl.path_summary(params, st, nu=args.nu)
 
   args.out.mkdir(parents=True, exist_ok=True)
   final = history[-1]

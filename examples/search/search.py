@@ -54,8 +54,8 @@ def run(ds, argv):
   if a.opt == 'dessilbi':
     spec = model.spec()
     st = common.opt_state(opt)
-    c = common.counts(common.selected_filters(st, rule))
-    wstar = common.wstar_model(model, opt, rule, spec)
+    c = common.counts(common.selected_filters(st))
+    wstar = common.wstar_model(model, opt, spec)
     out['wstar'] = common.accuracy(wstar, ds.x_test, ds.y_test)
     out['conv_share'] = round(common.conv_share(c, model.CONVS), 3)
     out['counts'] = common.format_counts(c)

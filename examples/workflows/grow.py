@@ -95,16 +95,16 @@ def rebuild(args, ds, widths, state, opt_state, tx):
   return model, optimizer
 
 
-def evaluate(args, ds, model, optimizer, rule, spec) -> dict[str, Any]:
+def evaluate(args, ds, model, optimizer, spec) -> dict[str, Any]:
   """Dense and W* accuracy, cost of the dense and of the slimmed W*."""
   out = {
     'acc': common.accuracy(model, ds.x_test, ds.y_test),
     'widths': dict(model.widths),
     'dense_cost': common.cost(model, ds.image_shape),
   }
-  if optimizer is not None and rule is not None:
-    sel = common.selected_filters(common.opt_state(optimizer), rule)
-    wstar = common.wstar_model(model, optimizer, rule, spec)
+  if optimizer is not None:
+    sel = common.selected_filters(common.opt_state(optimizer))
+    wstar = common.wstar_model(model, optimizer, spec)
     out['wstar_acc'] = common.accuracy(wstar, ds.x_test, ds.y_test)
     small, widths = common.slim_model(args.model, ds, wstar, sel, spec)
     out['wstar_widths'] = widths
@@ -120,7 +120,7 @@ def main(argv: Optional[Sequence[str]] = None) -> dict[str, Any]:
   convs = list(widths)
   steps = len(ds.x_train) // args.batch_size
   grow_args = with_lr(args, args.lr, schedule='constant')
-  tx, rule, spec = common.setup_dessilbi(grow_args, model, steps)
+  tx, _, spec = common.setup_dessilbi(grow_args, model, steps)
   optimizer = nnx.Optimizer(model, tx, wrt=nnx.Param)
   key = jax.random.key(args.seed)
   bar = tqdm(desc='growing', disable=args.no_progress, total=None)
@@ -138,7 +138,7 @@ def main(argv: Optional[Sequence[str]] = None) -> dict[str, Any]:
       bar=bar,
     )
     epoch += args.round_epochs
-    sel = common.selected_filters(common.opt_state(optimizer), rule)
+    sel = common.selected_filters(common.opt_state(optimizer))
     shares = {k: float(sel[k].mean()) for k in convs}
     grow = [k for k in convs if shares[k] > args.threshold]
     counts = {k: int(sel[k].sum()) for k in convs}
@@ -194,7 +194,7 @@ def main(argv: Optional[Sequence[str]] = None) -> dict[str, Any]:
     first_epoch=epoch,
     bar=bar,
   )
-  grown = evaluate(args, ds, model, optimizer, rule, spec)
+  grown = evaluate(args, ds, model, optimizer, spec)
   grown['rounds'] = rounds
   total = growth_epochs + args.final_epochs
 
@@ -206,12 +206,12 @@ def main(argv: Optional[Sequence[str]] = None) -> dict[str, Any]:
   for name in args.baselines:
     m = train.build_model(args, ds)
     if name == 'dessilbi':
-      ftx, frule, fspec = common.setup_dessilbi(fixed_args, m, steps)
+      ftx, _, fspec = common.setup_dessilbi(fixed_args, m, steps)
     else:
-      ftx, frule, fspec = common.sgd_tx(fixed_args, steps), None, m.spec()
+      ftx, fspec = common.sgd_tx(fixed_args, steps), m.spec()
     opt = common.train(m, ftx, ds, total, args.batch_size, args.seed, bar=bar)
     fixed[name] = evaluate(
-      args, ds, m, opt if name == 'dessilbi' else None, frule, fspec
+      args, ds, m, opt if name == 'dessilbi' else None, fspec
     )
   bar.close()
 

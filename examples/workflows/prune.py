@@ -112,7 +112,7 @@ def main(argv: Optional[Sequence[str]] = None) -> dict[str, Any]:
     'dessilbi': common.accuracy(model, ds.x_test, ds.y_test),
     'sgd': common.accuracy(sgd_model, ds.x_test, ds.y_test),
   }
-  selected = common.counts(common.selected_filters(st, rule))
+  selected = common.counts(common.selected_filters(st))
   methods = {
     'DessiLBI, selection order': (model, optax.tree.get(st, 'first_step')),
     'DessiLBI, magnitude': (

@@ -89,18 +89,18 @@ def main(argv: Optional[Sequence[str]] = None) -> dict[str, Any]:
   init_model = nnx.clone(model)
   convs = common.models_lib.kernel_layers(model)
   steps = len(ds.x_train) // args.batch_size
-  tx, rule, spec = common.setup_dessilbi(args, model, steps)
+  tx, _, spec = common.setup_dessilbi(args, model, steps)
   keeps: dict[int, dict[str, np.ndarray]] = {}
   path_acc: dict[int, dict[str, float]] = {}
 
   def on_epoch(epoch, loss, model, optimizer):
     if epoch in args.at:
-      sel = common.selected_filters(common.opt_state(optimizer), rule)
+      sel = common.selected_filters(common.opt_state(optimizer))
       keeps[epoch] = {k: v for k, v in sel.items() if k in convs}
       path_acc[epoch] = {
         'dense': common.accuracy(model, ds.x_test, ds.y_test),
         'wstar': common.accuracy(
-          common.wstar_model(model, optimizer, rule, spec), ds.x_test, ds.y_test
+          common.wstar_model(model, optimizer, spec), ds.x_test, ds.y_test
         ),
       }
 
