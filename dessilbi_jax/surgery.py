@@ -5,8 +5,10 @@ that holds them along: the params, the normalisation statistics
 (``batch_stats`` in Linen; in Flax NNX pass ``nnx.state(model)``, which holds
 both) and the optimizer state (z, Γ, momentum or any other params-shaped
 buffer, and the first-selection record of
-:func:`~dessilbi_jax.track_selection`). Leaves of the optimizer state are
-matched to params by their key path (its end must equal the param's path).
+:func:`~dessilbi_jax.track_selection`, which follows the axis its kernel is
+grouped along, as the penalties the DessiLBI state records say). Leaves of
+the optimizer state are matched to params by their key path (its end must
+equal the param's path).
 How channels flow from a layer to its norm and its consumers is given by a
 spec (see :mod:`dessilbi_jax.topology`).
 
@@ -25,7 +27,7 @@ import optax
 
 from dessilbi_jax import _checks, _trees
 from dessilbi_jax.path import support
-from dessilbi_jax.penalties import PenaltyRule
+from dessilbi_jax.penalties import GroupLasso, PenaltyRule
 from dessilbi_jax.selection import NOT_SELECTED
 from dessilbi_jax.topology import (
   Spec,
@@ -109,12 +111,15 @@ class _Edit:
       self.ops[names] = (-2, repeat, 0.0)
       self.consumer_kernels.add(names)
 
-  def apply(self, tree, param_shapes, *, state=False, where='params'):
+  def apply(
+    self, tree, param_shapes, *, state=False, where='params', penalties=None
+  ):
     """Applies the edit to a pure tree (params, batch stats or opt state).
 
     A params or batch-stats leaf is edited when its name is in the edit; an
     optimizer-state leaf when the longest end of its name that names a param
-    is in the edit.
+    is in the edit. ``penalties`` (those the DessiLBI state records, by
+    name) tell which axis of a kernel a per-group record of it follows.
     """
 
     def match(names):
@@ -153,6 +158,11 @@ class _Edit:
           f'expected {shape} to edit the channels of layer '
           f'{_trees.join(self.layer)!r}.'
         )
+      group_axis = _record_axis(penalties, key, shape, x)
+      if group_axis is not None:  # a per-group record: it follows its axis
+        if group_axis == axis % len(shape):
+          return _take(x, self.src, 0, fill, repeat)
+        return x
       if key == (*self.layer, 'kernel') and tuple(x.shape) == (self.width,):
         return _take(x, self.src, 0, fill)  # a per-filter record
       if key in self.consumer_kernels and integer and x.ndim == 1:
@@ -169,8 +179,31 @@ class _Edit:
     return _trees.map_with_names(one, tree)
 
 
+def _record_axis(penalties, key, shape, x) -> Optional[int]:
+  """The kernel axis that a one-dimensional per-group record ``x`` of leaf
+  ``key`` runs along, from the penalty the optimizer gave that leaf; None
+  where no recorded penalty says (then the shapes decide)."""
+  choice = (penalties or {}).get(key)
+  if not isinstance(choice, GroupLasso) or shape is None or x.ndim != 1:
+    return None
+  axes = choice.group_axes(len(shape))
+  if len(axes) != 1 or x.shape[0] != shape[axes[0]]:
+    return None
+  return axes[0]
+
+
+def _state_penalties(opt_state) -> Optional[dict]:
+  """The penalties a DessiLBI state inside ``opt_state`` records, by name."""
+  try:
+    table = _trees.core_state(opt_state).penalties
+  except ValueError:  # another optimizer's state, or several cores
+    return None
+  return None if table is None else table.by_name
+
+
 def _apply_edits(edits, params, opt_state, batch_stats):
   _check_paths_line_up(edits, params, opt_state, batch_stats)
+  penalties = None if opt_state is None else _state_penalties(opt_state)
   for edit in edits:
     shapes = {
       n: tuple(v.shape)
@@ -182,7 +215,7 @@ def _apply_edits(edits, params, opt_state, batch_stats):
     if batch_stats is not None:
       batch_stats = edit.apply(batch_stats, shapes, where='batch_stats')
     if opt_state is not None:
-      opt_state = edit.apply(opt_state, shapes, state=True)
+      opt_state = edit.apply(opt_state, shapes, state=True, penalties=penalties)
   return params, opt_state, batch_stats
 
 

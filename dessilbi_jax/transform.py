@@ -198,7 +198,7 @@ def _check_recorded_penalties(recorded: Any, table: PenaltyTable) -> None:
     f'gives: for {"/".join(names)!r} the state records {was.get(names)!r}, '
     f'the rule gives {now.get(names)!r} (None: uncoupled). Build the '
     'optimizer with the rule the state was made with; to change penalties '
-    'mid-path on purpose, first drop the record: optax.tree.set(state, '
+    "mid-path on purpose, first drop the state's: optax.tree.set(state, "
     'penalties=None).'
   )
 

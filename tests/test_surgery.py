@@ -716,3 +716,42 @@ def test_a_consumer_grouped_per_input_has_its_record_cut_with_its_rows():
   np.testing.assert_array_equal(new['fc1']['kernel'], [0, 2, 3, 5])
   np.testing.assert_array_equal(new['fc2']['kernel'], [10, 12, 13, 15])
   assert out.params['fc2']['kernel'].shape == (4, 3)
+
+
+def test_square_kernels_have_their_records_cut_along_their_group_axis():
+  # Square Dense kernels, where the shape cannot tell rows from columns: the
+  # penalty the state records says which axis a per-group record runs along.
+  params = {
+    'fc0': {'kernel': jnp.ones((4, 6))},
+    'fc1': {'kernel': jnp.ones((6, 6))},  # grouped per input row
+    'fc2': {'kernel': jnp.ones((6, 6))},  # grouped per output column
+    'fc3': {'kernel': jnp.ones((6, 3))},
+  }
+  rule = dl.penalty_rule(
+    dense=dl.GroupLasso(axes=-1),
+    overrides={'fc1': dl.GroupLasso(axes=0), 'fc3': dl.Lasso()},
+  )
+  tx = dl.track_selection(dl.dessilbi(0.1, penalty=rule))
+  state = tx.init(params)
+  record = {
+    name: {'kernel': 10 * i + jnp.arange(6, dtype=jnp.int32)}
+    for i, name in enumerate(('fc0', 'fc1', 'fc2'))
+  }
+  record['fc3'] = optax.tree.get(state, 'first_step')['fc3']
+  state = state._replace(first_step=record)
+  spec = dl.chain_spec(params, ['fc0', 'fc1', 'fc2', 'fc3'])
+  keep = {
+    'fc0': np.array([True, False, True, True, False, True]),
+    'fc1': np.array([False, True, True, True, True, False]),
+  }
+  out = dl.slim(params, spec, keep, opt_state=state)
+  new = optax.tree.get(out.opt_state, 'first_step')
+  np.testing.assert_array_equal(new['fc0']['kernel'], [0, 2, 3, 5])
+  # fc1's rows follow fc0's kept outputs; its own outputs do not touch them.
+  np.testing.assert_array_equal(new['fc1']['kernel'], [10, 12, 13, 15])
+  # fc2's columns stay; its rows (fc1's outputs) are cut.
+  np.testing.assert_array_equal(new['fc2']['kernel'], 20 + np.arange(6))
+  assert out.params['fc1']['kernel'].shape == (4, 4)
+  assert out.params['fc2']['kernel'].shape == (4, 6)
+  z = optax.tree.get(out.opt_state, 'z')
+  assert z['fc1']['kernel'].shape == (4, 4)
