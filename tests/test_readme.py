@@ -129,6 +129,13 @@ def test_penalty_rule_examples():
     axes=-1
   )
   assert rule(('head', 'kernel'), jnp.zeros((3, 4))) is None
+  # Stacked layers: one group per (layer, filter).
+  blocks = {'blocks': {'kernel': jnp.ones((4, 3, 3, 2, 5))}}
+  stacked = dl.dessilbi(0.1, penalty=ns['stacked']).init(blocks)
+  assert dl.get_penalty(stacked).by_name[('blocks', 'kernel')] == (
+    dl.GroupLasso(axes=(0, -1))
+  )
+  assert dl.support(stacked, by_group=True)['blocks']['kernel'].shape == (4, 5)
 
 
 def test_sparse_path_walkthrough():
