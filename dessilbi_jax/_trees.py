@@ -25,6 +25,7 @@ from dessilbi_jax.penalties import (
   PenaltyTable,
   default_penalty,
   names_of,
+  resolved,
 )
 from dessilbi_jax.transform import (
   _normalise_path,
@@ -142,10 +143,20 @@ def rule_of(core: Core, penalty: Optional[PenaltyRule] = None) -> PenaltyRule:
   """
   if core.penalties is None:
     return default_penalty if penalty is None else penalty
+  recorded = core.penalties.by_name
+  if len(recorded) < len(core.penalties.entries):
+    names = [n for n, _ in core.penalties.entries]
+    twice = next(n for n in names if names.count(n) > 1)
+    raise ValueError(
+      f'opt_state: two coupled leaves have the name {join(twice)!r} here (a '
+      "trailing 'value' or 'raw_value' key is dropped from names, as NNX "
+      'adds one), so the toolbox cannot tell their groups apart; rename one.'
+    )
   if penalty is None:
     return core.penalties
-  recorded = core.penalties.by_name
+  gammas = leaves_by_name(core.gamma)
   for names, choice in penalties_by_name(core.gamma, penalty).items():
+    choice = resolved(choice, gammas[names].ndim)
     if recorded.get(names) != choice:
       raise ValueError(
         f'penalty: the rule gives {join(names)!r} {choice!r}, but the '

@@ -124,6 +124,21 @@ _NO_LEAF = object()
 Penalty = Union[Lasso, GroupLasso]
 PenaltyRule = Callable[[KeyPath, Any], Union[Penalty, None]]
 
+_ONE_ARGUMENT_MSG = (
+  'penalty: a rule is called as rule(path, leaf), here with one argument: '
+  'under optax.inject_hyperparams, name penalty in static_args (e.g. '
+  "static_args=('penalty',))."
+)
+
+
+def resolved(choice: Union[Penalty, None], ndim: int) -> Union[Penalty, None]:
+  """``choice`` for a leaf of rank ``ndim``, spelled one way: a group
+  lasso's axes non-negative and sorted (``axes=-1`` and ``axes=(3,)`` give
+  the same groups of a rank-4 kernel, and compare equal once resolved)."""
+  if isinstance(choice, GroupLasso):
+    return dataclasses.replace(choice, axes=choice.group_axes(ndim))
+  return choice
+
 
 def path_str(path: KeyPath) -> str:
   """A readable ``'layer/name'`` string for a parameter's key path."""
@@ -164,7 +179,8 @@ class PenaltyTable:
 
   Attributes:
     entries: ``(names, penalty)`` pairs in the params' flattening order,
-      ``names`` being the keys on a leaf's path (``('conv1', 'kernel')``).
+      ``names`` being the keys on a leaf's path (``('conv1', 'kernel')``),
+      a group lasso's axes resolved for the leaf (non-negative, sorted).
   """
 
   entries: tuple[tuple[tuple[str, ...], Penalty], ...] = ()
@@ -174,8 +190,11 @@ class PenaltyTable:
     """The entries as a dict."""
     return dict(self.entries)
 
-  def __call__(self, path: KeyPath, leaf: Any = None) -> Union[Penalty, None]:
-    del leaf
+  def __call__(
+    self, path: KeyPath, leaf: Any = _NO_LEAF
+  ) -> Union[Penalty, None]:
+    if leaf is _NO_LEAF:
+      raise TypeError(_ONE_ARGUMENT_MSG)
     return self.by_name.get(names_of(path))
 
   def __repr__(self) -> str:
@@ -183,10 +202,11 @@ class PenaltyTable:
     return f'PenaltyTable({{{inner}}})'
 
 
-# Flax's serialization (to_bytes, to_state_dict) writes no leaves for it, as
-# JAX flattens none, and restores the target's own.
+# Flax's serialization (to_bytes, to_state_dict) writes None for it, as for a
+# state without penalties (JAX flattens no leaves of either), and restores the
+# target's own.
 serialization.register_serialization_state(
-  PenaltyTable, lambda table: {}, lambda target, state: target
+  PenaltyTable, lambda table: None, lambda target, state: target
 )
 
 
@@ -246,11 +266,7 @@ def penalty_rule(
 
   def rule(path: KeyPath, leaf: Any = _NO_LEAF) -> Union[Penalty, None]:
     if leaf is _NO_LEAF:
-      raise TypeError(
-        'penalty: a rule is called as rule(path, leaf), here with one '
-        'argument: under optax.inject_hyperparams, name penalty in '
-        "static_args (e.g. static_args=('penalty',))."
-      )
+      raise TypeError(_ONE_ARGUMENT_MSG)
     name = path_str(path)
     for pattern, value in compiled:
       if pattern.search(name):

@@ -27,7 +27,7 @@ import optax
 
 from dessilbi_jax import _checks, _trees
 from dessilbi_jax.path import support
-from dessilbi_jax.penalties import GroupLasso, PenaltyRule
+from dessilbi_jax.penalties import GroupLasso, PenaltyRule, PenaltyTable
 from dessilbi_jax.selection import NOT_SELECTED
 from dessilbi_jax.topology import (
   Spec,
@@ -183,7 +183,7 @@ def _record_axis(penalties, key, shape, x) -> Optional[int]:
   """The kernel axis that a one-dimensional per-group record ``x`` of leaf
   ``key`` runs along, from the penalty the optimizer gave that leaf; None
   where no recorded penalty says (then the shapes decide)."""
-  choice = (penalties or {}).get(key)
+  choice = penalties.get(key)
   if not isinstance(choice, GroupLasso) or shape is None or x.ndim != 1:
     return None
   axes = choice.group_axes(len(shape))
@@ -192,18 +192,21 @@ def _record_axis(penalties, key, shape, x) -> Optional[int]:
   return axes[0]
 
 
-def _state_penalties(opt_state) -> Optional[dict]:
-  """The penalties a DessiLBI state inside ``opt_state`` records, by name."""
-  try:
-    table = _trees.core_state(opt_state).penalties
-  except ValueError:  # another optimizer's state, or several cores
-    return None
-  return None if table is None else table.by_name
+def _state_penalties(opt_state) -> dict:
+  """The penalties the DessiLBI states inside ``opt_state`` record, by name
+  (one per branch of an ``optax.partition``; none in another optimizer's)."""
+  out = {}
+  for _, table in optax.tree.get_all_with_path(
+    _trees.pure(opt_state), 'penalties', filtering=_trees._is_core
+  ):
+    if isinstance(table, PenaltyTable):
+      out.update(table.by_name)
+  return out
 
 
 def _apply_edits(edits, params, opt_state, batch_stats):
   _check_paths_line_up(edits, params, opt_state, batch_stats)
-  penalties = None if opt_state is None else _state_penalties(opt_state)
+  penalties = {} if opt_state is None else _state_penalties(opt_state)
   for edit in edits:
     shapes = {
       n: tuple(v.shape)
@@ -766,8 +769,9 @@ def set_nnx_opt_state(optimizer: Any, opt_state: optax.OptState) -> None:
 
   Raises:
     ValueError: ``opt_state`` differs from the optimizer's state in its tree
-      structure, or at a leaf in its shape or dtype; the error names the first
-      such leaf, and nothing is written.
+      structure, at a leaf in its shape or dtype, or in the penalties it
+      records (a state whose ``penalties`` are None takes the optimizer's);
+      the error names the first such place, and nothing is written.
   """
   from flax import nnx
 
@@ -804,6 +808,18 @@ def _state_pairs(held, given, is_var, path=()) -> list[tuple[Any, Any]]:
   """
   where = _trees.join(_trees.names_of(path)) or '<root>'
   current = _trees.variable_value(held) if is_var(held) else held
+  if isinstance(current, PenaltyTable):
+    # Static data: the optimizer's own stays. A state without penalties
+    # (dropped on purpose, to change them) takes the optimizer's.
+    if given is not None and given != current:
+      raise ValueError(
+        f'opt_state: at {where!r} it holds {given!r}, where the optimizer '
+        f'holds {current!r}: it was made under other penalties; build the '
+        'optimizer with the rule the state was made with (to change '
+        'penalties on purpose, first set them to None: '
+        'optax.tree.set(opt_state, penalties=None)).'
+      )
+    return []
   if _trees.is_empty(current) and _trees.is_empty(given):
     return [(held, given)] if is_var(held) else []
   mine = None if is_var(held) else _one_level(held)

@@ -1,5 +1,6 @@
 """The DessiLBI core as an Optax gradient transformation."""
 
+import itertools
 import warnings
 from typing import Any, NamedTuple, Optional
 
@@ -17,6 +18,7 @@ from dessilbi_jax.penalties import (
   default_penalty,
   names_of,
   path_str,
+  resolved,
 )
 from dessilbi_jax.shrinkage import group_factor, group_threshold, soft_threshold
 
@@ -180,8 +182,27 @@ def _resolve(
         ) from None
     out.append(choice)
     if choice is not None:
-      entries.append((names_of(path), choice))
+      entries.append((names_of(path), resolved(choice, leaf.ndim)))
   return out, treedef, PenaltyTable(tuple(entries))
+
+
+class _UnknownPenalties:
+  """The penalties of a state initialised without params."""
+
+  def __repr__(self) -> str:
+    return '<penalties unknown>'
+
+
+_UNKNOWN_PENALTIES = _UnknownPenalties()
+
+
+def _is_map_params_placeholder(params: Any) -> bool:
+  """Whether ``init`` was given ``optax.tree.map_params``'s placeholder (a
+  leafless node of Optax's private type) rather than params."""
+  found = jax.tree.leaves(
+    params, is_leaf=lambda x: type(x).__name__ == '_ParamsPlaceholder'
+  )
+  return any(type(x).__name__ == '_ParamsPlaceholder' for x in found)
 
 
 def _check_recorded_penalties(recorded: Any, table: PenaltyTable) -> None:
@@ -189,17 +210,27 @@ def _check_recorded_penalties(recorded: Any, table: PenaltyTable) -> None:
   rule gives others must not silently step it with its own groups."""
   if not isinstance(recorded, PenaltyTable) or recorded == table:
     return
-  was, now = recorded.by_name, table.by_name
-  names = next(
-    n for n in (*was, *now) if was.get(n) != now.get(n)
-  )  # the first leaf that differs
+  none = (None, None)
+  was, now = next(  # the first coupled leaf where they differ
+    (a, b)
+    for a, b in itertools.zip_longest(
+      recorded.entries, table.entries, fillvalue=none
+    )
+    if a != b
+  )
+
+  def entry(pair):
+    names, choice = pair
+    if names is None:
+      return 'no more coupled leaves'
+    return f'{"/".join(names)!r}: {choice!r}'
+
   raise ValueError(
     f"state: it was built under other penalties than this optimizer's rule "
-    f'gives: for {"/".join(names)!r} the state records {was.get(names)!r}, '
-    f'the rule gives {now.get(names)!r} (None: uncoupled). Build the '
-    'optimizer with the rule the state was made with; to change penalties '
-    "mid-path on purpose, first drop the state's: optax.tree.set(state, "
-    'penalties=None).'
+    f'gives: the state records {entry(was)} where the rule gives '
+    f'{entry(now)}. Build the optimizer with the rule the state was made '
+    "with; to change penalties mid-path on purpose, first drop the state's: "
+    'optax.tree.set(state, penalties=None).'
   )
 
 
@@ -308,11 +339,11 @@ def scale_by_dessilbi(
     _checks.check_param_leaves(params)
     penalties, treedef, table = _resolve(params, penalty)
     _warn_unmatched_overrides(params)
-    if not jax.tree.leaves(params):
-      # optax.tree.map_params initialises with a leafless placeholder for the
-      # params; standing where the table goes too, it lets map_params match
-      # a real state's table (which has no leaves to map) as it is.
-      table = params
+    if _is_map_params_placeholder(params):
+      # optax.tree.map_params initialises with a placeholder for the params,
+      # and compares the state it gets with a real one: a leaf here matches
+      # a real state's table whatever it holds (and is not params-shaped).
+      table = _UNKNOWN_PENALTIES
 
     z, gamma = [], []
     for leaf, choice in zip(

@@ -106,6 +106,14 @@ def test_flax_serialization_round_trip():
   assert jax.tree.structure(restored) == jax.tree.structure(state)
   jax.tree.map(np.testing.assert_array_equal, restored, state)
   assert dl.get_penalty(restored) == dl.get_penalty(state)
+  # Into a target without penalties, and back.
+  bare = optax.tree.set(TX.init(params), penalties=None)
+  restored = serialization.from_bytes(bare, data)
+  assert jax.tree.structure(restored) == jax.tree.structure(bare)
+  again = serialization.from_bytes(
+    TX.init(params), serialization.to_bytes(bare)
+  )
+  assert dl.get_penalty(again) == dl.get_penalty(state)
 
 
 def test_flax_nnx_optimizer_round_trip(tmp_path):

@@ -85,7 +85,8 @@ def test_state_records_its_penalties_as_static_data():
   table = state[-1].penalties
   assert table == dl.PenaltyTable(
     (
-      (('conv', 'kernel'), dl.GroupLasso()),
+      # Axes resolved for the leaf: -1 of a rank-4 kernel is 3.
+      (('conv', 'kernel'), dl.GroupLasso(axes=3)),
       (('dense', 'kernel'), dl.GroupLasso(axes=0, lam=0.5)),
     )
   )
@@ -113,6 +114,42 @@ def test_state_records_its_penalties_as_static_data():
   key = (jax.tree_util.DictKey('dense'), jax.tree_util.DictKey('kernel'))
   assert table(key, None) == dl.GroupLasso(axes=0, lam=0.5)
   assert table((jax.tree_util.DictKey('bias'),), None) is None
+
+
+def test_penalties_are_compared_as_groups_not_as_spelling():
+  params, loss = _problem()
+  state = dl.dessilbi(0.1).init(params)  # conv: GroupLasso(axes=(-1,))
+  same = dl.penalty_rule(conv=dl.GroupLasso(axes=3))
+  assert dl.get_penalty(dl.dessilbi(0.1, penalty=same).init(params)) == (
+    dl.get_penalty(state)
+  )
+  _, stepped = dl.dessilbi(0.1, penalty=same).update(
+    jax.grad(loss)(params), state, params
+  )
+  dl.support(stepped, by_group=True, penalty=same)
+  # Empty params record no penalties, as a table.
+  assert dl.get_penalty(dl.dessilbi(0.1).init({})) == dl.PenaltyTable(())
+  # A table where a schedule is expected says how to pass it.
+  with pytest.raises(TypeError, match='static_args'):
+    optax.inject_hyperparams(dl.dessilbi)(
+      learning_rate=0.1, penalty=dl.get_penalty(state)
+    ).init(params)
+
+
+def test_leaves_of_one_name_are_refused_by_the_toolbox_not_by_update():
+  # 'value' and 'raw_value' keys both read as their parent's name.
+  params = {'attn': {'value': jnp.ones((2, 2)), 'raw_value': jnp.ones((3, 3))}}
+  rule = lambda p, x: dl.GroupLasso(axes=0) if x.shape == (3, 3) else dl.Lasso()  # noqa: E731
+  tx = dl.scale_by_dessilbi(0.1, penalty=rule)
+  state = tx.init(params)
+  _, state = tx.update(params, state, params)
+  with pytest.raises(
+    ValueError, match="two coupled leaves have the name 'attn'"
+  ):
+    dl.support(state, by_group=True)
+  other = dl.scale_by_dessilbi(0.1, penalty=lambda p, x: dl.Lasso())
+  with pytest.raises(ValueError, match=r'records .attn.: GroupLasso'):
+    other.update(params, state, params)
 
 
 @pytest.mark.parametrize(
@@ -319,6 +356,22 @@ def test_tree_map_params_reaches_z_gamma_and_momentum():
   assert int(optax.tree.get(mapped, 'count')) == int(
     optax.tree.get(state, 'count')
   )
+  # With a tree per leaf beside the state (e.g. sharding specs), and a value
+  # for everything that is not params-shaped.
+  specs = jax.tree.map(lambda x: x.ndim, params)
+  mapped = optax.tree.map_params(
+    tx,
+    lambda x, s: None if isinstance(x, optax.MaskedNode) else s,
+    state,
+    specs,
+    transform_non_params=lambda _: -1,
+    is_leaf=lambda x: isinstance(x, optax.MaskedNode),
+  )
+  assert mapped[-1].z == {
+    'conv': {'kernel': 4},
+    'dense': {'bias': None, 'kernel': 2},
+  }
+  assert mapped[-1].count == -1
 
 
 def test_multisteps_accumulates_then_applies_the_mean_gradient():

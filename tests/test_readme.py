@@ -133,7 +133,7 @@ def test_penalty_rule_examples():
   blocks = {'blocks': {'kernel': jnp.ones((4, 3, 3, 2, 5))}}
   stacked = dl.dessilbi(0.1, penalty=ns['stacked']).init(blocks)
   assert dl.get_penalty(stacked).by_name[('blocks', 'kernel')] == (
-    dl.GroupLasso(axes=(0, -1))
+    dl.GroupLasso(axes=(0, 4))  # axes resolved for the rank-5 leaf
   )
   assert dl.support(stacked, by_group=True)['blocks']['kernel'].shape == (4, 5)
 

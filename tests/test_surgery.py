@@ -550,6 +550,10 @@ def test_set_nnx_opt_state_checks_structure_shape_and_dtype():
   uncoupled = dl.dessilbi(0.1, penalty=dl.penalty_rule(dense=None))
   with pytest.raises(ValueError, match=r"opt_state: at '3/z/kernel'"):
     load(uncoupled.init(params))
+  # The same layout made under other penalties (rows as groups).
+  rows = dl.dessilbi(0.1, penalty=dl.penalty_rule(dense=dl.GroupLasso(axes=0)))
+  with pytest.raises(ValueError, match=r"at '3/penalties'.*other penalties"):
+    load(rows.init(params))
   # Nothing was written by the refused loads.
   jax.tree.map(np.testing.assert_array_equal, pure(optimizer.opt_state), before)
   # A state of the optimizer's layout loads, and training goes on.
@@ -563,6 +567,9 @@ def test_set_nnx_opt_state_checks_structure_shape_and_dtype():
     model, jax.tree.map(jnp.ones_like, nnx.state(model, nnx.Param))
   )
   assert int(optax.tree.get(optimizer.opt_state, 'count')) == 2
+  # Penalties dropped on purpose: the state takes the optimizer's.
+  load(optax.tree.set(rows.init(params), penalties=None))
+  assert dl.get_penalty(optimizer.opt_state) == dl.get_penalty(state)
 
 
 def test_orthogonal_filters_and_widen_name_bad_counts():
@@ -755,3 +762,46 @@ def test_square_kernels_have_their_records_cut_along_their_group_axis():
   assert out.params['fc2']['kernel'].shape == (4, 6)
   z = optax.tree.get(out.opt_state, 'z')
   assert z['fc1']['kernel'].shape == (4, 4)
+
+
+def test_slim_reads_the_penalties_of_every_core_of_a_partition():
+  # Two DessiLBI cores (one per optax.partition branch), each with a record:
+  # conv2's square-free but per-input groups follow conv1's kept filters.
+  params = {
+    'conv1': {'kernel': jnp.ones((3, 3, 2, 4))},
+    'conv2': {'kernel': jnp.ones((3, 3, 4, 4))},
+  }
+  rule = dl.penalty_rule(overrides={'conv2': dl.GroupLasso(axes=2)})
+  branch = dl.track_selection(dl.dessilbi(0.1, penalty=rule))
+  tx = optax.partition({'a': branch, 'b': branch}, {'conv1': 'a', 'conv2': 'b'})
+  state = tx.init(params)
+  inner = state.inner_states
+
+  def with_record(name, values):
+    sel = inner[name].inner_state
+    record = {
+      **sel.first_step,
+      name.replace('a', 'conv1').replace('b', 'conv2'): {
+        'kernel': jnp.asarray(values, jnp.int32)
+      },
+    }
+    return inner[name]._replace(inner_state=sel._replace(first_step=record))
+
+  state = state._replace(
+    inner_states={
+      'a': with_record('a', [0, 1, 2, 3]),
+      'b': with_record('b', [10, 11, 12, 13]),
+    }
+  )
+  spec = dl.chain_spec(params, ['conv1', 'conv2'])
+  out = dl.slim(
+    params,
+    spec,
+    {'conv1': np.array([True, False, True, False])},
+    opt_state=state,
+  )
+  records = [
+    s.inner_state.first_step for s in out.opt_state.inner_states.values()
+  ]
+  np.testing.assert_array_equal(records[0]['conv1']['kernel'], [0, 2])
+  np.testing.assert_array_equal(records[1]['conv2']['kernel'], [10, 12])
