@@ -397,12 +397,12 @@ def reinit_unselected(
     opt_state: the optimizer state.
     layers: the layer paths (``'conv2'``) or kernel paths to re-initialise.
     keep: per layer, a boolean vector of the filters to keep; None for the
-      filters in Γ's support.
+      filters with a weight in Γ's support (whatever the kernel's groups).
     scale: the norm of each new filter; None for the mean norm of the kept
       filters of the layer (1 if none is kept).
-    penalty: leave it out: the groups are the penalties the state records
-      (:func:`~dessilbi_jax.get_penalty`). A rule given must agree with them;
-      it is used for a state that records none.
+    penalty: leave it out; a rule given is checked as by
+      :func:`~dessilbi_jax.support` (it must agree with the penalties the
+      state records), and is not needed to find the filters.
 
   Returns:
     ``(params, opt_state)``, pure (NNX variables unwrapped).
@@ -414,10 +414,13 @@ def reinit_unselected(
   opt_state = _trees.pure(opt_state)
   table = _trees.leaves_by_name(params)
   selected = None
+  if penalty is not None:
+    _trees.check_rule(penalty)
+    _trees.grouped_penalties(_trees.core_state(opt_state), penalty)
   if keep is None:
-    selected = _trees.leaves_by_name(
-      support(opt_state, by_group=True, penalty=penalty)
-    )
+    # Per weight: a filter is kept if any of its weights is in Γ's support,
+    # however the kernel is grouped (per filter, per input, per weight).
+    selected = _trees.leaves_by_name(support(opt_state))
   if isinstance(layers, str):
     layers = [layers]
   keys = jax.random.split(key, max(len(layers), 1))

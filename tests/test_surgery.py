@@ -805,3 +805,29 @@ def test_slim_reads_the_penalties_of_every_core_of_a_partition():
   ]
   np.testing.assert_array_equal(records[0]['conv1']['kernel'], [0, 2])
   np.testing.assert_array_equal(records[1]['conv2']['kernel'], [10, 12])
+
+
+def test_reinit_reads_filters_from_weights_whatever_the_groups():
+  # conv grouped per input channel, square: input 0 selected gives every
+  # output filter a selected weight, so no filter is re-initialised (a
+  # per-input support read as per filter would renew filters 1..3).
+  kernel = jax.random.normal(jax.random.key(0), (3, 3, 4, 4))
+  params = {'conv': {'kernel': kernel}}
+  tx = dl.dessilbi(0.1, penalty=dl.penalty_rule(conv=dl.GroupLasso(axes=2)))
+  state = tx.init(params)
+  gamma = jnp.zeros((3, 3, 4, 4)).at[:, :, 0, :].set(1.0)
+  state = optax.tree.set(state, gamma={'conv': {'kernel': gamma}})
+  assert dl.support(state, by_group=True)['conv']['kernel'].tolist() == [
+    True,
+    False,
+    False,
+    False,
+  ]
+  new, _ = dl.reinit_unselected(jax.random.key(1), params, state, ['conv'])
+  np.testing.assert_array_equal(new['conv']['kernel'], kernel)
+  # Nothing selected: every filter is new.
+  empty = optax.tree.set(
+    state, gamma={'conv': {'kernel': jnp.zeros_like(gamma)}}
+  )
+  new, _ = dl.reinit_unselected(jax.random.key(1), params, empty, ['conv'])
+  assert not np.any(np.isclose(new['conv']['kernel'], kernel))
