@@ -102,8 +102,8 @@ def support(
       HWIO conv kernel), per weight for a lasso leaf.
     penalty: leave it out: the groups are the penalties the state records
       (:func:`~dessilbi_jax.get_penalty`). A rule given must agree with them;
-      it is used for a state that records none. Only used
-      with ``by_group=True``.
+      it is used for a state that records none. Only used with
+      ``by_group=True``.
 
   Returns:
     A pytree laid out like Γ: boolean arrays at coupled leaves, an empty node
@@ -175,8 +175,8 @@ def w_star(
       find norm layers; None to find them by naming (``conv3`` → ``bn3``).
     penalty: leave it out: the groups are the penalties the state records
       (:func:`~dessilbi_jax.get_penalty`). A rule given must agree with them;
-      it is used for a state that records none. Only used
-      with ``channels``.
+      it is used for a state that records none. Only used with
+      ``channels``.
 
   Returns:
     A pytree laid out like the (pure) params. For Flax NNX, load it into a

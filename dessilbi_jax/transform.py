@@ -33,7 +33,8 @@ class DessiLBIState(NamedTuple):
     gamma: the sparse structure parameter Γ = κ·Prox(z), laid out as ``z``.
     penalties: the :class:`~dessilbi_jax.PenaltyTable` the optimizer's rule
       gave the params (static data, no leaves), read by the toolbox in place
-      of its ``penalty=`` argument; None in a state built by hand.
+      of its ``penalty=`` argument; None in a state built by hand or whose
+      penalties were dropped (``optax.tree.set(state, penalties=None)``).
   """
 
   count: jax.Array
