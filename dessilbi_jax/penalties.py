@@ -181,21 +181,39 @@ class PenaltyTable:
     entries: ``(names, penalty)`` pairs in the params' flattening order,
       ``names`` being the keys on a leaf's path (``('conv1', 'kernel')``),
       a group lasso's axes resolved for the leaf (non-negative, sorted).
+    ranks: each entry's leaf rank, which its resolved axes are for; a leaf
+      of another rank by that name (e.g. Γ of a ``jax.vmap``-stacked
+      ensemble of states) is refused. Empty: not checked.
   """
 
   entries: tuple[tuple[tuple[str, ...], Penalty], ...] = ()
+  ranks: tuple[int, ...] = ()
 
   @functools.cached_property
   def by_name(self) -> dict[tuple[str, ...], Penalty]:
     """The entries as a dict."""
     return dict(self.entries)
 
+  @functools.cached_property
+  def _rank_by_name(self) -> dict[tuple[str, ...], int]:
+    return {n: r for (n, _), r in zip(self.entries, self.ranks, strict=False)}
+
   def __call__(
     self, path: KeyPath, leaf: Any = _NO_LEAF
   ) -> Union[Penalty, None]:
     if leaf is _NO_LEAF:
       raise TypeError(_ONE_ARGUMENT_MSG)
-    return self.by_name.get(names_of(path))
+    names = names_of(path)
+    choice = self.by_name.get(names)
+    rank = self._rank_by_name.get(names)
+    if rank is not None and getattr(leaf, 'ndim', rank) != rank:
+      raise ValueError(
+        f'penalty: leaf {"/".join(names)!r} has rank {leaf.ndim}, but the '
+        f'optimizer gave it {choice!r} as a leaf of rank {rank}; for an '
+        'ensemble of states stacked by jax.vmap, call the toolbox under '
+        'jax.vmap too.'
+      )
+    return choice
 
   def __repr__(self) -> str:
     inner = ', '.join(f"'{'/'.join(n)}': {p!r}" for n, p in self.entries)

@@ -149,7 +149,7 @@ def _resolve(
   rule = default_penalty if penalty is None else penalty
   leaves, treedef = jax.tree_util.tree_flatten_with_path(params)
   variables = _variable_paths(params)
-  out, entries = [], []
+  out, entries, ranks = [], [], []
   for path, leaf in leaves:
     path = _normalise_path(tuple(path), variables)
     if not hasattr(leaf, 'dtype'):
@@ -184,7 +184,8 @@ def _resolve(
     out.append(choice)
     if choice is not None:
       entries.append((names_of(path), resolved(choice, leaf.ndim)))
-  return out, treedef, PenaltyTable(tuple(entries))
+      ranks.append(leaf.ndim)
+  return out, treedef, PenaltyTable(tuple(entries), tuple(ranks))
 
 
 class _UnknownPenalties:

@@ -88,7 +88,8 @@ def test_state_records_its_penalties_as_static_data():
       # Axes resolved for the leaf: -1 of a rank-4 kernel is 3.
       (('conv', 'kernel'), dl.GroupLasso(axes=3)),
       (('dense', 'kernel'), dl.GroupLasso(axes=0, lam=0.5)),
-    )
+    ),
+    ranks=(4, 2),
   )
   # No leaves: the state holds the same arrays as without the record.
   bare = optax.tree.set(state, penalties=None)

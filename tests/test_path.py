@@ -87,7 +87,8 @@ def test_the_toolbox_takes_the_groups_the_state_records():
     (
       (('conv', 'kernel'), dl.Lasso()),
       (('dense', 'kernel'), dl.GroupLasso(axes=0)),
-    )
+    ),
+    ranks=(4, 2),
   )
   calls = {
     'support': lambda **kw: dl.support(state, by_group=True, **kw),
@@ -367,3 +368,16 @@ def test_float16_underflow_in_a_new_filter_is_not_a_grouping_error():
   np.testing.assert_array_equal(
     dl.support(state, by_group=True)['conv'], [True]
   )
+
+
+def test_a_stacked_ensemble_of_states_is_refused_unless_under_vmap():
+  # Γ of a jax.vmap-stacked ensemble has one more axis than the leaf the
+  # penalties were resolved for: read directly, filter axis 3 would be the
+  # members' input channels.
+  params = {'conv': {'kernel': jnp.ones((3, 3, 2, 4))}}
+  tx = dl.dessilbi(0.1)
+  ensemble = jax.vmap(lambda _: tx.init(params))(jnp.arange(3))
+  with pytest.raises(ValueError, match=r"'conv/kernel' has rank 5.*jax\.vmap"):
+    dl.support(ensemble, by_group=True)
+  per_member = jax.vmap(lambda s: dl.support(s, by_group=True))(ensemble)
+  assert per_member['conv']['kernel'].shape == (3, 4)
