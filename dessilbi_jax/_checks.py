@@ -41,6 +41,20 @@ def concrete_scalar(name: str, value: Any) -> Optional[float]:
   return float(arr)
 
 
+def check_rule_callable(penalty: Any) -> None:
+  """A penalty rule is None (the default rule) or a callable.
+
+  Raises:
+    TypeError: otherwise (e.g. a penalty's name as a string).
+  """
+  if penalty is not None and not callable(penalty):
+    raise TypeError(
+      'penalty must be a rule (path, leaf) -> Penalty | None, or None for '
+      f'the default rule; got {type(penalty).__name__}. Build one with '
+      'dessilbi_jax.penalty_rule.'
+    )
+
+
 def check_int(name: str, value: Any, minimum: int, expected: str) -> int:
   """A Python or NumPy integer (not a bool) of at least ``minimum``.
 

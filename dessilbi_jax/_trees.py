@@ -17,6 +17,7 @@ import jax.numpy as jnp
 import optax
 from flax import nnx
 
+from dessilbi_jax import _checks
 from dessilbi_jax.penalties import (
   GroupLasso,
   Lasso,
@@ -335,6 +336,7 @@ def penalty_table(
   The rule sees each leaf's own key path (as the optimizer's ``init`` does),
   so rules that look at key types or indices choose the same groups here.
   """
+  _checks.check_rule_callable(penalty)
   rule = default_penalty if penalty is None else penalty
   wanted = set(names)
   out = {}
@@ -380,12 +382,14 @@ def check_record(record: Any, arg: str = 'record') -> None:
 
 
 def check_rule(penalty: Optional[PenaltyRule]) -> None:
-  """A penalty rule the toolbox compiles with must be hashable.
+  """A penalty rule the toolbox compiles with: callable, and hashable.
 
   Raises:
-    TypeError: the rule cannot be hashed (e.g. a dataclass that is not
-      frozen), so it cannot be a static argument of a compiled function.
+    TypeError: the rule is not callable, or cannot be hashed (e.g. a
+      dataclass that is not frozen), so it cannot be a static argument of a
+      compiled function.
   """
+  _checks.check_rule_callable(penalty)
   try:
     hash(penalty)
   except TypeError:

@@ -149,7 +149,7 @@ class _Edit:
       ):
         # One entry per group (store_gamma=False's scale): it follows an edit
         # of the group axis; along a broadcast axis of size 1 it stays.
-        if x.shape[axis] == 1 and shape[axis] != 1:
+        if not _is_group_axis(penalties, key, shape, x, axis):
           return x
         return _take(x, self.src, axis, fill, repeat)
       if not state:
@@ -177,6 +177,22 @@ class _Edit:
       )
 
     return _trees.map_with_names(one, tree)
+
+
+def _is_group_axis(penalties, key, shape, x, axis: int) -> bool:
+  """Whether ``axis`` of a per-group buffer ``x`` (the rank of its kernel,
+  size 1 along the axes a group spans) indexes the groups. The penalty the
+  optimizer gave the leaf says; without one, an axis of size 1 where the
+  kernel's is larger is a spanned axis, and where both are 1 (a layer of
+  one filter or one input) only the last axis, a filter's, indexes groups
+  (the default rule)."""
+  axis %= len(shape)
+  choice = penalties.get(key)
+  if isinstance(choice, GroupLasso):
+    return axis in choice.group_axes(len(shape))
+  if x.shape[axis] != shape[axis]:
+    return False
+  return shape[axis] != 1 or axis == len(shape) - 1
 
 
 def _record_axis(penalties, key, shape, x) -> Optional[int]:
@@ -410,6 +426,8 @@ def reinit_unselected(
   Raises:
     ValueError: a layer has no kernel, or no room for orthogonal filters.
   """
+  if scale is not None:
+    _checks.check_positive('scale', scale)
   params = _trees.pure(params)
   opt_state = _trees.pure(opt_state)
   table = _trees.leaves_by_name(params)
@@ -423,6 +441,10 @@ def reinit_unselected(
     selected = _trees.leaves_by_name(support(opt_state))
   if isinstance(layers, str):
     layers = [layers]
+  if not all(isinstance(name, str) for name in layers):
+    raise TypeError(
+      f'layers: expected layer paths as str (e.g. ["conv2"]), got {layers!r}.'
+    )
   keys = jax.random.split(key, max(len(layers), 1))
   edits, new_filters = [], {}
   for layer_key, name in zip(keys, layers, strict=False):
@@ -507,7 +529,8 @@ def widen(
   input channels, so the widened model computes the same function as before.
   Optimizer buffers (z, Γ, momentum) of the old entries are carried over and
   start at 0 for the new ones; a first-selection record marks the new
-  filters NOT_SELECTED.
+  filters NOT_SELECTED. Grouped and depthwise convolutions cannot be
+  widened (as :func:`slim`: leave them out of the spec).
 
   Args:
     key: a JAX random key.
@@ -540,6 +563,13 @@ def widen(
     ((3, 4), Array([[1., 1., 0., 0.]], dtype=float32))
   """
   add = _checks.check_int('add', add, 1, 'a positive int')
+  if not isinstance(layer, str):
+    raise TypeError(
+      f'layer: expected one layer path as a str (e.g. "conv2"), got '
+      f'{type(layer).__name__} {layer!r}; widen one layer per call.'
+    )
+  if scale is not None:
+    _checks.check_positive('scale', scale)
   params = _trees.pure(params)
   batch_stats = _pure_or_none(batch_stats)
   opt_state = _pure_or_none(opt_state)
@@ -561,7 +591,7 @@ def widen(
   kernel_names = (*_trees.split_name(layer), 'kernel')
   filters = np.asarray(table[kernel_names]).reshape(-1, width)
   norm = _new_filter_norm(scale, filters)
-  room = filters.shape[0] - np.linalg.matrix_rank(filters)
+  room = filters.shape[0] - np.linalg.matrix_rank(filters.astype(np.float64))
   if room >= 1:
     new = orthogonal_filters(key, filters, add, norm, layer)
   else:
@@ -595,9 +625,7 @@ def _is_layer_mask(v) -> bool:
 
 
 def _layer_mask(mask, layer: str) -> np.ndarray:
-  """A mask given per layer as an array, a list or a tuple, as NumPy bools."""
-  if hasattr(mask, 'shape'):
-    return np.asarray(mask, bool)
+  """A mask given per layer (an array, a list or a tuple) as NumPy bools."""
   arr = np.asarray(mask)
   if arr.dtype != bool and not np.issubdtype(arr.dtype, np.integer):
     raise TypeError(
@@ -607,11 +635,15 @@ def _layer_mask(mask, layer: str) -> np.ndarray:
   return arr.astype(bool)
 
 
-def _keep_per_layer(keep, table, spec) -> dict[str, np.ndarray]:
+def _keep_per_layer(keep, table, spec, penalties) -> dict[str, np.ndarray]:
   """Normalises ``keep`` to {producer layer: boolean per output channel}."""
-  if isinstance(keep, Mapping) and all(
-    _is_layer_mask(v) for v in keep.values()
-  ):
+  if not isinstance(keep, Mapping):
+    raise TypeError(
+      'keep: expected a dict {layer: mask} or a tree of masks laid out like '
+      'the params (support(opt_state, by_group=True), the masks of prune), '
+      f'got {type(keep).__name__}.'
+    )
+  if all(_is_layer_mask(v) for v in keep.values()):
     out = {}
     for layer, mask in keep.items():
       kernel_names = (*_trees.split_name(str(layer)), 'kernel')
@@ -634,23 +666,55 @@ def _keep_per_layer(keep, table, spec) -> dict[str, np.ndarray]:
   out = {}
   flat = _trees.leaves_by_name(_trees.pure(keep))
   for names, mask in flat.items():
-    if not names or names[-1] != 'kernel':
-      continue
-    layer = _trees.join(names[:-1])
     if names not in table:
       raise ValueError(
-        f'keep: has a mask for {_trees.join(names)!r}, which is not a kernel '
-        'of the params: the masks belong to another model; the layers that '
-        f'can be slimmed are those of the spec: {sorted(spec)}.'
+        f'keep: has a mask for {_trees.join(names)!r}, which is not a leaf '
+        'of the params: the masks belong to another model, or per-layer '
+        'masks ({layer: mask}) are mixed with a tree of masks; the layers '
+        f'that can be slimmed are those of the spec: {sorted(spec)}.'
       )
-    if layer in spec:
+    mask = _layer_mask(mask, _trees.join(names))
+    layer = _trees.join(names[:-1])
+    if names[-1] == 'kernel' and layer in spec:
       kernel = table[names]
-      channels = _channel_mask(np.asarray(mask, bool), kernel.shape, layer)
-      out[layer] = channels | _kept_by_companions(flat, names, spec, layer)
+      mask = _per_weight(mask, kernel.shape, penalties.get(names), layer)
+      channels = _channel_mask(mask, kernel.shape, layer)
+      out[layer] = channels | _kept_by_companions(
+        flat, names, spec, layer, kernel.shape[-1]
+      )
   return out
 
 
-def _kept_by_companions(flat, kernel, spec, layer) -> np.ndarray:
+def _per_weight(mask: np.ndarray, kernel_shape, choice, layer) -> np.ndarray:
+  """A per-group mask of a kernel (``support(..., by_group=True)``) spread
+  over the kernel's shape, by the groups of the penalty the optimizer gave
+  it (``choice``, None when no state says); other masks as they are."""
+  shape = tuple(kernel_shape)
+  if mask.shape == shape:
+    return mask
+  if not isinstance(choice, GroupLasso):
+    if choice is None and mask.shape != shape[-1:]:
+      raise ValueError(
+        f'keep: the mask of {layer!r} has shape {mask.shape}, neither one '
+        f'entry per output channel ({shape[-1]},) nor the kernel shape '
+        f'{shape}; a per-group mask of a kernel grouped otherwise (e.g. per '
+        'input channel) is read by the groups its optimizer state records: '
+        'pass opt_state=.'
+      )
+    return mask
+  axes = choice.group_axes(len(shape))
+  if mask.shape != tuple(shape[a] for a in axes):
+    raise ValueError(
+      f'keep: the mask of {layer!r} has shape {mask.shape}; the optimizer '
+      f'state groups its kernel of shape {shape} by {choice!r}, so expected '
+      f"the groups' shape {tuple(shape[a] for a in axes)} or the kernel "
+      'shape.'
+    )
+  spread = [n if a in axes else 1 for a, n in enumerate(shape)]
+  return np.broadcast_to(mask.reshape(spread), shape)
+
+
+def _kept_by_companions(flat, kernel, spec, layer, width) -> np.ndarray:
   """Channels that a keep tree (``flat``: its leaves by name) keeps through
   the layer's bias or norm.
 
@@ -659,7 +723,6 @@ def _kept_by_companions(flat, kernel, spec, layer) -> np.ndarray:
   lasso, prune cuts single weights: a channel can lose every weight and still
   output its bias, so it stays. A support tree has no masks there.
   """
-  width = np.shape(flat[kernel])[-1]
   kept = np.zeros(width, bool)
   owners = [kernel[:-1]]
   if spec[layer].norm is not None:
@@ -693,7 +756,24 @@ def slim(
   A channel goes when its mask drops it whole: every entry of a
   kernel-shaped mask and, in a tree of masks such as prune's, the layer's
   bias and norm entries too (under a lasso prune cuts weights, not channels,
-  so a channel that lost every weight keeps its bias and stays).
+  so a channel that lost every weight keeps its bias and stays). A tree
+  from ``support(opt_state, by_group=True)`` is read by the groups the
+  optimizer state records (give ``opt_state``): under a kernel grouped per
+  input channel, a filter goes only when none of its weights is selected.
+
+  The optimizer state is cut, not recomputed: the consumers' z and Γ lose
+  the rows of the dropped input channels, so a consumer filter's norm of z
+  shrinks by those rows, and its Γ (or per-filter scale) is the old one
+  until the next update computes it from the smaller z, which can leave a
+  filter that was barely selected out of the support. The dropped channels
+  output nothing, so the model's function is unchanged, but the slim model
+  starts its own path there: it does not follow the path the large model
+  would have taken.
+
+  Grouped and depthwise convolutions (``feature_group_count > 1``) cannot
+  take part: as consumers they are refused, and as producers removing a
+  filter would move the filters after it into another group; leave them
+  out of the spec.
 
   Args:
     params: the params (in Flax NNX, ``nnx.state(model)`` also carries the
@@ -735,7 +815,8 @@ def slim(
   opt_state = _pure_or_none(opt_state)
   table = _joint_table(params, batch_stats)
   check_spec_table(table, spec)
-  per_layer = _keep_per_layer(keep, table, spec)
+  penalties = {} if opt_state is None else _state_penalties(opt_state)
+  per_layer = _keep_per_layer(keep, table, spec, penalties)
   edits, widths = [], {}
   for layer, mask in per_layer.items():
     if not spec[layer].consumers:

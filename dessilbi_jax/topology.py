@@ -48,9 +48,21 @@ class Link:
   consumers: tuple[str, ...] = ()
 
   def __post_init__(self):
+    if self.norm is not None and not isinstance(self.norm, str):
+      raise TypeError(
+        f'norm: expected the path of a norm layer as a str (e.g. "bn1"), '
+        f'or None; got {type(self.norm).__name__} {self.norm!r}.'
+      )
     consumers = self.consumers
     if isinstance(consumers, str):
       consumers = (consumers,)
+    if not isinstance(consumers, Sequence) or not all(
+      isinstance(c, str) for c in consumers
+    ):
+      raise TypeError(
+        'consumers: expected a layer path (str) or a sequence of them, () '
+        f'for none; got {type(consumers).__name__} {consumers!r}.'
+      )
     object.__setattr__(self, 'consumers', tuple(consumers))
 
 
@@ -134,8 +146,9 @@ def default_norm(
       candidate of another layer of the same width (``conv1`` and ``fc1``
       both name ``bn1``), or the layers have Flax Linen's automatic names
       (``Conv_0``, ``BatchNorm_0``: their numbers do not pair a layer with
-      its norm) and a norm layer of the width exists beside it. Pass a spec
-      (:func:`chain_spec` with ``norms=``) then.
+      its norm) or are numbered items of a list or ``nnx.Sequential``
+      (``layers/0``, ``layers/1``), and a norm layer of the width exists
+      beside it. Pass a spec (:func:`chain_spec` with ``norms=``) then.
   """
   table = _trees.leaves_by_name(_trees.pure(params))
   parts = _trees.split_name(layer)
@@ -165,22 +178,29 @@ def default_norm(
         'Link(norm=..., consumers=()) for a layer whose width must stay).'
       )
     return _trees.join(found)
-  if _AUTO_LAYER.fullmatch(parts[-1]):
+  numbered = parts[-1].isdigit()  # an item of nnx.Sequential or a list
+  if numbered or _AUTO_LAYER.fullmatch(parts[-1]):
     norms = sorted(
-      n[-1]
+      _trees.join(n)
       for n, shapes in layers.items()
       if n[:-1] == parts[:-1]
-      and _AUTO_NORM.fullmatch(n[-1])
+      and (n[-1].isdigit() if numbered else _AUTO_NORM.fullmatch(n[-1]))
+      and (*n, 'kernel') not in table
       and all(shape == (width,) for shape in shapes)
     )
     if norms:
+      how = (
+        'the layers of a list or nnx.Sequential are numbered by position'
+        if numbered
+        else 'Flax Linen numbers layers and norms apart'
+      )
       raise ValueError(
-        f'naming cannot tell the norm layer of {layer!r}: Flax Linen '
-        f'numbers layers and norms apart ({", ".join(norms)} '
-        f'{"has" if len(norms) == 1 else "have"} its width); name the '
-        f'modules, or give the norm of {layer!r} '
+        f'naming cannot tell the norm layer of {layer!r}: {how} '
+        f'({", ".join(norms)} {"has" if len(norms) == 1 else "have"} its '
+        f'width); name the modules, or give the norm of {layer!r} '
         'explicitly (chain_spec(..., norms={...}), or a Link in the spec; '
-        'Link(norm=..., consumers=()) for a layer whose width must stay).'
+        'None for no norm; Link(norm=..., consumers=()) for a layer whose '
+        'width must stay).'
       )
   return None
 

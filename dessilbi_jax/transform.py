@@ -146,6 +146,7 @@ def _resolve(
   params: optax.Params, penalty: Optional[PenaltyRule]
 ) -> tuple[list[Optional[Penalty]], Any, PenaltyTable]:
   """:func:`resolve_penalties`, and the :class:`PenaltyTable` of its result."""
+  _checks.check_rule_callable(penalty)
   rule = default_penalty if penalty is None else penalty
   leaves, treedef = jax.tree_util.tree_flatten_with_path(params)
   variables = _variable_paths(params)
@@ -330,12 +331,7 @@ def scale_by_dessilbi(
     raise TypeError(f'freeze must be a bool, got {freeze!r}.')
   if not isinstance(store_gamma, bool):
     raise TypeError(f'store_gamma must be a bool, got {store_gamma!r}.')
-  if penalty is not None and not callable(penalty):
-    raise TypeError(
-      'penalty must be a rule (path, leaf) -> Penalty | None, or None for '
-      f'the default rule; got {type(penalty).__name__}. Build one with '
-      'dessilbi_jax.penalty_rule.'
-    )
+  _checks.check_rule_callable(penalty)
 
   def init_fn(params):
     _checks.check_param_leaves(params)

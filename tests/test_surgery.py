@@ -513,7 +513,7 @@ def test_slim_accepts_lists_and_tuples_and_refuses_unknown_layers():
     dl.slim(params, spec, {'fc1': [True, False, True]})
   # A masks tree naming a kernel the params lack belongs to another model.
   other = {'fc1': {'kernel': np.ones(4, bool)}, 'fc9': {'kernel': np.ones(1)}}
-  with pytest.raises(ValueError, match=r"'fc9/kernel', which is not a kernel"):
+  with pytest.raises(ValueError, match=r"'fc9/kernel', which is not a leaf"):
     dl.slim(params, spec, other)
   # A masks tree of the params' layout still works, non-spec layers ignored.
   tree = {

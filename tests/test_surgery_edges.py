@@ -1,0 +1,236 @@
+"""Surgery at the edges: other groupings, numbered layers, one-filter
+layers, half precision, and the arguments it refuses."""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+import pytest
+from flax import nnx
+
+import dessilbi_jax as dl
+
+
+def _conv_chain(x, params, names):
+  for name in names:
+    x = jax.lax.conv_general_dilated(
+      x,
+      params[name]['kernel'],
+      (1, 1),
+      'SAME',
+      dimension_numbers=('NHWC', 'HWIO', 'NHWC'),
+    )
+    x = jax.nn.relu(x)
+  return x
+
+
+def _per_input_state(inputs, outputs):
+  """Three convs; conv2 (``inputs`` × ``outputs``) grouped per input
+  channel, with Γ selecting its input channels 0 and 1 (so every filter of
+  conv2 has selected weights) and all of conv1 and conv3."""
+  keys = jax.random.split(jax.random.key(0), 3)
+  params = {
+    'conv1': {'kernel': jax.random.normal(keys[0], (3, 3, 2, inputs))},
+    'conv2': {'kernel': jax.random.normal(keys[1], (3, 3, inputs, outputs))},
+    'conv3': {'kernel': jax.random.normal(keys[2], (3, 3, outputs, 3))},
+  }
+  rule = dl.penalty_rule(overrides={'conv2': dl.GroupLasso(axes=2)})
+  tx = dl.dessilbi(0.1, nu=1.0, penalty=rule)
+  state = tx.init(params)
+  gamma = dict(params)
+  gamma['conv2'] = {
+    'kernel': params['conv2']['kernel'].at[:, :, 2:, :].set(0.0)
+  }
+  z = jax.tree.map(lambda g: 2.0 * g, gamma)
+  state = optax.tree.set(state, gamma=gamma, z=z)
+  return params, state
+
+
+def test_slim_reads_a_support_tree_by_the_groups_the_state_records():
+  params, state = _per_input_state(4, 4)
+  sup = dl.support(state, by_group=True)
+  assert sup['conv2']['kernel'].shape == (4,)  # one entry per input channel
+  spec = dl.chain_spec(params, ['conv1', 'conv2', 'conv3'])
+  out = dl.slim(params, spec, sup, opt_state=state)
+  # Every filter of conv2 has a selected weight: none may go. (Read per
+  # output channel, the mask would have dropped filters 2 and 3.)
+  assert out.widths == {'conv1': 4, 'conv2': 4}
+  w = dl.w_star(params, state)
+  small = dl.slim(w, spec, sup, opt_state=state).params
+  x = jax.random.normal(jax.random.key(3), (2, 5, 5, 2))
+  names = ['conv1', 'conv2', 'conv3']
+  np.testing.assert_allclose(
+    _conv_chain(x, small, names), _conv_chain(x, w, names), rtol=1e-6
+  )
+
+
+def test_slim_asks_for_the_state_to_read_a_mask_of_other_groups():
+  params, state = _per_input_state(4, 6)
+  sup = dl.support(state, by_group=True)
+  spec = dl.chain_spec(params, ['conv1', 'conv2', 'conv3'])
+  with pytest.raises(
+    ValueError, match=r"keep: the mask of 'conv2'.*opt_state="
+  ):
+    dl.slim(params, spec, sup)
+  assert dl.slim(params, spec, sup, opt_state=state).widths['conv2'] == 6
+
+
+def _trained_shift(key, shape, dtype):
+  return jnp.array([0.5, 1.0, 1.5, 2.0], dtype)
+
+
+def _sequential(rngs):
+  return nnx.Sequential(
+    nnx.Conv(3, 4, (3, 3), rngs=rngs),
+    nnx.BatchNorm(4, bias_init=_trained_shift, rngs=rngs),
+    nnx.relu,
+    nnx.Conv(4, 5, (3, 3), rngs=rngs),
+  )
+
+
+def test_numbered_layers_of_a_sequential_need_their_norm_named():
+  model = _sequential(nnx.Rngs(0))
+  params = nnx.state(model, nnx.Param)
+  with pytest.raises(ValueError, match=r'numbered by position \(layers/1 has'):
+    dl.chain_spec(params, ['layers/0', 'layers/3'])
+  record = dl.magnitude_record(params)
+  with pytest.raises(ValueError, match='numbered by position'):
+    dl.prune(params, record, 0.5, layers=['layers/0'])
+  spec = dl.chain_spec(
+    params, ['layers/0', 'layers/3'], norms={'layers/0': 'layers/1'}
+  )
+  pruned, masks = dl.prune(params, record, 0.5, layers=['layers/0'], spec=spec)
+  kept = np.asarray(masks['layers'][0]['bias'])
+  assert kept.sum() == 2
+  np.testing.assert_array_equal(
+    np.asarray(pruned['layers'][1]['bias'])[~kept], 0
+  )
+  nnx.update(model, pruned)
+  model.eval()
+  x = jax.random.normal(jax.random.key(2), (2, 6, 6, 3))
+  hidden = model.layers[2](model.layers[1](model.layers[0](x)))
+  np.testing.assert_array_equal(np.asarray(hidden)[..., ~kept], 0.0)
+  out = dl.slim(nnx.state(model), spec, masks)
+  assert out.params['layers'][1]['scale'].shape == (2,)
+  # A numbered chain without norms needs nothing named.
+  plain = nnx.Sequential(
+    nnx.Conv(3, 4, (3, 3), rngs=nnx.Rngs(0)),
+    nnx.relu,
+    nnx.Conv(4, 5, (3, 3), rngs=nnx.Rngs(1)),
+  )
+  spec = dl.chain_spec(nnx.state(plain, nnx.Param), ['layers/0', 'layers/2'])
+  assert spec['layers/0'].norm is None
+
+
+@pytest.mark.parametrize('layer', ['conv1', 'conv2'])
+def test_widen_a_layer_of_one_filter_or_reading_one_channel(layer):
+  """A per-filter scale (store_gamma=False) is size 1 along a kernel's
+  input axis; with one input channel that axis is still not a group axis."""
+  keys = jax.random.split(jax.random.key(0), 3)
+  params = {
+    'conv1': {'kernel': jax.random.normal(keys[0], (3, 3, 2, 1))},
+    'conv2': {'kernel': jax.random.normal(keys[1], (3, 3, 1, 4))},
+    'conv3': {'kernel': jax.random.normal(keys[2], (3, 3, 4, 2))},
+  }
+  for penalties in ('recorded', 'dropped'):
+    tx = dl.dessilbi(0.1, nu=1.0, store_gamma=False)
+    state = tx.init(params)
+    grads = jax.tree.map(jnp.ones_like, params)
+    p = params
+    for _ in range(3):
+      updates, state = tx.update(grads, state, p)
+      p = optax.apply_updates(p, updates)
+    if penalties == 'dropped':
+      state = optax.tree.set(state, penalties=None)
+    spec = dl.chain_spec(p, ['conv1', 'conv2', 'conv3'])
+    out = dl.widen(jax.random.key(1), p, spec, layer, 2, opt_state=state)
+    fresh = tx.init(out.params)
+    shapes = [x.shape for x in jax.tree.leaves(out.opt_state)]
+    assert shapes == [x.shape for x in jax.tree.leaves(fresh)], penalties
+    if penalties == 'dropped':
+      out = out._replace(
+        opt_state=optax.tree.set(out.opt_state, penalties=None)
+      )
+    grads = jax.tree.map(jnp.ones_like, out.params)
+    tx.update(grads, out.opt_state, out.params)  # accepted
+
+
+def test_widen_and_reinit_float16_params():
+  keys = jax.random.split(jax.random.key(0), 2)
+  params = {
+    'conv1': {'kernel': jax.random.normal(keys[0], (3, 3, 2, 3), jnp.float16)},
+    'conv2': {'kernel': jax.random.normal(keys[1], (3, 3, 3, 4), jnp.float16)},
+  }
+  tx = dl.dessilbi(0.1, nu=1.0, state_dtype=jnp.float32)
+  state = tx.init(params)
+  spec = dl.chain_spec(params, ['conv1', 'conv2'])
+  out = dl.widen(jax.random.key(1), params, spec, 'conv1', 2, opt_state=state)
+  kernel = out.params['conv1']['kernel']
+  assert kernel.dtype == jnp.float16 and kernel.shape == (3, 3, 2, 5)
+  new = np.asarray(kernel, np.float64).reshape(-1, 5)
+  np.testing.assert_allclose(new[:, :3].T @ new[:, 3:], 0.0, atol=1e-2)
+  assert optax.tree.get(out.opt_state, 'z')['conv1']['kernel'].dtype == (
+    jnp.float32
+  )
+  fresh, _ = dl.reinit_unselected(jax.random.key(2), params, state, ['conv1'])
+  assert fresh['conv1']['kernel'].dtype == jnp.float16
+  assert np.isfinite(np.asarray(fresh['conv1']['kernel'])).all()
+
+
+def _two_convs():
+  keys = jax.random.split(jax.random.key(0), 3)
+  return {
+    'conv1': {
+      'kernel': jax.random.normal(keys[0], (3, 3, 2, 4)),
+      'bias': jnp.zeros(4),
+    },
+    'conv2': {
+      'kernel': jax.random.normal(keys[1], (3, 3, 4, 6)),
+      'bias': jnp.zeros(6),
+    },
+    'conv3': {'kernel': jax.random.normal(keys[2], (3, 3, 6, 5))},
+  }
+
+
+def test_slim_refuses_a_keep_it_cannot_read():
+  params = _two_convs()
+  spec = dl.chain_spec(params, ['conv1', 'conv2', 'conv3'])
+  _, masks = dl.prune(
+    params, dl.magnitude_record(params), 0.5, layers=['conv1']
+  )
+  with pytest.raises(TypeError, match='keep: expected a dict'):
+    dl.slim(params, spec, None)
+  with pytest.raises(TypeError, match='keep: expected a dict'):
+    dl.slim(params, spec, [True, False, True, True])
+  with pytest.raises(TypeError, match="keep: the mask of layer 'conv1' must"):
+    dl.slim(params, spec, {'conv1': jnp.array([0.9, 0.0, 0.4, 0.1])})
+  mixed = {**masks, 'conv2': np.array([1, 1, 0, 1, 0, 1], bool)}
+  with pytest.raises(ValueError, match=r"keep: has a mask for 'conv2'.*mixed"):
+    dl.slim(params, spec, mixed)
+  assert dl.slim(params, spec, masks).widths['conv1'] == 2
+
+
+def test_surgery_arguments_are_checked_early():
+  params = _two_convs()
+  spec = dl.chain_spec(params, ['conv1', 'conv2', 'conv3'])
+  state = dl.dessilbi(0.1).init(params)
+  key = jax.random.key(0)
+  for scale in (float('nan'), -1.0, 0.0, float('inf')):
+    with pytest.raises(ValueError, match='scale must be a finite number > 0'):
+      dl.widen(key, params, spec, 'conv1', 1, scale=scale)
+    with pytest.raises(ValueError, match='scale must be a finite number > 0'):
+      dl.reinit_unselected(key, params, state, ['conv1'], scale=scale)
+  with pytest.raises(TypeError, match='scale must be a real'):
+    dl.widen(key, params, spec, 'conv1', 1, scale='1')
+  with pytest.raises(TypeError, match='layer: expected one layer path'):
+    dl.widen(key, params, spec, ['conv1'], 1)
+  with pytest.raises(TypeError, match='layers: expected layer paths'):
+    dl.reinit_unselected(key, params, state, [1])
+  with pytest.raises(TypeError, match='consumers: expected a layer path'):
+    dl.Link(norm='bn1', consumers=None)
+  with pytest.raises(TypeError, match='norm: expected the path'):
+    dl.Link(norm=3)
+  with pytest.raises(TypeError, match='penalty must be a rule'):
+    dl.magnitude_record(params, penalty='group')
+  with pytest.raises(TypeError, match='penalty must be a rule'):
+    dl.resolve_penalties(params, 'group')
