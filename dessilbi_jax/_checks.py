@@ -410,27 +410,37 @@ def check_mask_leaves(mask: Any, arg: str = 'weight_decay_mask') -> None:
       )
 
 
-def check_mask_tree(mask: Any, params: Any, arg: str = 'weight_decay_mask'):
+def check_mask_tree(
+  mask: Any,
+  params: Any,
+  arg: str = 'weight_decay_mask',
+  *,
+  from_function: bool = False,
+):
   """The mask (or what a mask function returned) fits the params' tree: the
   same tree, or a prefix of it (as ``optax.masked`` allows).
 
-  A single False for params of several leaves is refused: it is what a
-  mask function returns when ``optax.inject_hyperparams`` calls it with the
-  step count (``matrix_mask(count)``: no decay at all, silently). A single
-  True decays every leaf, as in ``optax.masked``.
+  A single bool given as the mask of params laid out as a tree is refused:
+  it is what a mask function gives when ``optax.inject_hyperparams`` calls
+  it with the step count (``matrix_mask(count)`` is False: no decay at all;
+  ``lambda p: jax.tree.map(lambda x: x.ndim < 2, p)`` gives True: decay
+  everywhere), silently. A function of the params may return one (True
+  decays every leaf, as in ``optax.masked``); a single array's mask is one.
   """
   check_mask_leaves(mask, arg)
   if (
-    _is_bool_scalar(mask)
-    and not bool(mask)
-    and len(jax.tree.leaves(params)) > 1
+    not from_function
+    and _is_bool_scalar(mask)
+    and not jax.tree_util.treedef_is_leaf(jax.tree.structure(params))
   ):
     raise TypeError(
-      f'{arg} is the single bool False for params of several leaves, which '
-      'decays nothing: pass weight_decay=0 for that. Under '
-      'optax.inject_hyperparams, name a mask function in static_args '
+      f'{arg} is the single bool {bool(mask)} for params laid out as a '
+      'tree: give a tree of bools laid out like the params (or a prefix of '
+      'them), a function params -> such a tree (lambda params: True decays '
+      'every leaf; weight_decay=0 decays none), or None for matrix_mask. '
+      'Under optax.inject_hyperparams, name a mask function in static_args '
       "(static_args=('weight_decay_mask',)), or it is called with the step "
-      'count (matrix_mask(count) is False).'
+      'count and gives a single bool.'
     )
   try:
     jax.tree.map(lambda m, p: None, mask, params)

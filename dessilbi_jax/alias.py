@@ -30,7 +30,7 @@ def _check_gradients(mask: Any) -> optax.GradientTransformation:
 
   def init_fn(params):
     tree = mask(params) if callable(mask) else mask
-    _checks.check_mask_tree(tree, params)
+    _checks.check_mask_tree(tree, params, from_function=callable(mask))
     return optax.EmptyState()
 
   def update_fn(updates, state, params=None):
@@ -79,9 +79,13 @@ def dessilbi(
     momentum: β in [0, 1), or None for no momentum buffer.
     nesterov: use Nesterov momentum (the reference's lottery variant).
     weight_decay: coefficient of the L2 term added to the gradient, >= 0.
-    weight_decay_mask: pytree of bools (or a function of the params returning
-      one) choosing the leaves to decay; None for :func:`matrix_mask` (leaves
-      of rank >= 2, as in the reference).
+    weight_decay_mask: pytree of bools laid out like the params or a prefix
+      of them (or a function of the params returning one) choosing the
+      leaves to decay; None for :func:`matrix_mask` (leaves of rank >= 2, as
+      in the reference). A single bool for params laid out as a tree is
+      refused at ``init`` (it is what a mask function forgotten in
+      ``optax.inject_hyperparams``'s ``static_args`` gives); a function may
+      return one (``lambda params: True`` decays every leaf).
     penalty: rule ``(path, leaf) -> Penalty | None`` choosing the coupled
       leaves and their penalty; None for :func:`~dessilbi_jax.default_penalty`.
     state_dtype: dtype of the momentum buffer, z and Γ; None for the params'

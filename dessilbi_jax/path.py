@@ -16,7 +16,7 @@ import numpy as np
 import optax
 
 from dessilbi_jax import _checks, _trees
-from dessilbi_jax.penalties import GroupLasso, Lasso, PenaltyRule, PenaltyTable
+from dessilbi_jax.penalties import GroupLasso, PenaltyRule, PenaltyTable
 from dessilbi_jax.topology import Spec, channel_masks
 
 
@@ -165,9 +165,11 @@ def w_star(
     params: the weights W (a pytree, or a Flax NNX ``State``).
     opt_state: the optimizer state holding Γ.
     channels: also zero, for every output filter of a kernel that is out
-      of Γ's support as a whole (an unselected filter of a kernel grouped
-      per output filter; under a lasso, a filter none of whose weights is
-      selected), its bias and its norm layer's scale and shift, so that the
+      of Γ's support as a whole (none of its weights selected, whatever
+      the kernel's groups: an unselected filter of a kernel grouped per
+      output filter, a filter of a lasso kernel, or of a kernel grouped per
+      (input, filter), with no selected weight), its bias and its norm
+      layer's scale and shift, so that the
       filter's output is exactly zero: the network
       :func:`~dessilbi_jax.slim` builds from ``support(opt_state,
       by_group=True)``.
@@ -201,16 +203,13 @@ def w_star(
   table = _trees.leaves_by_name(out)
   gammas = _trees.leaves_by_name(gamma)
   masks = {}
-  for names, choice in _trees.grouped_penalties(core, penalty).items():
+  for names in _trees.grouped_penalties(core, penalty):  # checks the rule
     g = gammas[names]
     if names[-1] != 'kernel' or g.ndim < 2:
       continue
-    if _trees.is_output_grouped(choice, g.ndim):
-      keep = _trees.group_any(g != 0, choice)
-    elif isinstance(choice, Lasso):  # a filter with no selected weight
-      keep = jnp.any(g.reshape(-1, g.shape[-1]) != 0, axis=0)
-    else:  # groups across filters: no filter is out as a whole
-      continue
+    # A filter is out as a whole when none of its weights is selected,
+    # whatever the groups (per filter, per weight, per input and filter).
+    keep = jnp.any(g.reshape(-1, g.shape[-1]) != 0, axis=0)
     masks.update(channel_masks(table, names, keep, spec, out))
   return _trees.map_with_names(
     lambda names, w: jnp.where(masks[names], w, 0) if names in masks else w,

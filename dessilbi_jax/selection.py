@@ -155,6 +155,7 @@ def update_selection(
     [         2          4 2147483647]
   """
   core = _trees.core_state(opt_state)
+  _trees.check_record(_trees.pure(record))
   penalties = _trees.penalties_by_name(
     core.gamma, _trees.rule_of(core, penalty)
   )
@@ -244,10 +245,14 @@ def track_selection(
 
 def _check_step(step: Any) -> None:
   """A Python or NumPy time stamp is a whole number that fits the int32
-  record (JAX arrays are not read back: no host synchronisation)."""
-  if isinstance(step, jax.Array):  # its shape is known without a sync
-    if step.shape != () or step.dtype == bool:
-      raise TypeError(f'step must be a scalar step number, got {step!r}.')
+  record; a JAX array, whose value is not read back (no host
+  synchronisation), is a scalar of an integer dtype."""
+  if isinstance(step, jax.Array):  # its shape and dtype are known, no sync
+    if step.shape != () or not jnp.issubdtype(step.dtype, jnp.integer):
+      raise TypeError(
+        'step must be a scalar step number (a JAX array of an integer '
+        f'dtype), got shape {step.shape} and dtype {step.dtype}.'
+      )
     return
   value = np.asarray(step)
   if value.shape != () or value.dtype == bool:
@@ -458,7 +463,8 @@ def reference_prune_order(
     axes = _trees.reduce_axes(choice, w.ndim)
     if not axes:
       return jnp.abs(w) - e
-    return _trees.group_norm(w, choice) - jnp.min(e, axis=axes)
+    first = jnp.min(e, axis=axes, initial=REFERENCE_NEVER)  # empty groups
+    return _trees.group_norm(w, choice) - first
 
   prune_order = _trees.map_with_names(order, core.gamma)
   return ReferenceOrder(epoch_record, prune_order)

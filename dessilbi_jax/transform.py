@@ -336,12 +336,13 @@ def scale_by_dessilbi(
   def init_fn(params):
     _checks.check_param_leaves(params)
     penalties, treedef, table = _resolve(params, penalty)
-    _warn_unmatched_overrides(params)
     if _is_map_params_placeholder(params):
       # optax.tree.map_params initialises with a placeholder for the params,
       # and compares the state it gets with a real one: a leaf here matches
       # a real state's table whatever it holds (and is not params-shaped).
       table = _UNKNOWN_PENALTIES
+    else:  # the placeholder has no leaves for an override to match
+      _warn_unmatched_overrides(params)
 
     z, gamma = [], []
     for leaf, choice in zip(

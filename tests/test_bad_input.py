@@ -133,8 +133,11 @@ def test_weight_decay_mask_is_checked():
   for bad in ('bias', {'kernel': 'no', 'bias': 'no'}):
     with pytest.raises(TypeError, match='weight_decay_mask must be None'):
       dl.dessilbi(**plain, weight_decay_mask=bad)
-  with pytest.raises(TypeError, match='decays nothing: pass weight_decay=0'):
-    dl.dessilbi(**plain, weight_decay_mask=False).init(KB)
+  # A single bool for a tree of params: what a mask function forgotten in
+  # inject_hyperparams's static_args gives (decay nowhere, or everywhere).
+  for single in (False, True, np.bool_(True)):
+    with pytest.raises(TypeError, match=r'single bool .* laid out as a tree'):
+      dl.dessilbi(**plain, weight_decay_mask=single).init(KB)
   # For a single array, a single bool is the mask (matrix_mask gives one).
   w = jnp.ones((3, 4))
   for mask in (None, True, dl.matrix_mask):
@@ -165,6 +168,17 @@ def test_inject_hyperparams_callables_need_static_args():
     **plain, weight_decay_mask=dl.matrix_mask
   )
   assert _decayed(tx) == {'kernel': True, 'bias': False}
+  # A mask function that gives True for the step count (decay the biases
+  # only, x.ndim < 2) would decay every leaf; a model of one leaf in a tree
+  # would lose its decay. Both are refused at init.
+  biases = lambda p: jax.tree.map(lambda x: x.ndim < 2, p)  # noqa: E731
+  with pytest.raises(TypeError, match="static_args=\\('weight_decay_mask',\\)"):
+    inject(dl.dessilbi)(**plain, weight_decay_mask=biases).init(KB)
+  one_leaf = {'fc': {'kernel': jnp.ones((3, 2))}}
+  with pytest.raises(TypeError, match='single bool False'):
+    inject(dl.dessilbi)(**plain, weight_decay_mask=dl.matrix_mask).init(
+      one_leaf
+    )
   # jnp.float32 is callable too, and so is a penalty rule.
   with pytest.raises(TypeError, match="static_args=\\('state_dtype',\\)"):
     inject(dl.dessilbi)(learning_rate=0.1, state_dtype=jnp.float32).init(KB)
@@ -214,8 +228,7 @@ def test_weight_decay_masks_that_optax_masked_takes_still_work():
   every = {'kernel': True, 'bias': True}
   by_rank = {'kernel': True, 'bias': False}
   for mask, want in (
-    (True, every),  # a prefix of the params' tree: every leaf
-    (lambda p: True, every),
+    (lambda p: True, every),  # a prefix of the params' tree: every leaf
     ({'kernel': jnp.array(True), 'bias': np.array(False)}, by_rank),
     (lambda p: jax.tree.map(lambda x: jnp.asarray(x.ndim > 1), p), by_rank),
   ):

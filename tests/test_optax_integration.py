@@ -1,5 +1,6 @@
 """DessiLBI as a citizen of Optax: chains, wrappers, schedules, dtypes, jit."""
 
+import warnings
 from typing import NamedTuple
 
 import chex
@@ -348,9 +349,17 @@ def test_params_dtype_is_kept_and_state_is_cond_stable(dtype, state_dtype):
 
 def test_tree_map_params_reaches_z_gamma_and_momentum():
   params, loss = _problem()
-  tx = dl.dessilbi(0.05, nu=1.0)
+  # An override that matches: no warning about its spelling from the
+  # placeholder params map_params initialises with.
+  tx = dl.dessilbi(
+    0.05,
+    nu=1.0,
+    penalty=dl.penalty_rule(overrides={'dense/kernel': dl.Lasso()}),
+  )
   _, state = _run(tx, params, loss, 3)
-  mapped = optax.tree.map_params(tx, lambda x: x + 1, state)
+  with warnings.catch_warnings():
+    warnings.simplefilter('error')
+    mapped = optax.tree.map_params(tx, lambda x: x + 1, state)
   for key in ('z', 'gamma', 'trace'):
     before, after = optax.tree.get(state, key), optax.tree.get(mapped, key)
     _assert_trees_close(after, jax.tree.map(lambda x: x + 1, before), rtol=1e-6)

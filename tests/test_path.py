@@ -334,6 +334,28 @@ def test_w_star_with_channels_zeroes_bias_and_norm_of_unselected_filters():
   np.testing.assert_array_equal(out['fc']['kernel'], [[1, 0], [0, 0], [0, 0]])
 
 
+@pytest.mark.parametrize('axes', [-1, (2, -1), 2])
+def test_w_star_with_channels_zeroes_filters_without_a_weight_in_gamma(axes):
+  """Whatever the groups, a filter none of whose weights is selected is out
+  as a whole: its bias goes, so that it outputs exactly 0."""
+  params = {'conv': {'kernel': jnp.ones((1, 1, 2, 3)), 'bias': jnp.ones(3)}}
+  rule = dl.penalty_rule(conv=dl.GroupLasso(axes=axes))
+  state = dl.scale_by_dessilbi(1.0, penalty=rule).init(params)
+  gamma = jnp.zeros((1, 1, 2, 3))
+  if axes == 2:  # per input: input 0 selected, so every filter has weights
+    gamma = gamma.at[:, :, 0, :].set(1.0)
+    want = [1, 1, 1]
+  else:  # filters 0 and 1 selected
+    gamma = gamma.at[..., :2].set(1.0)
+    want = [1, 1, 0]
+  state = state._replace(gamma={'conv': {'kernel': gamma}})
+  out = dl.w_star(params, state, channels=True)
+  np.testing.assert_array_equal(out['conv']['bias'], want)
+  np.testing.assert_array_equal(
+    out['conv']['kernel'], params['conv']['kernel'] * (gamma != 0)
+  )
+
+
 @pytest.mark.parametrize('nu', [0.0, -2.0, float('nan'), float('inf'), 0])
 def test_residue_and_summary_refuse_the_nu_the_optimizer_refuses(nu):
   params, state = _trained(steps=1)

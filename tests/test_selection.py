@@ -276,7 +276,23 @@ def test_update_selection_refuses_steps_the_record_cannot_hold():
       dl.update_selection(record, state, step=bad)
   with pytest.raises(TypeError, match='step must be a scalar'):
     dl.update_selection(record, state, step=jnp.array([1, 2]))
+  # A JAX float is not read back to check it is whole: its dtype is refused.
+  with pytest.raises(TypeError, match='integer dtype'):
+    dl.update_selection(record, state, step=jnp.float32(2.5))
+  # A support mask is not a record (it would be read as steps 0 and 1).
+  with pytest.raises(TypeError, match="record: leaf 'w' has dtype bool"):
+    dl.update_selection(dl.support(state, by_group=True), state, step=1)
   # Whole numbers of any type, and traced steps, are fine.
   for good in (3, 3.0, np.int64(3), jnp.int32(3)):
     dl.update_selection(record, state, step=good)
   jax.jit(lambda s: dl.update_selection(record, state, step=s))(jnp.int32(4))
+
+
+def test_reference_prune_order_takes_zero_size_leaves():
+  params = {'conv': {'kernel': jnp.zeros((3, 3, 0, 4))}}
+  state = dl.scale_by_dessilbi(0.5).init(params)
+  order = dl.reference_prune_order(params, state, epoch=1)
+  assert order.epoch_record['conv']['kernel'].shape == (3, 3, 0, 4)
+  np.testing.assert_array_equal(
+    order.prune_order['conv']['kernel'], -dl.REFERENCE_NEVER
+  )
