@@ -624,13 +624,15 @@ def _is_layer_mask(v) -> bool:
   )
 
 
-def _layer_mask(mask, layer: str) -> np.ndarray:
-  """A mask given per layer (an array, a list or a tuple) as NumPy bools."""
+def _layer_mask(mask, name: str, what: str = 'layer') -> np.ndarray:
+  """A mask (an array, a list or a tuple) as NumPy bools: of a layer (one
+  per output channel), or of a ``leaf`` of a tree of masks."""
   arr = np.asarray(mask)
   if arr.dtype != bool and not np.issubdtype(arr.dtype, np.integer):
+    per = ' (one per output channel)' if what == 'layer' else ''
     raise TypeError(
-      f'keep: the mask of layer {layer!r} must hold bools or ints (one per '
-      f'output channel), got {type(mask).__name__} with dtype {arr.dtype}.'
+      f'keep: the mask of {what} {name!r} must hold bools or ints{per}, '
+      f'got {type(mask).__name__} with dtype {arr.dtype}.'
     )
   return arr.astype(bool)
 
@@ -673,7 +675,7 @@ def _keep_per_layer(keep, table, spec, penalties) -> dict[str, np.ndarray]:
         'masks ({layer: mask}) are mixed with a tree of masks; the layers '
         f'that can be slimmed are those of the spec: {sorted(spec)}.'
       )
-    mask = _layer_mask(mask, _trees.join(names))
+    mask = _layer_mask(mask, _trees.join(names), 'leaf')
     layer = _trees.join(names[:-1])
     if names[-1] == 'kernel' and layer in spec:
       kernel = table[names]
@@ -760,6 +762,9 @@ def slim(
   from ``support(opt_state, by_group=True)`` is read by the groups the
   optimizer state records (give ``opt_state``): under a kernel grouped per
   input channel, a filter goes only when none of its weights is selected.
+  Without ``opt_state``, a kernel's mask of one entry per output channel is
+  read as one, so give it for a rule that groups otherwise (a square kernel
+  grouped per input would be misread).
 
   The optimizer state is cut, not recomputed: the consumers' z and Γ lose
   the rows of the dropped input channels, so a consumer filter's norm of z

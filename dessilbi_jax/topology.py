@@ -88,9 +88,6 @@ def kernel_layers(params: optax.Params) -> list[str]:
 
 _KIND = re.compile(r'(conv|fc|dense|linear)(?!.*(conv|fc|dense|linear))')
 _NORM_WORDS = ('bn', 'norm', 'batchnorm', 'batch_norm')
-# Flax Linen's automatic module names: Conv_0, Dense_1, BatchNorm_0, ...
-_AUTO_LAYER = re.compile(r'(Conv|ConvTranspose|Dense|DenseGeneral)_\d+')
-_AUTO_NORM = re.compile(r'(BatchNorm|LayerNorm|GroupNorm|RMSNorm)_\d+')
 
 
 def _norm_candidates(parts: _trees.Names) -> list[_trees.Names]:
@@ -125,7 +122,10 @@ def _norm_of(layers: dict, parts: _trees.Names, width: int):
 
 
 def default_norm(
-  params: optax.Params, layer: str, settled: Sequence[str] = ()
+  params: optax.Params,
+  layer: str,
+  settled: Sequence[str] = (),
+  claimed: Sequence[str] = (),
 ) -> Optional[str]:
   """The norm layer of ``layer`` by naming: ``conv3`` -> ``bn3``/``norm3``.
 
@@ -140,15 +140,19 @@ def default_norm(
     layer: the layer's path.
     settled: layers whose norm is given elsewhere (a spec, ``norms=``):
       they compete for no naming candidate.
+    claimed: norm layers given to other layers (a spec, ``norms=``): they
+      are no candidate.
 
   Raises:
     ValueError: naming cannot tell: the candidate found is also the
       candidate of another layer of the same width (``conv1`` and ``fc1``
-      both name ``bn1``), or the layers have Flax Linen's automatic names
-      (``Conv_0``, ``BatchNorm_0``: their numbers do not pair a layer with
-      its norm) or are numbered items of a list or ``nnx.Sequential``
-      (``layers/0``, ``layers/1``), and a norm layer of the width exists
-      beside it. Pass a spec (:func:`chain_spec` with ``norms=``) then.
+      both name ``bn1``), or the layer is numbered by position (Flax Linen's
+      automatic ``Conv_0``, the items ``layers_0`` of a Linen list or
+      ``nn.Sequential``, the items ``layers/0`` of an NNX list or
+      ``nnx.Sequential``: numbers do not pair a layer with its norm) and a
+      numbered layer of per-channel leaves of its width, not claimed by
+      another layer, exists beside it. Pass a spec (:func:`chain_spec` with
+      ``norms=``) then.
   """
   table = _trees.leaves_by_name(_trees.pure(params))
   parts = _trees.split_name(layer)
@@ -157,7 +161,10 @@ def default_norm(
     return None
   width = kernel.shape[-1]
   layers = _shapes_by_layer(table)
+  claimed = {_trees.split_name(name) for name in claimed}
   found = _norm_of(layers, parts, width)
+  if found in claimed:
+    found = None
   settled = {_trees.split_name(name) for name in settled}
   if found is not None:
     rivals = [
@@ -178,30 +185,52 @@ def default_norm(
         'Link(norm=..., consumers=()) for a layer whose width must stay).'
       )
     return _trees.join(found)
-  numbered = parts[-1].isdigit()  # an item of nnx.Sequential or a list
-  if numbered or _AUTO_LAYER.fullmatch(parts[-1]):
-    norms = sorted(
-      _trees.join(n)
-      for n, shapes in layers.items()
-      if n[:-1] == parts[:-1]
-      and (n[-1].isdigit() if numbered else _AUTO_NORM.fullmatch(n[-1]))
-      and (*n, 'kernel') not in table
-      and all(shape == (width,) for shape in shapes)
+  beside = _positional_siblings(parts)
+  if beside is None:
+    return None
+  # Norms that naming gives other layers are theirs.
+  claimed |= {
+    _norm_of(layers, n[:-1], v.shape[-1])
+    for n, v in table.items()
+    if n[-1] == 'kernel' and n[:-1] != parts and v.ndim >= 1
+  }
+  norms = sorted(
+    _trees.join(n)
+    for n, shapes in layers.items()
+    if beside(n)
+    and n not in claimed
+    and (*n, 'kernel') not in table
+    and all(shape == (width,) for shape in shapes)
+  )
+  if norms:
+    raise ValueError(
+      f'naming cannot tell the norm layer of {layer!r}: its name numbers it '
+      f'by position ({", ".join(norms)} {"has" if len(norms) == 1 else "have"}'
+      f' its width, and numbers do not pair a layer with its norm); name the '
+      f'modules, or give the norm of {layer!r} '
+      'explicitly (chain_spec(..., norms={...}), or a Link in the spec; '
+      'None for no norm; Link(norm=..., consumers=()) for a layer whose '
+      'width must stay).'
     )
-    if norms:
-      how = (
-        'the layers of a list or nnx.Sequential are numbered by position'
-        if numbered
-        else 'Flax Linen numbers layers and norms apart'
-      )
-      raise ValueError(
-        f'naming cannot tell the norm layer of {layer!r}: {how} '
-        f'({", ".join(norms)} {"has" if len(norms) == 1 else "have"} its '
-        f'width); name the modules, or give the norm of {layer!r} '
-        'explicitly (chain_spec(..., norms={...}), or a Link in the spec; '
-        'None for no norm; Link(norm=..., consumers=()) for a layer whose '
-        'width must stay).'
-      )
+  return None
+
+
+_LINEN_ITEM = re.compile(r'\w+_\d+')  # Conv_0, BatchNorm_1, layers_2
+
+
+def _positional_siblings(parts: _trees.Names):
+  """For a layer numbered by position, a test of the layers numbered
+  beside it (where its norm may be); None for a layer named otherwise.
+
+  An item of an NNX list (``layers/0``): items of the same or a parallel
+  list (``layers/1``, ``norms/0``). A Linen module named by a number
+  (``Conv_0``, ``layers_0``): its numbered siblings (``BatchNorm_0``,
+  ``layers_1``).
+  """
+  if parts[-1].isdigit():
+    return lambda n: n[:-2] == parts[:-2] and n[-1].isdigit()
+  if _LINEN_ITEM.fullmatch(parts[-1]):
+    return lambda n: n[:-1] == parts[:-1] and bool(_LINEN_ITEM.fullmatch(n[-1]))
   return None
 
 
@@ -260,11 +289,12 @@ def chain_spec(
       f'{order}.'
     )
   spec = {}
+  given = tuple(n for n in norms.values() if n is not None)
   for producer, consumer in itertools.pairwise(order):
     norm = (
       norms[producer]
       if producer in norms
-      else default_norm(params, producer, settled=tuple(norms))
+      else default_norm(params, producer, settled=tuple(norms), claimed=given)
     )
     spec[producer] = Link(norm=norm, consumers=(consumer,))
   check_spec(params, spec)
@@ -365,7 +395,11 @@ def link_of(spec: Optional[Spec], params: Any, layer: str) -> Link:
   """The link of ``layer``: from the spec, else its norm by naming only."""
   if spec is not None and layer in spec:
     return spec[layer]
-  return Link(norm=default_norm(params, layer, settled=tuple(spec or ())))
+  spec = spec or {}
+  claimed = tuple(link.norm for link in spec.values() if link.norm is not None)
+  return Link(
+    norm=default_norm(params, layer, settled=tuple(spec), claimed=claimed)
+  )
 
 
 def channel_masks(

@@ -91,10 +91,12 @@ def _sequential(rngs):
 def test_numbered_layers_of_a_sequential_need_their_norm_named():
   model = _sequential(nnx.Rngs(0))
   params = nnx.state(model, nnx.Param)
-  with pytest.raises(ValueError, match=r'numbered by position \(layers/1 has'):
+  with pytest.raises(
+    ValueError, match=r'numbers it by position \(layers/1 has'
+  ):
     dl.chain_spec(params, ['layers/0', 'layers/3'])
   record = dl.magnitude_record(params)
-  with pytest.raises(ValueError, match='numbered by position'):
+  with pytest.raises(ValueError, match='numbers it by position'):
     dl.prune(params, record, 0.5, layers=['layers/0'])
   spec = dl.chain_spec(
     params, ['layers/0', 'layers/3'], norms={'layers/0': 'layers/1'}
@@ -120,6 +122,65 @@ def test_numbered_layers_of_a_sequential_need_their_norm_named():
   )
   spec = dl.chain_spec(nnx.state(plain, nnx.Param), ['layers/0', 'layers/2'])
   assert spec['layers/0'].norm is None
+
+
+def test_a_norm_given_to_one_numbered_layer_is_no_candidate_for_another():
+  """The last layer of a chain has no link; its norm is looked for by naming
+  when pruning. A norm the spec gives another layer is not its."""
+  model = nnx.Sequential(
+    nnx.Conv(2, 8, (3, 3), rngs=nnx.Rngs(0)),
+    nnx.BatchNorm(8, rngs=nnx.Rngs(1)),
+    nnx.relu,
+    nnx.Conv(8, 8, (3, 3), rngs=nnx.Rngs(2)),
+    nnx.relu,
+    nnx.Conv(8, 8, (3, 3), rngs=nnx.Rngs(3)),
+  )
+  params = nnx.state(model, nnx.Param)
+  names = ['layers/0', 'layers/3', 'layers/5']
+  spec = dl.chain_spec(params, names, norms={'layers/0': 'layers/1'})
+  assert spec['layers/3'].norm is None
+  record = dl.magnitude_record(params)
+  _, masks = dl.prune(params, record, 0.5, spec=spec)
+  assert np.asarray(masks['layers'][5]['bias']).sum() == 4
+  state = dl.dessilbi(0.1).init(params)
+  dl.w_star(params, state, channels=True, spec=spec)
+
+
+def test_parallel_lists_and_linen_sequential_need_their_norms_named():
+  class Lists(nnx.Module):
+    def __init__(self, rngs):
+      self.convs = nnx.List(
+        [nnx.Conv(3, 4, (3, 3), rngs=rngs), nnx.Conv(4, 6, (3, 3), rngs=rngs)]
+      )
+      self.norms = nnx.List([nnx.BatchNorm(4, rngs=rngs)])
+
+  linen = {
+    'layers_0': {'kernel': jnp.ones((3, 4)), 'bias': jnp.ones(4)},
+    'layers_1': {'scale': jnp.ones(4), 'bias': jnp.ones(4)},
+    'layers_3': {'kernel': jnp.ones((4, 2)), 'bias': jnp.ones(2)},
+  }
+  for params, layers, norm in (
+    (
+      nnx.state(Lists(nnx.Rngs(0)), nnx.Param),
+      ['convs/0', 'convs/1'],
+      'norms/0',
+    ),
+    (linen, ['layers_0', 'layers_3'], 'layers_1'),
+  ):
+    with pytest.raises(ValueError, match=rf'numbers it by position \({norm}'):
+      dl.chain_spec(params, layers)
+    spec = dl.chain_spec(params, layers, norms={layers[0]: norm})
+    assert spec[layers[0]].norm == norm
+  # A name ending in a number whose norm naming finds is not in doubt, and
+  # the norm naming gives another layer is not this one's.
+  named = {
+    'conv_1': {'kernel': jnp.ones((3, 3, 1, 4))},
+    'conv_2': {'kernel': jnp.ones((3, 3, 4, 4))},
+    'bn_2': {'scale': jnp.ones(4), 'bias': jnp.ones(4)},
+    'conv_3': {'kernel': jnp.ones((3, 3, 4, 2))},
+  }
+  spec = dl.chain_spec(named, ['conv_1', 'conv_2', 'conv_3'])
+  assert spec['conv_1'].norm is None and spec['conv_2'].norm == 'bn_2'
 
 
 @pytest.mark.parametrize('layer', ['conv1', 'conv2'])

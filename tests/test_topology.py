@@ -94,7 +94,7 @@ def test_linen_automatic_names_are_not_paired_by_number():
     lambda: dl.chain_spec(params),
     lambda: dl.default_norm(params, 'Conv_0'),
   ):
-    with pytest.raises(ValueError, match='Linen numbers layers and norms'):
+    with pytest.raises(ValueError, match='numbers it by position'):
       call()
   spec = dl.chain_spec(params, norms={'Conv_0': 'BatchNorm_0'})
   pruned, masks = dl.prune(params, record, 0.5, spec=spec)
