@@ -35,6 +35,7 @@ from dessilbi_jax.topology import (
   consumer_repeat,
   producer_width,
 )
+from dessilbi_jax.transform import DessiLBIState
 
 
 class Surgery(NamedTuple):
@@ -220,8 +221,50 @@ def _state_penalties(opt_state) -> dict:
   return out
 
 
+def _is_state(x) -> bool:
+  return isinstance(x, DessiLBIState)
+
+
+def _scales_of(opt_state) -> set:
+  """Where the DessiLBI states inside ``opt_state`` keep a per-group scale
+  (``store_gamma=False``) instead of Γ: (state's path, leaf's path) pairs."""
+  out = set()
+  for core_path, core in jax.tree_util.tree_leaves_with_path(
+    opt_state, is_leaf=_is_state
+  ):
+    if _is_state(core):
+      zs = dict(jax.tree_util.tree_leaves_with_path(core.z))
+      for path, g in jax.tree_util.tree_leaves_with_path(core.gamma):
+        if path in zs and np.shape(g) != np.shape(zs[path]):
+          out.add((core_path, path))
+  return out
+
+
+def _full_where_groups_are_single(opt_state, scales: set):
+  """Stores Γ = z · scale where an edit left a kernel's groups one entry
+  each (a Dense consumer down to one input): the optimizer stores Γ itself
+  there, and would read the scale as Γ."""
+
+  def fix(core_path, core):
+    if not _is_state(core):
+      return core
+    zs = dict(jax.tree_util.tree_leaves_with_path(core.z))
+
+    def one(path, g):
+      if (core_path, path) in scales and np.shape(g) == np.shape(zs[path]):
+        return (zs[path] * g).astype(g.dtype)
+      return g
+
+    return core._replace(
+      gamma=jax.tree_util.tree_map_with_path(one, core.gamma)
+    )
+
+  return jax.tree_util.tree_map_with_path(fix, opt_state, is_leaf=_is_state)
+
+
 def _apply_edits(edits, params, opt_state, batch_stats):
   _check_paths_line_up(edits, params, opt_state, batch_stats)
+  scales = set() if opt_state is None else _scales_of(opt_state)
   penalties = {} if opt_state is None else _state_penalties(opt_state)
   for edit in edits:
     shapes = {
@@ -235,6 +278,8 @@ def _apply_edits(edits, params, opt_state, batch_stats):
       batch_stats = edit.apply(batch_stats, shapes, where='batch_stats')
     if opt_state is not None:
       opt_state = edit.apply(opt_state, shapes, state=True, penalties=penalties)
+  if scales:
+    opt_state = _full_where_groups_are_single(opt_state, scales)
   return params, opt_state, batch_stats
 
 

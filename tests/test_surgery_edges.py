@@ -295,3 +295,36 @@ def test_surgery_arguments_are_checked_early():
     dl.magnitude_record(params, penalty='group')
   with pytest.raises(TypeError, match='penalty must be a rule'):
     dl.resolve_penalties(params, 'group')
+
+
+def test_slim_to_one_input_stores_gamma_as_the_optimizer_does():
+  """store_gamma=False keeps one scale per group, but Γ itself where each
+  group is one weight; a Dense consumer slimmed to one input must hold Γ,
+  or the next step reads the scale as Γ."""
+  keys = jax.random.split(jax.random.key(0), 2)
+  params = {
+    'fc1': {'kernel': jax.random.normal(keys[0], (4, 3))},
+    'fc2': {'kernel': jax.random.normal(keys[1], (3, 5))},
+  }
+  rule = dl.penalty_rule(dense=dl.GroupLasso(axes=-1, lam=0.1))
+  results = {}
+  for store in (True, False):
+    tx = dl.dessilbi(0.1, nu=1.0, penalty=rule, store_gamma=store)
+    state, p = tx.init(params), params
+    grads = jax.tree.map(jnp.ones_like, params)
+    for _ in range(3):
+      updates, state = tx.update(grads, state, p)
+      p = optax.apply_updates(p, updates)
+    spec = dl.chain_spec(p, ['fc1', 'fc2'])
+    keep = {'fc1': np.array([True, False, False])}
+    out = dl.slim(p, spec, keep, opt_state=state)
+    gamma = dl.get_gamma(out.opt_state)['fc2']['kernel']
+    grads = jax.tree.map(jnp.ones_like, out.params)
+    updates, _ = tx.update(grads, out.opt_state, out.params)
+    results[store] = gamma, optax.apply_updates(out.params, updates)
+  np.testing.assert_allclose(results[False][0], results[True][0], rtol=1e-6)
+  np.testing.assert_allclose(
+    results[False][1]['fc2']['kernel'],
+    results[True][1]['fc2']['kernel'],
+    rtol=1e-6,
+  )
