@@ -56,14 +56,16 @@ class Link:
     consumers = self.consumers
     if isinstance(consumers, str):
       consumers = (consumers,)
-    if not isinstance(consumers, Sequence) or not all(
-      isinstance(c, str) for c in consumers
-    ):
+    try:
+      consumers = tuple(consumers)
+    except TypeError:
+      consumers = None
+    if consumers is None or not all(isinstance(c, str) for c in consumers):
       raise TypeError(
         'consumers: expected a layer path (str) or a sequence of them, () '
-        f'for none; got {type(consumers).__name__} {consumers!r}.'
+        f'for none; got {type(self.consumers).__name__} {self.consumers!r}.'
       )
-    object.__setattr__(self, 'consumers', tuple(consumers))
+    object.__setattr__(self, 'consumers', consumers)
 
 
 Spec = Mapping[str, Link]
