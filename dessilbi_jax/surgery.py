@@ -262,10 +262,13 @@ def _full_where_groups_are_single(opt_state, scales: set):
   return jax.tree_util.tree_map_with_path(fix, opt_state, is_leaf=_is_state)
 
 
-def _apply_edits(edits, params, opt_state, batch_stats):
+def _apply_edits(edits, params, opt_state, batch_stats, penalties=None):
+  """Applies the edits to every tree; ``penalties``: the state's, by name,
+  when the caller has read them already."""
   _check_paths_line_up(edits, params, opt_state, batch_stats)
   scales = set() if opt_state is None else _scales_of(opt_state)
-  penalties = {} if opt_state is None else _state_penalties(opt_state)
+  if penalties is None:
+    penalties = {} if opt_state is None else _state_penalties(opt_state)
   for edit in edits:
     shapes = {
       n: tuple(v.shape)
@@ -885,7 +888,7 @@ def slim(
     edits.append(_Edit(table, spec[layer], layer, np.flatnonzero(mask)))
     widths[layer] = int(mask.sum())
   params, opt_state, batch_stats = _apply_edits(
-    edits, params, opt_state, batch_stats
+    edits, params, opt_state, batch_stats, penalties
   )
   return Surgery(params, opt_state, batch_stats, widths)
 
