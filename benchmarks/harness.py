@@ -52,7 +52,8 @@ DEFAULT_OPTIMIZERS = ['sgd', 'dessilbi', 'dessilbi_z', 'adam']
 # The multi-tensor Pallas prototype (benchmarks/multitensor.py): Triton on a
 # GPU, interpret mode (slow) elsewhere; `_z` without Γ in the state, `_apply`
 # writing the new params itself. `dessilbi_mt:32x32x8` sets the filters per
-# program, rows per loop iteration and warps.
+# program, rows per loop iteration and warps; `dessilbi_mt:32x32x8x256` also
+# splits the conv kernels' rows into chunks of 256 (a second kernel writes Γ).
 MULTITENSOR = (
   'dessilbi_mt',
   'dessilbi_mt_z',
@@ -75,12 +76,15 @@ def multitensor_args(name: str) -> dict:
     kwargs['state_dtype'] = jnp.float32
   if tiles:
     parts = tiles.split('x')
-    if len(parts) != 3 or not all(v.isdigit() for v in parts):
+    if len(parts) not in (3, 4) or not all(v.isdigit() for v in parts):
       raise ValueError(
-        f'{name!r}: expected {base}:COLSxROWSxWARPS, e.g. {base}:16x64x4.'
+        f'{name!r}: expected {base}:COLSxROWSxWARPS[xCHUNK], e.g.'
+        f' {base}:16x64x4 or {base}:32x32x4x256.'
       )
-    cols, rows, warps = (int(v) for v in parts)
+    cols, rows, warps = (int(v) for v in parts[:3])
     kwargs.update(tile_cols=cols, tile_rows=rows, num_warps=warps)
+    if len(parts) == 4:
+      kwargs['chunk_rows'] = int(parts[3])
   return kwargs
 
 

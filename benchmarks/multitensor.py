@@ -65,7 +65,7 @@ def _pow2(n: int) -> int:
 class _Leaf:
   """Static layout of one leaf in the kernel: kind, shape, programs."""
 
-  def __init__(self, kind, shape, lam, decayed, block, tile_cols):
+  def __init__(self, kind, shape, lam, decayed, block, tile_cols, chunk_rows):
     self.kind = kind  # 'plain' | 'lasso' | 'group'
     self.shape = tuple(shape)
     self.lam = lam
@@ -75,8 +75,12 @@ class _Leaf:
       self.rows = math.prod(shape[:-1])
       self.cols = shape[-1]
       self.tile = min(tile_cols, _pow2(self.cols))
-      self.programs = -(-self.cols // self.tile)
-      self.work = self.rows * self.tile  # elements per program
+      self.tiles = -(-self.cols // self.tile)
+      # Rows per program: all of them, or (split) chunks of chunk_rows.
+      self.chunks = 1 if chunk_rows is None else -(-self.rows // chunk_rows)
+      self.chunk = self.rows if self.chunks == 1 else chunk_rows
+      self.programs = self.tiles * self.chunks
+      self.work = self.chunk * self.tile  # elements per program
     else:
       self.size = math.prod(shape)
       self.programs = max(1, -(-self.size // block))
@@ -97,6 +101,7 @@ def dessilbi_multitensor(
   tile_cols: int = 16,
   tile_rows: int = 64,
   num_warps: int = 4,
+  chunk_rows: int | None = None,
   interpret: bool | None = None,
 ) -> optax.GradientTransformation:
   """``dl.dessilbi(...)``'s update as one multi-tensor Pallas kernel.
@@ -115,6 +120,12 @@ def dessilbi_multitensor(
     tile_cols: filters per program of a group-lasso leaf (a power of 2).
     tile_rows: rows per loop iteration of those programs (a power of 2).
     num_warps: Triton warps per program (a power of 2).
+    chunk_rows: None: a program of a group-lasso leaf covers all its rows
+      and writes Γ itself (one kernel in all). A power of 2 (at least
+      ``tile_rows``): programs cover tiles of ``chunk_rows`` rows (more
+      programs at once for the large conv kernels) and write partial filter
+      norms; a second kernel sums them and writes Γ (reading z once more)
+      or the per-filter scale.
     interpret: run the kernel in Pallas interpret mode; None for "unless the
       default backend is a GPU".
   """
@@ -126,6 +137,16 @@ def dessilbi_multitensor(
   ):
     if not isinstance(value, int) or value < 1 or value & (value - 1):
       raise ValueError(f'{name} must be a power of 2, got {value!r}.')
+  if chunk_rows is not None and (
+    not isinstance(chunk_rows, int)
+    or chunk_rows < tile_rows
+    or chunk_rows & (chunk_rows - 1)
+  ):
+    raise ValueError(
+      'chunk_rows must be None or a power of 2 of at least tile_rows '
+      f'({tile_rows}), got {chunk_rows!r}.'
+    )
+  split = chunk_rows is not None
   if momentum is None:
     raise ValueError('dessilbi_multitensor needs a momentum; got None.')
   if interpret is None:
@@ -158,7 +179,9 @@ def dessilbi_multitensor(
           )
         kind, lam = 'group', float(group_threshold(choice, w.shape))
       decayed = weight_decay > 0 and w.ndim > 1
-      leaves.append(_Leaf(kind, w.shape, lam, decayed, block, tile_cols))
+      leaves.append(
+        _Leaf(kind, w.shape, lam, decayed, block, tile_cols, chunk_rows)
+      )
     # The longest programs first: the GPU starts programs in id order, and
     # long ones started last would run on alone at the end.
     start = 0
@@ -231,17 +254,44 @@ def dessilbi_multitensor(
     shrunk = jnp.sign(z) * jnp.maximum(jnp.abs(z) - leaf.lam, 0)
     store(outs[3], at, kappa * shrunk, mask)
 
-  def _group_program(leaf, b, ins, outs, rates):
-    step, z_step = rates
-    c0 = b * leaf.tile
+  def _row_tiles(leaf, t, c):
+    """The tiles (rows × filters) of filter tile ``t``, row chunk ``c``:
+    ``tile(i) -> (index, mask)`` and how many there are."""
+    c0 = t * leaf.tile
     cols = c0 + jnp.arange(leaf.tile)[None, :]
-    n_iter = -(-leaf.rows // tile_rows)
+    r_base = c * leaf.chunk
 
     def tile(i):
-      r0 = i * tile_rows
+      r0 = r_base + i * tile_rows
       rows = r0 + jnp.arange(tile_rows)[:, None]
       mask = (rows < leaf.rows) & (cols < leaf.cols)
       return (pl.ds(r0, tile_rows), pl.ds(c0, leaf.tile)), mask
+
+    return tile, -(-leaf.chunk // tile_rows)
+
+  def _scale(leaf, sq):
+    """κ·max(0, 1 - λ/‖z_g‖) from the filters' squared norms."""
+    nonzero = sq > 0
+    norm = jnp.sqrt(jnp.where(nonzero, sq, 1.0))
+    factor = jnp.where(nonzero & (norm > leaf.lam), 1 - leaf.lam / norm, 0.0)
+    return kappa * factor
+
+  def _write_gamma(tile, n_iter, z_ref, gamma_ref, scale):
+    def body(j, carry):
+      # Backwards: the tiles of z written last are the likeliest in cache.
+      at, mask = tile(n_iter - 1 - j)
+      z = load(z_ref, at, mask)
+      store(gamma_ref, at, z * scale[None, :], mask)
+      return carry
+
+    jax.lax.fori_loop(0, n_iter, body, 0)
+
+  def _group_program(leaf, b, ins, outs, rates):
+    step, z_step = rates
+    t, c = (b // leaf.chunks, b % leaf.chunks) if split else (b, 0)
+    c0 = t * leaf.tile
+    cols = c0 + jnp.arange(leaf.tile)[None, :]
+    tile, n_iter = _row_tiles(leaf, t, c)
 
     def update(i, sq):
       at, mask = tile(i)
@@ -266,27 +316,97 @@ def dessilbi_multitensor(
       0, n_iter, update, jnp.zeros((tile_rows, leaf.tile), jnp.float32)
     )
     sq = jnp.sum(sq, axis=0)
-    nonzero = sq > 0
-    norm = jnp.sqrt(jnp.where(nonzero, sq, 1.0))
-    factor = jnp.where(nonzero & (norm > leaf.lam), 1 - leaf.lam / norm, 0.0)
-    scale = kappa * factor
+    if split:  # this chunk's share of the norms, for the second kernel
+      at = (pl.ds(c, 1), pl.ds(c0, leaf.tile))
+      store(outs[3], at, sq[None, :], cols < leaf.cols)
+      return
+    scale = _scale(leaf, sq)
     if not store_gamma:
       store(outs[3], pl.ds(c0, leaf.tile), scale, cols[0] < leaf.cols)
       return
-
-    def write_gamma(j, carry):
-      # Backwards: the tiles of z written last are the likeliest in cache.
-      at, mask = tile(n_iter - 1 - j)
-      z = load(outs[2], at, mask)
-      store(outs[3], at, z * scale[None, :], mask)
-      return carry
-
     # z is read back by threads other than those that wrote it only if the
     # two loops' tiles get different layouts; the barrier makes it safe
     # (interpret mode runs a program sequentially and has no barrier).
     if not interpret:
       plt.debug_barrier()
-    jax.lax.fori_loop(0, n_iter, write_gamma, 0)
+    _write_gamma(tile, n_iter, outs[2], outs[3], scale)
+
+  def _norms_program(leaf, b, ins, outs):
+    """The second kernel (split): the norms from the chunks' partial sums,
+    then Γ for one chunk of rows (or the per-filter scale)."""
+    z_ref, partial_ref = ins[:2]
+    t, c = (b // leaf.chunks, b % leaf.chunks) if store_gamma else (b, 0)
+    c0 = t * leaf.tile
+    cols = c0 + jnp.arange(leaf.tile)[None, :]
+    chunks = _pow2(leaf.chunks)
+    mask = (jnp.arange(chunks)[:, None] < leaf.chunks) & (cols < leaf.cols)
+    at = (pl.ds(0, chunks), pl.ds(c0, leaf.tile))
+    scale = _scale(leaf, jnp.sum(load(partial_ref, at, mask), axis=0))
+    if not store_gamma:
+      store(outs[0], pl.ds(c0, leaf.tile), scale, cols[0] < leaf.cols)
+      return
+    tile, n_iter = _row_tiles(leaf, t, c)
+    _write_gamma(tile, n_iter, z_ref, outs[0], scale)
+
+  def norms_kernel(entries, *refs):
+    """``entries``: (leaf, first program, programs) per group-lasso leaf."""
+    pid = pl.program_id(0)
+    ins, outs = refs[: 3 * len(entries)], refs[3 * len(entries) :]
+    for i, (leaf, start, programs) in enumerate(entries):
+      inside = (pid >= start) & (pid < start + programs)
+      pl.when(inside)(
+        lambda a=(leaf, pid - start, ins[3 * i : 3 * i + 3], outs[i:]): (
+          _norms_program(*a)
+        )
+      )
+
+  def call(body, ins, out_shape, programs, aliases, name):
+    """A ``pallas_call`` of ``body`` on a 1-D grid, refs in memory."""
+    any_spec = pl.BlockSpec(memory_space=pl.ANY)
+    return pl.pallas_call(
+      body,
+      out_shape=out_shape,
+      grid=(programs,),
+      input_output_aliases=aliases,
+      in_specs=[any_spec] * len(ins),
+      out_specs=[any_spec] * len(out_shape),
+      compiler_params=plt.CompilerParams(num_warps=num_warps),
+      interpret=interpret,
+      name=name,
+    )(*ins)
+
+  def norms_pass(leaves, gammas, outs):
+    """The second kernel (split): Γ (or the scale) of every group-lasso leaf
+    from its new z and partial norms; ``outs`` (the first kernel's outputs)
+    with the partial norms replaced by Γ."""
+    entries, ins, out_shape, aliases, where = [], [], [], {}, []
+    start, at = 0, 0
+    for leaf, gamma in zip(leaves, gammas, strict=True):
+      n = 2 if leaf.kind == 'plain' else 4
+      if leaf.kind == 'group':
+        programs = leaf.programs if store_gamma else leaf.tiles
+        entries.append((leaf, start, programs))
+        start += programs
+        old = gamma.reshape(outs[at + 2].shape if store_gamma else -1)
+        # The old Γ's buffer takes the new Γ (it is not read).
+        aliases[len(ins) + 2] = len(out_shape)
+        ins += [outs[at + 2], outs[at + 3], old]
+        out_shape.append(jax.ShapeDtypeStruct(old.shape, old.dtype))
+        where.append(at + 3)
+      at += n
+    if not entries:
+      return outs
+    new = call(
+      lambda *refs: norms_kernel(entries, *refs),
+      ins,
+      out_shape,
+      start,
+      aliases,
+      'dessilbi_multitensor_norms',
+    )
+    for i, value in zip(where, new, strict=True):
+      outs[i] = value
+    return outs
 
   def update_fn(updates, state, params=None):
     """The updates (or, with apply, the new params) and the new state."""
@@ -340,6 +460,10 @@ def dessilbi_multitensor(
       else:
         arrays.append(as2d(gamma))
         gamma_out = jax.ShapeDtypeStruct(shape, gamma.dtype)
+      if leaf.kind == 'group' and split:
+        # The chunks' partial norms; Γ is written by the second kernel.
+        del aliases[first_in + 4]
+        gamma_out = jax.ShapeDtypeStruct((leaf.chunks, leaf.cols), jnp.float32)
       ins += arrays
       out_shape += [
         m_out,
@@ -347,18 +471,16 @@ def dessilbi_multitensor(
         jax.ShapeDtypeStruct(shape, z.dtype),
         gamma_out,
       ]
-    any_spec = pl.BlockSpec(memory_space=pl.ANY)
-    outs = pl.pallas_call(
+    outs = call(
       lambda *refs: kernel(leaves, *refs),
-      out_shape=out_shape,
-      grid=(programs,),
-      input_output_aliases=aliases,
-      in_specs=[any_spec] * len(ins),
-      out_specs=[any_spec] * len(out_shape),
-      compiler_params=plt.CompilerParams(num_warps=num_warps),
-      interpret=interpret,
-      name='dessilbi_multitensor',
-    )(*ins)
+      ins,
+      out_shape,
+      programs,
+      aliases,
+      'dessilbi_multitensor',
+    )
+    if split:
+      outs = norms_pass(leaves, columns[4], list(outs))
     it = iter(outs)
     new_m, new_u, new_z, new_gamma = [], [], [], []
     for leaf, z, gamma in zip(leaves, columns[3], columns[4], strict=True):
@@ -393,6 +515,11 @@ VARIANTS = {
   'dessilbi_mt': ({}, True),
   'dessilbi_mt_z': ({'store_gamma': False}, False),
   'dessilbi_mt_apply': ({'apply': True}, True),
+  # The conv kernels' rows split into chunks; a second kernel writes Γ.
+  'dessilbi_mt_split_apply': (
+    {'apply': True, 'tile_cols': 32, 'tile_rows': 32, 'chunk_rows': 256},
+    True,
+  ),
 }
 
 

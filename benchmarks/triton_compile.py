@@ -34,8 +34,9 @@ except ImportError:  # run as a script from the repository root
   from benchmarks import harness, multitensor
 
 
-def capture_triton_ir(model: str, optimizer: str) -> tuple[str, tuple]:
-  """The Triton IR (text) and grid of the optimizer's kernel for a model."""
+def capture_triton_ir(model: str, optimizer: str) -> list[tuple[str, tuple]]:
+  """The Triton IR (text) and grid of each of the optimizer's kernels for a
+  model (two with ``chunk_rows``, else one)."""
   # A JAX internal: the entry point of the Pallas Triton lowering.
   from jax._src.pallas.triton import lowering
 
@@ -64,9 +65,9 @@ def capture_triton_ir(model: str, optimizer: str) -> tuple[str, tuple]:
       )
   finally:
     lowering.lower_jaxpr_to_triton_module = original
-  if len(captured) != 1:
-    raise RuntimeError(f'expected one Triton kernel, got {len(captured)}.')
-  return captured[0]
+  if not captured:
+    raise RuntimeError('the optimizer lowered to no Triton kernel.')
+  return captured
 
 
 def main(argv=None):
@@ -85,7 +86,12 @@ def main(argv=None):
     warps = harness.multitensor_args(args.optimizer).get('num_warps', 4)
   except ValueError as e:
     parser.error(f'--optimizer: {e}')
-  ir, grid = capture_triton_ir(args.model, args.optimizer)
+  for ir, grid in capture_triton_ir(args.model, args.optimizer):
+    _compile_and_report(ir, grid, args, warps, triton, GPUTarget)
+
+
+def _compile_and_report(ir, grid, args, warps, triton, GPUTarget):
+  """Compiles one kernel's Triton IR and prints its grid and resources."""
   with tempfile.TemporaryDirectory() as tmp:
     path = os.path.join(tmp, 'kernel.ttir')
     with open(path, 'w', encoding='utf-8') as f:
@@ -108,12 +114,15 @@ def main(argv=None):
         text=True,
         check=True,
       ).stdout
-  entry = re.search(r'\.entry\s+\w+\((.*?)\)', kernel.asm['ptx'], re.S)
+  entry = re.search(r'\.entry\s+(\w+)\((.*?)\)', kernel.asm['ptx'], re.S)
   param_bytes = sum(
     int(bits) // 8
-    for bits in re.findall(r'\.param\s+\.[a-z](\d+)', entry.group(1))
+    for bits in re.findall(r'\.param\s+\.[a-z](\d+)', entry.group(2))
   )
-  print(f'{args.optimizer} on {args.model}: grid {tuple(grid)}, sm_{args.arch}')
+  print(
+    f'{args.optimizer} on {args.model}, kernel {entry.group(1)}: grid'
+    f' {tuple(grid)}, sm_{args.arch}'
+  )
   print(f'kernel parameters: {param_bytes} bytes')
   resources = re.search(r'REG:\d+.*', usage)
   print(resources.group(0) if resources else 'cuobjdump not found')

@@ -100,3 +100,17 @@ def test_gpu_offline_counts_launches_by_kind(tmp_path):
     'kCopy': 1,
   }
   assert gpu_offline._launches(str(tmp_path), 'offline_sgd') == {}
+
+
+def test_multitensor_names_set_tiles_and_chunks():
+  assert harness.multitensor_args('dessilbi_mt_apply:64x16x4x256') == {
+    'store_gamma': True,
+    'apply': True,
+    'tile_cols': 64,
+    'tile_rows': 16,
+    'num_warps': 4,
+    'chunk_rows': 256,
+  }
+  assert 'chunk_rows' not in harness.multitensor_args('dessilbi_mt:8x16x4')
+  with pytest.raises(ValueError, match=r'COLSxROWSxWARPS\[xCHUNK\]'):
+    harness.multitensor_args('dessilbi_mt:8x16x4x2x2')

@@ -1,6 +1,6 @@
 """The multi-tensor Pallas prototype (benchmarks/multitensor.py) follows
-``dessilbi`` step for step (Pallas interpret mode on the CPU), and lowers to a
-single Triton kernel for a GPU."""
+``dessilbi`` step for step (Pallas interpret mode on the CPU), and lowers to
+Triton kernels for a GPU (one, or two with the conv kernels' rows split)."""
 
 import pathlib
 import sys
@@ -43,7 +43,9 @@ def _run(tx, params, steps):
 
 
 @pytest.mark.parametrize('store_gamma', [True, False])
-@pytest.mark.parametrize('tiles', [(16, 64), (8, 8)])
+# (filters, rows per iteration, rows per program): the last splits conv2's
+# 180 rows into chunks of 16 (12 programs per tile, a second kernel for Γ).
+@pytest.mark.parametrize('tiles', [(16, 64, None), (8, 8, None), (8, 8, 16)])
 def test_follows_dessilbi(store_gamma, tiles):
   # A schedule, read by the kernel at every step: 0.5, 0.5, 0.4, 0.4.
   lr = optax.piecewise_constant_schedule(0.5, {2: 0.8})
@@ -54,7 +56,11 @@ def test_follows_dessilbi(store_gamma, tiles):
   want = _run(dl.dessilbi(**kwargs), params, 4)
   got = _run(
     dessilbi_multitensor(
-      **kwargs, tile_cols=tiles[0], tile_rows=tiles[1], block=64
+      **kwargs,
+      tile_cols=tiles[0],
+      tile_rows=tiles[1],
+      chunk_rows=tiles[2],
+      block=64,
     ),
     params,
     4,
@@ -69,12 +75,13 @@ def test_follows_dessilbi(store_gamma, tiles):
   assert 0 < int(filters.sum()) < 20
 
 
+@pytest.mark.parametrize('chunk_rows', [None, 64])
 @pytest.mark.parametrize('store_gamma', [True, False])
-def test_apply_writes_the_new_params(store_gamma):
+def test_apply_writes_the_new_params(store_gamma, chunk_rows):
   kwargs = dict(learning_rate=0.5, nu=2.0, store_gamma=store_gamma)
   params = _params()
   want_params, want_state = _run(dl.dessilbi(**kwargs), params, 3)
-  fused = dessilbi_multitensor(**kwargs, apply=True)
+  fused = dessilbi_multitensor(**kwargs, apply=True, chunk_rows=chunk_rows)
   state = fused.init(params)
   step = jax.jit(fused.step)
   got = params
@@ -92,6 +99,8 @@ def test_apply_writes_the_new_params(store_gamma):
 def test_bad_settings_raise_early():
   with pytest.raises(ValueError, match='tile_cols must be a power of 2'):
     dessilbi_multitensor(0.1, tile_cols=12)
+  with pytest.raises(ValueError, match='chunk_rows must be None or a power'):
+    dessilbi_multitensor(0.1, tile_rows=64, chunk_rows=32)
   with pytest.raises(ValueError, match='needs a momentum'):
     dessilbi_multitensor(0.1, momentum=None)
   # Groups along the input channels: not the layout the kernel supports.
@@ -106,10 +115,14 @@ def test_bad_settings_raise_early():
   not hasattr(jax.sharding, 'AbstractDevice'),
   reason='lowering for a GPU without one needs jax.sharding.AbstractDevice',
 )
+@pytest.mark.parametrize('chunk_rows', [None, 64])
 @pytest.mark.parametrize('apply', [False, True])
-def test_lowers_to_one_triton_kernel(apply):
+def test_lowers_to_triton_kernels(apply, chunk_rows):
+  # One kernel; with chunk_rows, a second one for Γ.
   params = _params()
-  tx = dessilbi_multitensor(0.1, apply=apply, interpret=False)
+  tx = dessilbi_multitensor(
+    0.1, apply=apply, chunk_rows=chunk_rows, interpret=False
+  )
   state = tx.init(params)
   # Lowering for a GPU on a machine without one: newer JAX versions read the
   # target GPU from the abstract mesh.
@@ -125,7 +138,7 @@ def test_lowers_to_one_triton_kernel(apply):
       .lower(lowering_platforms=('cuda',))
     )
   text = lowered.as_text()
-  assert text.count('stablehlo.custom_call') == 1
+  assert text.count('stablehlo.custom_call') == (1 if chunk_rows is None else 2)
   assert 'triton' in text.lower()
 
 
