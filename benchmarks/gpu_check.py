@@ -1,24 +1,23 @@
-"""The key GPU measurements in one run (an estimated 5–6 minutes on an H100).
+"""The key GPU measurements in one run (an estimated 6 minutes on an H100).
 
 The most telling runs come first, and the JSON is rewritten after each run,
 so a run cut short by the device budget still leaves the first results.
 
-First, the multi-tensor Pallas prototype (``multitensor.py``) compiled for
-the GPU is checked against ``dessilbi`` on ResNet-18's params (largest
-differences after 3 steps, and whether Γ's supports agree). Then it runs,
-side by side in one process: the update alone on CIFAR ResNet-18 params
-(device time with 20 updates per jit, per call, and the bandwidth floor) for
-``dessilbi`` (Γ stored or rebuilt from z), its multi-tensor Pallas prototype
-(``multitensor.py``: updates, no Γ, or writing the new params itself; three
-tilings), ``optax.sgd(momentum=0.9)`` and ``optax.adam``; the per-kernel
-probes (``probes.py``); whole train steps (ResNet-18 and VGG-16 batch 256,
-LeNet-5 batch 128); the peak memory of a ResNet-18 train step per optimizer;
-the update's scaling from 1e5 to 1e8 parameters; the ResNet-18 step with XLA's
-region-analysis copy insertion (which removes the copies on the CPU); and the
-update with bfloat16 params (state in bfloat16, or float32 z, Γ and
-momentum). It writes
-everything to one JSON file (a failing run is recorded with its error and the
-others go on) and the same as Markdown tables (``tables.md``, by
+First, the multi-tensor Pallas step (``dl.fused_dessilbi`` through
+``multitensor.py``) compiled for the GPU is checked against ``dessilbi`` on
+ResNet-18's params (largest differences after 3 steps, and whether Γ's
+supports agree). Then, side by side in one process: the update alone on CIFAR
+ResNet-18 params (device time with 20 updates per jit, per call, and the
+bandwidth floor) for ``dessilbi`` (Γ stored or rebuilt from z), the fused
+kernels (writing updates, without Γ, or writing the new params: the fused
+``step``), ``optax.sgd(momentum=0.9)`` and ``optax.adam``; whole train steps
+(ResNet-18 batch 256); tilings of the fused step; the per-kernel probes
+(``probes.py``); train steps of LeNet-5 (batch 128) and VGG-16 (batch 256);
+the update with bfloat16 params; and the update's scaling from 1e5 to 1e8
+parameters (the peak memory of a train step, ``harness.py memory``, was
+measured on an H100 and is left out for time). It
+writes everything to one JSON file (a failing run is recorded with its error
+and the others go on) and the same as Markdown tables (``tables.md``, by
 ``report.py``), the compiled HLO of the ResNet-18 update and step to
 ``hlo/``, for reading the kernels XLA made after the machine is gone, and the
 GPU's XLA target config (``gpu_target_config.pbtxt``), with which
@@ -56,52 +55,45 @@ except ImportError:  # run as a script from the repository root
 # word names the run: the harness's mode, or the script of another entry.
 RUNS = [
   # Timings of a kernel only mean something if it computes the right thing:
-  # the compiled Triton kernel against dessilbi, first.
+  # the compiled Triton kernels against dessilbi, first.
   (multitensor.main, 'multitensor --model resnet18 --steps 3'),
   (
     harness.main,
     'update --model resnet18 --repeats 15 --hlo-dir {hlo} --optimizers'
     ' sgd dessilbi dessilbi_z adam dessilbi_mt dessilbi_mt_z dessilbi_mt_apply',
   ),
-  (probes.main, 'probes --k 20 --repeats 15'),
   (
     harness.main,
     'step --model resnet18 --steps 50 --repeats 9 --hlo-dir {hlo}'
-    ' --optimizers sgd dessilbi dessilbi_z dessilbi_mt dessilbi_mt_apply',
+    ' --optimizers sgd dessilbi dessilbi_z dessilbi_mt_apply',
   ),
-  # The GPU twin of the CPU option that removes the W/Γ copies there.
+  # Tilings of the fused step around the default (64x16x4x256).
   (
     harness.main,
-    'step --model resnet18 --steps 50 --repeats 9 --optimizers sgd dessilbi'
-    ' dessilbi_z --xla-option xla_gpu_copy_insertion_use_region_analysis=true',
+    'update --model resnet18 --repeats 9 --optimizers sgd dessilbi_mt_apply'
+    ' dessilbi_mt_apply:32x32x4x256 dessilbi_mt_apply:64x32x4x512'
+    ' dessilbi_mt_apply:128x8x4x256 dessilbi_mt_apply:64x16x8x256',
   ),
-  (
-    harness.main,
-    'update --model resnet18 --repeats 9 --optimizers sgd dessilbi'
-    ' dessilbi_mt:32x32x4 dessilbi_mt:8x128x4',
-  ),
-  (
-    harness.main,
-    'memory --model resnet18 --optimizers sgd dessilbi dessilbi_z',
-  ),
+  (probes.main, 'probes --k 20 --repeats 15'),
   (
     harness.main,
     'step --model lenet5 --steps 100 --repeats 9'
-    ' --optimizers sgd dessilbi dessilbi_z',
+    ' --optimizers sgd dessilbi dessilbi_z dessilbi_mt_apply',
   ),
   (
     harness.main,
-    'step --model vgg16 --steps 30 --repeats 5 --optimizers sgd dessilbi',
+    'step --model vgg16 --steps 30 --repeats 5'
+    ' --optimizers sgd dessilbi dessilbi_mt_apply',
+  ),
+  (
+    harness.main,
+    'update --model resnet18 --dtype bfloat16 --repeats 9'
+    ' --optimizers sgd dessilbi dessilbi_f32 dessilbi_mt_apply',
   ),
   (
     harness.main,
     'scaling --sizes 1e5 1e6 1e7 1e8 --k 10 --repeats 7'
     ' --optimizers sgd dessilbi dessilbi_z',
-  ),
-  (
-    harness.main,
-    'update --model resnet18 --dtype bfloat16 --repeats 9'
-    ' --optimizers sgd dessilbi dessilbi_f32 dessilbi_mt dessilbi_mt_f32',
   ),
 ]
 

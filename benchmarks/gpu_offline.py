@@ -86,7 +86,7 @@ def main(argv=None) -> dict:
     grads = jax.tree.map(jax.numpy.ones_like, params)
   results = {}
   for name in args.optimizers:
-    # The prototype's Triton kernel, not its CPU interpreter.
+    # The fused step's Triton kernels, not their CPU interpreter.
     tx = harness.make_optimizer(name, interpret=False)
     state = tx.init(params)
     tag = re.sub(r'\W', '_', name)

@@ -49,11 +49,11 @@ OPTIMIZERS: dict[str, Callable[[], optax.GradientTransformation]] = {
   'dessilbi_f32': lambda: dl.dessilbi(0.1, nu=100.0, state_dtype=jnp.float32),
 }
 DEFAULT_OPTIMIZERS = ['sgd', 'dessilbi', 'dessilbi_z', 'adam']
-# The multi-tensor Pallas prototype (benchmarks/multitensor.py): Triton on a
-# GPU, interpret mode (slow) elsewhere; `_z` without Γ in the state, `_apply`
-# writing the new params itself. `dessilbi_mt:32x32x8` sets the filters per
-# program, rows per loop iteration and warps; `dessilbi_mt:32x32x8x256` also
-# splits the conv kernels' rows into chunks of 256 (a second kernel writes Γ).
+# The multi-tensor Pallas step (dl.fused_dessilbi, via benchmarks/multitensor.py
+# on its kernels): Triton on a GPU, interpret mode (slow) elsewhere; `_z`
+# without Γ in the state, `_apply` writing the new params itself.
+# `dessilbi_mt:64x16x4` sets the filters per program, rows per loop iteration
+# and warps; `dessilbi_mt:64x16x4x256` also the rows per program.
 MULTITENSOR = (
   'dessilbi_mt',
   'dessilbi_mt_z',
@@ -92,8 +92,8 @@ def make_optimizer(name: str, interpret=None):
   """The optimizer a command-line name stands for: an Optax transformation,
   or a :class:`multitensor.FusedStep` for ``dessilbi_mt_apply``.
 
-  ``interpret`` goes to the multi-tensor prototype (False compiles its
-  Triton kernel even where the default backend is not a GPU)."""
+  ``interpret`` goes to the multi-tensor step (False compiles its Triton
+  kernels even where the default backend is not a GPU)."""
   if name in OPTIMIZERS:
     return OPTIMIZERS[name]()
   return multitensor.dessilbi_multitensor(

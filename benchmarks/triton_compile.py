@@ -1,10 +1,11 @@
-"""Compiles the multi-tensor prototype's kernel for a GPU, without a GPU.
+"""Compiles the fused step's kernels for a GPU, without a GPU.
 
-Lowers ``dessilbi_multitensor`` for CUDA on the current machine, captures the
-Triton IR Pallas makes, compiles it with the ``triton`` package for an NVIDIA
-architecture (sm_90 = H100 by default) and prints what the GPU would run: the
-grid, the kernel's parameter bytes (CUDA's classic limit is 4 KB), and its
-registers, spills and shared memory from ``cuobjdump``. A quick check of a
+Lowers ``dl.fused_dessilbi`` (through ``dessilbi_multitensor``) for CUDA on
+the current machine, captures the Triton IR Pallas makes for each of its two
+kernels, compiles it with the ``triton`` package for an NVIDIA architecture
+(sm_90 = H100 by default) and prints what the GPU would run: the grid, the
+kernel's parameter bytes (CUDA's classic limit is 4 KB), and its registers,
+spills and shared memory from ``cuobjdump``. A quick check of a
 kernel change before a GPU is available; it does not time anything.
 
 Needs ``pip install triton`` (its wheel ships ``ptxas`` and ``cuobjdump``).

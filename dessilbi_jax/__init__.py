@@ -2,6 +2,7 @@
 
 from dessilbi_jax.alias import dessilbi, matrix_mask
 from dessilbi_jax.flops import flops, param_count
+from dessilbi_jax.fused import FusedDessilbi, fused_dessilbi
 from dessilbi_jax.path import (
   LayerSummary,
   PathSummary,
@@ -58,6 +59,7 @@ __all__ = [
   'NOT_SELECTED',
   'REFERENCE_NEVER',
   'DessiLBIState',
+  'FusedDessilbi',
   'GroupLasso',
   'Lasso',
   'LayerSummary',
@@ -76,6 +78,7 @@ __all__ = [
   'dessilbi',
   'expand_gamma',
   'flops',
+  'fused_dessilbi',
   'get_gamma',
   'get_penalty',
   'group_shrink',

@@ -4,11 +4,16 @@ are asserted; those belong to the benchmarks themselves)."""
 import pathlib
 import sys
 
+import jax
+import jax.numpy as jnp
 import pytest
+
+import dessilbi_jax as dl
 
 sys.path.insert(0, str(pathlib.Path(__file__).parents[1]))
 
 from benchmarks import gpu_check, harness, multitensor, probes
+from tests._small_model import small_params
 
 
 def test_gpu_check_runs_parse():
@@ -52,7 +57,7 @@ def test_update_mode_reports_floor_and_kernels(tmp_path):
   )
   rows = out['results']
   assert set(rows) == {'sgd', 'dessilbi', 'dessilbi_mt:8x16x4'}
-  # Same state for the prototype as for dessilbi: m + z + Γ.
+  # Same state for the fused kernels as for dessilbi: m + z + Γ.
   assert (
     rows['dessilbi_mt:8x16x4']['state_bytes']
     == (rows['dessilbi']['state_bytes'])
@@ -114,3 +119,39 @@ def test_multitensor_names_set_tiles_and_chunks():
   assert 'chunk_rows' not in harness.multitensor_args('dessilbi_mt:8x16x4')
   with pytest.raises(ValueError, match=r'COLSxROWSxWARPS\[xCHUNK\]'):
     harness.multitensor_args('dessilbi_mt:8x16x4x2x2')
+
+
+def test_agreement_check_reports_matches_and_mismatches():
+  # The check a GPU run makes before timing the kernel, here in interpret
+  # mode: it finds the kernel equal to dessilbi with Γ partly selected.
+  params = small_params()
+  out = multitensor.agreement(params, steps=3)
+  assert set(out['results']) == set(multitensor.VARIANTS)
+  for row in out['results'].values():
+    assert row['ok']
+    assert row['params_max_rel'] < 1e-5 and row['state_max_rel'] < 1e-5
+    for unit, count in (('filters', 60), ('weights', 700)):
+      assert row[unit]['count'] == count
+      assert row[unit]['support_mismatches'] == 0
+      assert 0.1 < row[unit]['selected_share'] < 0.95
+  # And it would see a kernel that got one filter wrong.
+  penalties, treedef = dl.resolve_penalties(params, None)
+  tx = dl.dessilbi(0.5, nu=2.0)
+  state = tx.init(params)
+  for _ in range(3):
+    _, state = tx.update(params, state, params)
+  gamma = state[3].gamma
+  wrong = jax.tree.map(jnp.copy, gamma)
+  wrong['conv2']['kernel'] = (
+    wrong['conv2']['kernel']
+    .at[..., 0]
+    .set(1 - (gamma['conv2']['kernel'][..., 0] != 0))
+  )
+  row = multitensor._compare(
+    (params, (*state[:3], state[3]._replace(gamma=wrong))),
+    (params, state),
+    penalties,
+    treedef,
+  )
+  assert row['filters']['support_mismatches'] == 1 and not row['ok']
+  assert row['state_max_abs'] > 0 and row['params_max_abs'] == 0

@@ -1,0 +1,276 @@
+"""``fused_dessilbi``: its Pallas kernels (interpret mode on the CPU) follow
+``dessilbi`` step for step, its state is ``dessilbi``'s, it lowers to two
+Triton kernels for a GPU, and it refuses what it does not support early."""
+
+import jax
+import jax.numpy as jnp
+import optax
+import pytest
+
+import dessilbi_jax as dl
+from tests._small_model import small_params as _params
+
+
+def _grads(params, t):
+  return jax.tree.map(lambda p: jnp.sin(p * (t + 1)), params)
+
+
+def _run_update(tx, params, steps):
+  state = tx.init(params)
+  update = jax.jit(tx.update)
+  for t in range(steps):
+    updates, state = update(_grads(params, t), state, params)
+    params = optax.apply_updates(params, updates)
+  return params, state
+
+
+def _run_step(opt, params, steps):
+  state = opt.init(params)
+  step = jax.jit(opt.step, donate_argnums=(1, 2))
+  params = jax.tree.map(jnp.copy, params)
+  for t in range(steps):
+    params, state = step(_grads(params, t), state, params)
+  return params, state
+
+
+def _assert_close(got, want, rtol=1e-5, atol=1e-6):
+  assert jax.tree.structure(got) == jax.tree.structure(want)
+  for a, b in zip(jax.tree.leaves(got), jax.tree.leaves(want), strict=True):
+    assert a.shape == b.shape and a.dtype == b.dtype
+    assert jnp.allclose(a, b, rtol=rtol, atol=atol)
+
+
+# (filters per program, rows per iteration, rows per program): conv2's 180
+# rows in one program, or in 12 chunks of 16 (and conv1's 27 rows in 2).
+TILINGS = [(64, 16, 256), (8, 8, 16)]
+
+
+@pytest.mark.parametrize('store_gamma', [True, False])
+@pytest.mark.parametrize('tiles', TILINGS)
+@pytest.mark.parametrize('apply', [False, True])
+def test_follows_dessilbi(store_gamma, tiles, apply):
+  # A schedule, read by the kernels at every step: 0.5, 0.5, 0.4, 0.4.
+  lr = optax.piecewise_constant_schedule(0.5, {2: 0.8})
+  kwargs = dict(
+    learning_rate=lr, nu=2.0, weight_decay=1e-2, store_gamma=store_gamma
+  )
+  params = _params()
+  want = _run_update(dl.dessilbi(**kwargs), params, 4)
+  opt = dl.fused_dessilbi(
+    **kwargs,
+    implementation='pallas',
+    tile_cols=tiles[0],
+    tile_rows=tiles[1],
+    chunk_rows=tiles[2],
+    block=64,
+  )
+  got = _run_step(opt, params, 4) if apply else _run_update(opt, params, 4)
+  _assert_close(got, want)
+  # The comparison means something: some filters are selected, not all.
+  filters = jnp.any(
+    dl.get_gamma(want[1])['conv1']['kernel'] != 0, axis=(0, 1, 2)
+  )
+  assert 0 < int(filters.sum()) < 20
+
+
+def test_the_toolbox_reads_its_state():
+  params = _params()
+  opt = dl.fused_dessilbi(0.5, nu=2.0, implementation='pallas', block=64)
+  _, state = _run_step(opt, params, 3)
+  ref = dl.dessilbi(0.5, nu=2.0)
+  _, want = _run_update(ref, params, 3)
+  support = dl.support(state, by_group=True)
+  assert jax.tree.structure(support) == jax.tree.structure(
+    dl.support(want, by_group=True)
+  )
+  for a, b in zip(
+    jax.tree.leaves(support),
+    jax.tree.leaves(dl.support(want, by_group=True)),
+    strict=True,
+  ):
+    assert bool(jnp.all(a == b))
+  # And dessilbi steps on from it: the two share one state.
+  updates, _ = jax.jit(ref.update)(params, state, params)
+  assert jax.tree.structure(updates) == jax.tree.structure(params)
+
+
+def test_xla_implementation_is_dessilbi():
+  params = _params()
+  kwargs = dict(learning_rate=0.3, nu=2.0)
+  want = _run_update(dl.dessilbi(**kwargs), params, 2)
+  for implementation in ('xla', None):  # None: XLA off the GPU
+    opt = dl.fused_dessilbi(**kwargs, implementation=implementation)
+    if jax.default_backend() != 'gpu' or implementation == 'xla':
+      # The same computation (XLA may fuse the applies differently).
+      _assert_close(_run_step(opt, params, 2), want)
+      _assert_close(_run_update(opt, params, 2), want, rtol=0, atol=0)
+
+
+def test_groups_of_one_weight_keep_gamma_without_store_gamma():
+  # A Dense kernel of one input grouped per output unit: groups of one
+  # weight, for which the state keeps Γ itself even with store_gamma=False.
+  params = {'w': jax.random.normal(jax.random.key(1), (1, 8)), 'b': jnp.ones(8)}
+  rule = dl.penalty_rule(dense=dl.GroupLasso(axes=(-1,), lam=0.3))
+  kwargs = dict(learning_rate=0.5, nu=2.0, penalty=rule, store_gamma=False)
+  want = _run_update(dl.dessilbi(**kwargs), params, 3)
+  opt = dl.fused_dessilbi(**kwargs, implementation='pallas')
+  _assert_close(_run_step(opt, params, 3), want)
+  gamma = want[1][3].gamma['w']
+  assert gamma.shape == (1, 8) and 0 < int(jnp.sum(gamma != 0)) < 8
+
+
+@pytest.mark.parametrize(
+  'mask',
+  [
+    lambda params: jax.tree.map(lambda x: x.ndim == 1, params),  # biases only
+    {'conv1': True, 'conv2': False, 'fc': {'kernel': False, 'bias': True}},
+  ],
+)
+def test_weight_decay_mask(mask):
+  params = _params()
+  kwargs = dict(learning_rate=0.5, nu=2.0, weight_decay=0.1)
+  want = _run_update(dl.dessilbi(**kwargs, weight_decay_mask=mask), params, 2)
+  opt = dl.fused_dessilbi(
+    **kwargs, weight_decay_mask=mask, implementation='pallas', block=64
+  )
+  _assert_close(_run_step(opt, params, 2), want)
+  # The mask matters here: the default mask gives other params.
+  other = _run_update(dl.dessilbi(**kwargs), params, 2)[0]
+  assert not jnp.allclose(other['conv1']['bias'], want[0]['conv1']['bias'])
+
+
+def test_composes_with_optax_chain():
+  params = _params()
+  kwargs = dict(learning_rate=0.5, nu=2.0)
+  clip = optax.clip_by_global_norm(1.0)
+  want = _run_update(optax.chain(clip, dl.dessilbi(**kwargs)), params, 2)
+  fused = dl.fused_dessilbi(**kwargs, implementation='pallas', block=64)
+  got = _run_update(optax.chain(clip, fused), params, 2)
+  _assert_close(got, want)
+
+
+@pytest.mark.parametrize('state_dtype', [None, jnp.float32])
+@pytest.mark.parametrize('apply', [False, True])
+def test_bfloat16_params_follow_dessilbi(state_dtype, apply):
+  # bfloat16 params and gradients, state in bfloat16 or float32: the kernels
+  # compute in float32 and round to each output's dtype, where XLA may
+  # round intermediate bfloat16 results too; one step then agrees to about a
+  # bfloat16 rounding (2^-8 relative). Dropping the weight decay, say, would
+  # be off by 3 % in the momentum.
+  kwargs = dict(learning_rate=0.5, nu=2.0, weight_decay=1e-2)
+  params = jax.tree.map(lambda p: p.astype(jnp.bfloat16), _params())
+  grads = jax.tree.map(jnp.sin, params)
+  ref = dl.dessilbi(**kwargs, state_dtype=state_dtype)
+  state = ref.init(params)
+  updates, want_state = jax.jit(ref.update)(grads, state, params)
+  want = (optax.apply_updates(params, updates), want_state)
+  fused = dl.fused_dessilbi(
+    **kwargs, state_dtype=state_dtype, implementation='pallas'
+  )
+  if apply:
+    got = jax.jit(fused.step)(grads, state, params)
+  else:
+    updates, got_state = jax.jit(fused.update)(grads, state, params)
+    got = (optax.apply_updates(params, updates), got_state)
+  gammas = {id(x) for x in jax.tree.leaves(want[1][3].gamma)}
+  for a, b in zip(jax.tree.leaves(got), jax.tree.leaves(want), strict=True):
+    assert a.dtype == b.dtype
+    # With a bfloat16 state, dessilbi computes the shrink factor
+    # 1 - λ/‖z_g‖ in bfloat16 too (an absolute error of ~2^-9 on a factor
+    # that may be 0.1); the kernels keep it in float32.
+    loose = id(b) in gammas and b.dtype == jnp.bfloat16
+    a, b = a.astype(jnp.float32), b.astype(jnp.float32)
+    assert bool(jnp.all((a != 0) == (b != 0)))  # the same support
+    tolerance = 2**-4 if loose else 2**-7
+    assert float(jnp.max(jnp.abs(a - b))) <= tolerance * float(
+      jnp.max(jnp.abs(b))
+    )
+
+
+def test_float32_gradients_for_bfloat16_params_promote_the_momentum():
+  # optax.trace promotes the momentum to the gradients' dtype when no
+  # state_dtype fixes it; the kernels write it in that dtype too.
+  params = jax.tree.map(lambda p: p.astype(jnp.bfloat16), _params())
+  grads = jax.tree.map(lambda p: jnp.sin(p).astype(jnp.float32), params)
+  kwargs = dict(learning_rate=0.5, nu=2.0)
+  ref = dl.dessilbi(**kwargs)
+  state = ref.init(params)
+  _, want = jax.jit(ref.update)(grads, state, params)
+  fused = dl.fused_dessilbi(**kwargs, implementation='pallas')
+  _, got = jax.jit(fused.step)(grads, state, params)
+  for a, b in zip(jax.tree.leaves(got), jax.tree.leaves(want), strict=True):
+    assert a.dtype == b.dtype
+
+
+def test_bad_settings_raise_at_construction():
+  with pytest.raises(ValueError, match='tile_cols must be a power of 2'):
+    dl.fused_dessilbi(0.1, tile_cols=12)
+  with pytest.raises(ValueError, match='chunk_rows must be a power of 2'):
+    dl.fused_dessilbi(0.1, chunk_rows=True)
+  with pytest.raises(ValueError, match=r'chunk_rows \(32\) must be at least'):
+    dl.fused_dessilbi(0.1, tile_rows=64, chunk_rows=32)
+  with pytest.raises(ValueError, match='needs a momentum'):
+    dl.fused_dessilbi(0.1, momentum=None)
+  with pytest.raises(ValueError, match="implementation must be None, 'xla'"):
+    dl.fused_dessilbi(0.1, implementation='triton')
+  with pytest.raises(TypeError, match='interpret must be None or a bool'):
+    dl.fused_dessilbi(0.1, interpret='yes')
+  with pytest.raises(ValueError, match='nu'):  # dessilbi's own checks
+    dl.fused_dessilbi(0.1, nu=-1.0)
+
+
+def test_unsupported_inputs_raise_early():
+  params = _params()
+  # Groups along the input channels: refused at init, before any step.
+  rule = dl.penalty_rule(conv=dl.GroupLasso(axes=(2,)))
+  with pytest.raises(
+    ValueError, match=r"one group per index of the last axis.*'conv1/kernel'"
+  ):
+    dl.fused_dessilbi(0.1, penalty=rule).init(params)
+  opt = dl.fused_dessilbi(0.1, implementation='pallas')
+  state = opt.init(params)
+  with pytest.raises(ValueError, match='params'):
+    opt.update(params, state, None)
+  with pytest.raises(TypeError, match='state must be the state'):
+    opt.step(params, state[3], params)
+  # A state of dessilbi without momentum has no momentum to update.
+  with pytest.raises(TypeError, match='state must be the state'):
+    opt.step(params, dl.dessilbi(0.1, momentum=None).init(params), params)
+  # A traced weight-decay mask cannot choose the kernels' leaves.
+  traced = dl.fused_dessilbi(
+    0.1,
+    weight_decay=0.1,
+    weight_decay_mask=lambda p: jax.tree.map(lambda x: jnp.sum(x) > 0, p),
+    implementation='pallas',
+  )
+  with pytest.raises(TypeError, match=r'weight_decay_mask: .*traced'):
+    jax.jit(traced.step)(params, traced.init(params), params)
+
+
+@pytest.mark.skipif(
+  not hasattr(jax.sharding, 'AbstractDevice'),
+  reason='lowering for a GPU without one needs jax.sharding.AbstractDevice',
+)
+@pytest.mark.parametrize('apply', [False, True])
+def test_lowers_to_two_triton_kernels(apply):
+  params = _params()
+  opt = dl.fused_dessilbi(0.1, implementation='pallas', interpret=False)
+  state = opt.init(params)
+  # Lowering for a GPU on a machine without one: newer JAX versions read the
+  # target GPU from the abstract mesh.
+  gpu = jax.sharding.AbstractDevice(
+    device_kind='NVIDIA H100 80GB HBM3', num_cores=None, platform='gpu'
+  )
+  with jax.sharding.use_abstract_mesh(
+    jax.sharding.AbstractMesh((), (), abstract_device=gpu)
+  ):
+    lowered = (
+      jax.jit(opt.step if apply else opt.update)
+      .trace(params, state, params)
+      .lower(lowering_platforms=('cuda',))
+    )
+  text = lowered.as_text()
+  # The update kernel and the norms kernel, and nothing per leaf but
+  # reshapes.
+  assert text.count('stablehlo.custom_call') == 2
+  assert 'dessilbi_fused_norms' in text and 'triton' in text.lower()
