@@ -92,6 +92,7 @@ def test_the_blocks_are_found():
     'The sparse path, end to end',
     'Scale and reliability',
     'Scale and reliability (2)',
+    'Performance',
   }
 
 
@@ -230,3 +231,37 @@ def test_checkpoint_block(tmp_path):
   a = tx.update(grads, restored['opt_state'], restored['params'])
   b = tx.update(grads, opt_state, params)
   jax.tree.map(np.testing.assert_array_equal, a, b)
+
+
+def test_fused_step_block():
+  # The block's train step on a pytree of params, against dessilbi's step.
+  k = jax.random.split(jax.random.key(0), 3)
+  params = {
+    'conv': {'kernel': jax.random.normal(k[0], (3, 3, 1, 6))},
+    'fc': {'kernel': jax.random.normal(k[1], (6, 3)), 'bias': jnp.zeros(3)},
+  }
+  batch = jax.random.normal(k[2], (4, 5, 5, 1))
+
+  def loss_fn(params, x):
+    h = jax.lax.conv_general_dilated(
+      x,
+      params['conv']['kernel'],
+      (1, 1),
+      'SAME',
+      dimension_numbers=('NHWC', 'HWIO', 'NHWC'),
+    )
+    logits = h.mean(axis=(1, 2)) @ params['fc']['kernel'] + params['fc']['bias']
+    return jnp.sum(logits**2)
+
+  ns = _run(
+    'Performance', {'params': params, 'loss_fn': loss_fn, 'batch': batch}
+  )
+  tx = dl.dessilbi(0.1, nu=100.0)
+  updates, want_state = tx.update(
+    jax.grad(loss_fn)(params, batch), tx.init(params), params
+  )
+  want = optax.apply_updates(params, updates)
+  for got, ref in ((ns['params'], want), (ns['opt_state'], want_state)):
+    for a, b in zip(jax.tree.leaves(got), jax.tree.leaves(ref), strict=True):
+      np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6)
+  assert not np.allclose(ns['params']['fc']['kernel'], params['fc']['kernel'])
