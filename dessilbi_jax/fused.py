@@ -24,6 +24,7 @@ from typing import Any, NamedTuple, Optional, Union
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 import optax
 
 from dessilbi_jax import _checks
@@ -65,19 +66,23 @@ def _pow2(n: int) -> int:
 
 
 class _Leaf:
-  """Static layout of one leaf in the kernels."""
+  """Static layout of one leaf in the kernels, and the dtypes of the
+  optimizer chain it mirrors."""
 
-  def __init__(self, kind, w, g, m_out, lam, decayed, gamma_full, tiles):
+  def __init__(self, kind, shape, dtypes, lam, decayed, storage, tiles):
     block, tile_cols, chunk_rows = tiles
-    self.kind = kind  # 'plain' | 'lasso' | 'group'
-    self.shape = tuple(w.shape)
+    self.kind = kind  # 'plain' | 'lasso' | 'group' | 'empty' (size 0)
+    self.shape = tuple(shape)
     self.lam = lam
     self.decayed = decayed
-    # optax.add_decayed_weights adds in the promoted dtype of g and W.
-    self.decay_dtype = jnp.result_type(g.dtype, w.dtype)
-    self.m_dtype = m_out
-    self.gamma_full = gamma_full  # the state holds Γ (else a scale)
+    # The decayed gradient's, the direction's (momentum before the state's
+    # cast) and the stored momentum's dtypes.
+    self.decay_dtype, self.d_dtype, self.m_dtype = dtypes
+    # Whether the state holds Γ itself (else a per-filter scale), as read
+    # and as written.
+    self.gamma_in_full, self.gamma_out_full = storage
     self.start = 0  # the first program's id in the first kernel
+    self.programs = self.work = 0
     if kind == 'group':
       self.rows = math.prod(self.shape[:-1])
       self.cols = self.shape[-1]
@@ -87,11 +92,16 @@ class _Leaf:
       self.chunk = self.rows if self.chunks == 1 else chunk_rows
       self.programs = self.tiles * self.chunks
       self.work = self.chunk * self.tile
-    else:
+    elif kind != 'empty':
       self.size = math.prod(self.shape)
       self.block = min(block, _pow2(self.size))
       self.programs = -(-self.size // self.block)
       self.work = self.block
+
+  @property
+  def scale_shape(self) -> tuple[int, ...]:
+    """The per-filter scale's shape (``store_gamma=False``)."""
+    return (1,) * (len(self.shape) - 1) + self.shape[-1:]
 
 
 def _power_of_two(name: str, value: Any) -> int:
@@ -259,7 +269,8 @@ def fused_dessilbi(
       treedef.flatten_up_to(t)
       for t in (grads, trace.trace, params, core.z, core.gamma)
     ]
-    leaves = _layout(columns, penalties, decay, tiles, state_dtype)
+    hyper = (momentum, weight_decay, state_dtype, store_gamma)
+    leaves = _layout(columns, penalties, decay, tiles, hyper)
     new = _pallas_step(leaves, scalars, columns, settings, apply)
     new_w, new_m, new_z, new_gamma = (treedef.unflatten(c) for c in new)
     new_state = (
@@ -356,29 +367,45 @@ def _decay_flags(mask_fn, params, treedef) -> list[bool]:
   return flags
 
 
-def _layout(columns, penalties, decay, tiles, state_dtype):
+def _in_dtype(value: float, dtype) -> float:
+  """``value`` rounded to ``dtype`` (a threshold, as the shrinkage reads
+  it), computed on the host."""
+  return float(np.asarray(value, np.float64).astype(dtype))
+
+
+def _layout(columns, penalties, decay, tiles, hyper):
   """The leaves' static layout, programs numbered longest first."""
+  momentum, weight_decay, state_dtype, store_gamma = hyper
+  # optax.add_decayed_weights skips a literal 0 (no dtype promotion either).
+  no_decay = isinstance(weight_decay, (int, float)) and weight_decay == 0
   leaves = []
   for g, m, w, z, gamma, choice, decayed in zip(
     *columns, penalties, decay, strict=True
   ):
-    # optax.trace keeps state_dtype, or promotes to the direction's dtype.
-    m_out = (
-      m.dtype
-      if state_dtype is not None
-      else jnp.result_type(
-        jnp.result_type(g.dtype, w.dtype) if decayed else g.dtype, m.dtype
-      )
-    )
+    decayed = decayed and not no_decay
+    # The dtypes optax's add_decayed_weights and trace give (a Python float
+    # hyper-parameter is weakly typed and promotes nothing); trace casts the
+    # momentum it keeps to state_dtype, not the direction it passes on.
+    decay_dtype = jnp.result_type(g, weight_decay, w)
+    d_dtype = jnp.result_type(decay_dtype if decayed else g.dtype, momentum, m)
+    m_dtype = m.dtype if state_dtype is not None else d_dtype
+    dtypes = (decay_dtype, d_dtype, m_dtype)
+    lam, storage = None, (True, True)
     if choice is None:
-      kind, lam, full = 'plain', None, True
+      kind = 'plain'
     elif isinstance(choice, Lasso):
-      kind, lam, full = 'lasso', float(choice.lam), True
+      kind = 'lasso'
+      lam = _in_dtype(choice.lam, z.dtype)  # as soft_threshold rounds it
     else:
       kind = 'group'
-      lam = float(group_threshold(choice, w.shape))
-      full = tuple(gamma.shape) == tuple(z.shape)
-    leaves.append(_Leaf(kind, w, g, m_out, lam, decayed, full, tiles))
+      lam = _in_dtype(group_threshold(choice, w.shape), z.dtype)
+      # Read as the state holds it; written as this optimizer keeps it
+      # (Γ itself for groups of one weight).
+      rows = math.prod(w.shape[:-1])
+      storage = (gamma.shape == z.shape, store_gamma or rows == 1)
+    if math.prod(w.shape) == 0:
+      kind = 'empty'
+    leaves.append(_Leaf(kind, w.shape, dtypes, lam, decayed, storage, tiles))
   # The GPU starts programs in id order: long ones started last would run
   # on alone at the end.
   start = 0
@@ -413,9 +440,12 @@ def _pallas_step(leaves, scalars, columns, settings, apply):
       name=name,
     )(*ins)
 
-  # The first kernel: every leaf.
+  # The first kernel: every leaf but those of size 0.
+  active = [k for k, leaf in enumerate(leaves) if leaf.kind != 'empty']
   ins, out_shape, aliases = [scalars], [], {}
-  for leaf, g, m, w, z, gamma in zip(leaves, *columns, strict=True):
+  for k in active:
+    leaf = leaves[k]
+    g, m, w, z, gamma = (c[k] for c in columns)
     as2d = (
       (lambda x, leaf=leaf: x.reshape(leaf.rows, leaf.cols))
       if leaf.kind == 'group'
@@ -435,44 +465,57 @@ def _pallas_step(leaves, scalars, columns, settings, apply):
     if apply:
       aliases[first_in + 2] = first_out + 1
     if leaf.kind != 'plain':
-      arrays += [as2d(z), as2d(gamma) if leaf.gamma_full else gamma.reshape(-1)]
+      read = gamma.reshape(-1) if not leaf.gamma_in_full else as2d(gamma)
+      arrays += [as2d(z), read]
       out_shape.append(jax.ShapeDtypeStruct(shape, z.dtype))
       aliases[first_in + 3] = first_out + 2
       if leaf.kind == 'lasso':
-        out_shape.append(jax.ShapeDtypeStruct(shape, gamma.dtype))
-        aliases[first_in + 4] = first_out + 3
+        out_shape.append(jax.ShapeDtypeStruct(shape, z.dtype))
+        if gamma.dtype == z.dtype:
+          aliases[first_in + 4] = first_out + 3
       else:  # each chunk's share of the squared norms
         out_shape.append(
           jax.ShapeDtypeStruct((leaf.chunks, leaf.cols), jnp.float32)
         )
     ins += arrays
-  programs = sum(leaf.programs for leaf in leaves)
-  outs = list(
-    call(
-      lambda *refs: kernels.first(leaves, *refs),
+  first = [leaves[k] for k in active]
+  outs = []
+  if first:
+    outs = call(
+      lambda *refs: kernels.first(first, *refs),
       ins,
       out_shape,
-      programs,
+      sum(leaf.programs for leaf in first),
       aliases,
       'dessilbi_fused',
     )
-  )
+  per_leaf = {}
+  it = iter(outs)
+  for k in active:
+    per_leaf[k] = [
+      next(it) for _ in range(2 if leaves[k].kind == 'plain' else 4)
+    ]
   # The second kernel: the group-lasso leaves' norms, then Γ or the scale.
   ins, out_shape, aliases, entries, where = [scalars], [], {}, [], []
-  start = at = 0
-  for leaf, gamma in zip(leaves, columns[4], strict=True):
-    if leaf.kind == 'group':
-      programs = leaf.programs if leaf.gamma_full else leaf.tiles
-      entries.append((leaf, start, programs))
-      start += programs
-      old = gamma.reshape(outs[at + 2].shape if leaf.gamma_full else -1)
+  start = 0
+  for k in active:
+    leaf, gamma, new = leaves[k], columns[4][k], per_leaf[k]
+    if leaf.kind != 'group':
+      continue
+    programs = leaf.programs if leaf.gamma_out_full else leaf.tiles
+    entries.append((leaf, start, programs))
+    start += programs
+    shape = (leaf.rows, leaf.cols) if leaf.gamma_out_full else (leaf.cols,)
+    if (
+      leaf.gamma_in_full == leaf.gamma_out_full and gamma.dtype == new[2].dtype
+    ):
       aliases[len(ins) + 2] = len(out_shape)  # the old Γ is not read
-      ins += [outs[at + 2], outs[at + 3], old]
-      out_shape.append(jax.ShapeDtypeStruct(old.shape, old.dtype))
-      where.append(at + 3)
-    at += 2 if leaf.kind == 'plain' else 4
+    alias = len(ins) + 2 in aliases
+    ins += [new[2], new[3], gamma.reshape(shape if alias else (-1,))]
+    out_shape.append(jax.ShapeDtypeStruct(shape, new[2].dtype))
+    where.append(k)
   if entries:
-    new = call(
+    written = call(
       lambda *refs: kernels.second(entries, *refs),
       ins,
       out_shape,
@@ -480,20 +523,31 @@ def _pallas_step(leaves, scalars, columns, settings, apply):
       aliases,
       'dessilbi_fused_norms',
     )
-    for i, value in zip(where, new, strict=True):
-      outs[i] = value
-  # Back to the leaves' shapes.
-  it = iter(outs)
+    for k, value in zip(where, written, strict=True):
+      per_leaf[k][3] = value
+  # Back to the leaves' shapes; a leaf of size 0 has nothing to compute.
   new_w, new_m, new_z, new_gamma = [], [], [], []
-  for leaf, z, gamma in zip(leaves, columns[3], columns[4], strict=True):
-    new_m.append(next(it).reshape(leaf.shape))
-    new_w.append(next(it).reshape(leaf.shape))
+  for k, (leaf, w, z, gamma) in enumerate(
+    zip(leaves, columns[2], columns[3], columns[4], strict=True)
+  ):
+    if leaf.kind == 'empty':
+      new_m.append(jnp.zeros(leaf.shape, leaf.m_dtype))
+      new_w.append(w if apply else jnp.zeros_like(w))
+      coupled = not isinstance(z, optax.MaskedNode)
+      new_z.append(z)
+      shape = leaf.shape if leaf.gamma_out_full else leaf.scale_shape
+      new_gamma.append(jnp.zeros(shape, z.dtype) if coupled else gamma)
+      continue
+    new = per_leaf[k]
+    new_m.append(new[0].reshape(leaf.shape))
+    new_w.append(new[1].reshape(leaf.shape))
     if leaf.kind == 'plain':
       new_z.append(z)
       new_gamma.append(gamma)
       continue
-    new_z.append(next(it).reshape(leaf.shape))
-    new_gamma.append(next(it).reshape(gamma.shape))
+    new_z.append(new[2].reshape(leaf.shape))
+    shape = leaf.shape if leaf.gamma_out_full else leaf.scale_shape
+    new_gamma.append(new[3].reshape(shape))
   return new_w, new_m, new_z, new_gamma
 
 
@@ -514,22 +568,25 @@ class _Kernels:
     self.plt.store(ref.at[at], value.astype(ref.dtype), mask=mask)
 
   @staticmethod
-  def rounded(value, ref):
-    """``value`` as ``ref`` holds it (Γ and the next steps read the z and
-    the momentum that the state keeps)."""
-    return value.astype(ref.dtype).astype(jnp.float32)
+  def rounded(value, dtype):
+    """``value`` as an array of ``dtype`` holds it (the next computations
+    read the momentum and z that optax and the state keep)."""
+    return value.astype(dtype).astype(jnp.float32)
 
   def written(self, w, update, dtype):
     """W's update rounded to W's dtype (as ``optax.apply_updates`` adds
     it), or with ``apply`` the new W."""
-    update = update.astype(dtype).astype(jnp.float32)
+    update = self.rounded(update, dtype)
     return w + update if self.apply else update
 
-  def direction(self, leaf, s, g, m, w, m_ref):
-    """The new momentum ``β·m + g (+ wd·W)``, as the state keeps it."""
+  def direction(self, leaf, s, g, m, w, at, mask, m_ref):
+    """Stores the new momentum ``β·m + g (+ wd·W)`` and returns it as
+    ``optax.trace`` passes it on (before the cast to the state's dtype)."""
     if leaf.decayed:  # optax.add_decayed_weights, in its dtype
-      g = (g + s[_DECAY] * w).astype(leaf.decay_dtype).astype(jnp.float32)
-    return self.rounded(g + s[_MOMENTUM] * m, m_ref)
+      g = self.rounded(g + s[_DECAY] * w, leaf.decay_dtype)
+    d = self.rounded(g + s[_MOMENTUM] * m, leaf.d_dtype)
+    self.store(m_ref, at, d, mask)
+    return d
 
   def first(self, leaves, scalars_ref, *refs):
     pl = self.pl
@@ -554,18 +611,17 @@ class _Kernels:
     mask = off + jnp.arange(block) < leaf.size
     at = pl.ds(off, block)
     g, m, w, *zg = (self.load(r, at, mask) for r in ins)
-    m = self.direction(leaf, s, g, m, w, outs[0])
-    self.store(outs[0], at, m, mask)
+    d = self.direction(leaf, s, g, m, w, at, mask, outs[0])
     if leaf.kind == 'plain':
       self.store(
-        outs[1], at, self.written(w, -s[_STEP] * m, outs[1].dtype), mask
+        outs[1], at, self.written(w, -s[_STEP] * d, outs[1].dtype), mask
       )
       return
     z, gamma = zg
     diff = w - gamma
-    update = -s[_STEP] * (m + diff / s[_NU])
+    update = -s[_STEP] * (d + diff / s[_NU])
     self.store(outs[1], at, self.written(w, update, outs[1].dtype), mask)
-    z = self.rounded(z + s[_Z_STEP] * diff, outs[2])
+    z = self.rounded(z + s[_Z_STEP] * diff, outs[2].dtype)
     self.store(outs[2], at, z, mask)
     shrunk = jnp.sign(z) * jnp.maximum(jnp.abs(z) - leaf.lam, 0)
     self.store(outs[3], at, s[_KAPPA] * shrunk, mask)
@@ -596,17 +652,16 @@ class _Kernels:
     def update(i, sq):
       at, mask = tile(i)
       g, m, w, z = (self.load(r, at, mask) for r in ins[:4])
-      if leaf.gamma_full:
+      if leaf.gamma_in_full:
         gamma = self.load(ins[4], at, mask)
       else:  # the per-filter scale: Γ = z · scale
         scale = self.load(ins[4], pl.ds(c0, leaf.tile), cols[0] < leaf.cols)
         gamma = z * scale[None, :]
-      m = self.direction(leaf, s, g, m, w, outs[0])
-      self.store(outs[0], at, m, mask)
+      d = self.direction(leaf, s, g, m, w, at, mask, outs[0])
       diff = w - gamma
-      update = -s[_STEP] * (m + diff / s[_NU])
+      update = -s[_STEP] * (d + diff / s[_NU])
       self.store(outs[1], at, self.written(w, update, outs[1].dtype), mask)
-      z = self.rounded(z + s[_Z_STEP] * diff, outs[2])
+      z = self.rounded(z + s[_Z_STEP] * diff, outs[2].dtype)
       self.store(outs[2], at, z, mask)
       return sq + z * z
 
@@ -633,7 +688,8 @@ class _Kernels:
     rows (or the per-filter scale)."""
     pl = self.pl
     z_ref, shares_ref = ins[:2]
-    t, c = (b // leaf.chunks, b % leaf.chunks) if leaf.gamma_full else (b, 0)
+    full = leaf.gamma_out_full
+    t, c = (b // leaf.chunks, b % leaf.chunks) if full else (b, 0)
     c0 = t * leaf.tile
     cols = c0 + jnp.arange(leaf.tile)[None, :]
     chunks = _pow2(leaf.chunks)
@@ -644,7 +700,7 @@ class _Kernels:
     norm = jnp.sqrt(jnp.where(nonzero, sq, 1.0))
     factor = jnp.where(nonzero & (norm > leaf.lam), 1 - leaf.lam / norm, 0.0)
     scale = kappa * factor
-    if not leaf.gamma_full:
+    if not full:
       self.store(gamma_ref, pl.ds(c0, leaf.tile), scale, cols[0] < leaf.cols)
       return
     tile, n_iter = self.tiles(leaf, t, c)

@@ -274,3 +274,106 @@ def test_lowers_to_two_triton_kernels(apply):
   # reshapes.
   assert text.count('stablehlo.custom_call') == 2
   assert 'dessilbi_fused_norms' in text and 'triton' in text.lower()
+
+
+def _follows(kwargs, params, steps=2, state=None, rtol=1e-5, atol=1e-6):
+  """The fused step's params and state against dessilbi's, from ``state``
+  (or a fresh one)."""
+  ref = dl.dessilbi(**kwargs)
+  fused = dl.fused_dessilbi(**kwargs, implementation='pallas')
+
+  def ref_step(g, s, p):
+    updates, s = ref.update(g, s, p)
+    return optax.apply_updates(p, updates), s
+
+  runs = []
+  for step in (ref_step, fused.step):
+    s = ref.init(params) if state is None else state
+    p = params
+    for t in range(steps):
+      p, s = jax.jit(step)(_grads(p, t), s, p)
+    runs.append((p, s))
+  _assert_close(runs[1], runs[0], rtol=rtol, atol=atol)
+  return runs
+
+
+@pytest.mark.parametrize('store_gamma', [True, False])
+def test_leaves_of_size_zero(store_gamma):
+  # dessilbi takes them (a layer pruned to nothing); so does the fused step,
+  # which leaves them out of the kernels.
+  params = {
+    'a': jnp.ones((3, 3, 0, 5)),
+    'b': jnp.ones((3, 3, 4, 0)),
+    'c': jnp.ones((0,)),
+    'd': jnp.ones((0, 4)),
+    'e': jnp.ones((3, 3, 2, 4)),
+  }
+  _follows(dict(learning_rate=0.5, nu=2.0, store_gamma=store_gamma), params)
+
+
+def test_narrow_state_dtype_rounds_only_the_stored_momentum():
+  # optax.trace passes on the float32 direction and casts only the momentum
+  # it keeps to bfloat16: W moves with the unrounded direction (rounding it
+  # first was off by 1e-3 here).
+  kwargs = dict(learning_rate=0.5, nu=2.0, state_dtype=jnp.bfloat16)
+  # The bfloat16 state agrees to a bfloat16 rounding (Γ and its norms are
+  # computed in float32 here), the float32 params to float32 roundings.
+  runs = _follows(kwargs, _params(), steps=1, rtol=2**-7, atol=2**-7)
+  _assert_close(runs[1][0], runs[0][0], rtol=0, atol=1e-6)
+  assert runs[1][1][2].trace['conv1']['kernel'].dtype == jnp.bfloat16
+
+
+@pytest.mark.parametrize('name', ['momentum', 'weight_decay'])
+def test_array_hyper_parameters_promote_as_in_optax(name):
+  # A float32 array hyper-parameter (not weakly typed) promotes bfloat16
+  # gradients in optax's add_decayed_weights and trace: the momentum is
+  # float32 in both optimizers.
+  params = jax.tree.map(lambda p: p.astype(jnp.bfloat16), _params())
+  kwargs = dict(learning_rate=0.5, nu=2.0, weight_decay=1e-3)
+  kwargs[name] = jnp.asarray(kwargs.get(name, 0.9), jnp.float32)
+  runs = _follows(kwargs, params, steps=1, rtol=2**-7, atol=2**-7)
+  assert runs[1][1][2].trace['conv1']['kernel'].dtype == jnp.float32
+
+
+@pytest.mark.parametrize('store_gamma', [True, False])
+def test_state_of_the_other_storage_is_read_and_rewritten(store_gamma):
+  # A state built with the other store_gamma: read as it is, written as
+  # this optimizer keeps Γ (as dessilbi does).
+  params = _params()
+  other = dl.dessilbi(0.5, nu=2.0, store_gamma=not store_gamma)
+  _, state = _run_update(other, params, 2)
+  runs = _follows(
+    dict(learning_rate=0.5, nu=2.0, store_gamma=store_gamma), params, 1, state
+  )
+  gamma = runs[1][1][3].gamma['conv2']['kernel']
+  assert gamma.shape == ((3, 3, 20, 40) if store_gamma else (1, 1, 1, 40))
+
+
+def test_thresholds_are_rounded_to_the_state_dtype():
+  # With bfloat16 z, dessilbi thresholds at λ rounded to bfloat16 (0.3 ->
+  # 0.30078125): z equal to that rounded λ is not selected.
+  rule = dl.penalty_rule(conv=dl.GroupLasso(lam=0.3), dense=dl.Lasso(lam=0.3))
+  params = {
+    'fc': jnp.zeros((2, 2), jnp.bfloat16),
+    'conv': jnp.zeros((1, 1, 1, 2), jnp.bfloat16),
+  }
+  grads = jax.tree.map(jnp.zeros_like, params)
+  state = dl.dessilbi(0.1, penalty=rule).init(params)
+  z = jax.tree.map(lambda p: jnp.full(p.shape, 0.30078125, p.dtype), params)
+  state = (*state[:3], state[3]._replace(z=z))
+  fused = dl.fused_dessilbi(0.1, penalty=rule, implementation='pallas')
+  _, new = fused.step(grads, state, params)
+  for leaf in jax.tree.leaves(new[3].gamma):
+    assert not bool(jnp.any(leaf != 0))
+
+
+def test_zero_weight_decay_adds_nothing():
+  # optax.add_decayed_weights skips a literal 0: an inf weight does not
+  # turn its momentum into NaN (0·inf).
+  params = {'w': jnp.array([[1.0, jnp.inf], [1.0, 1.0]])}
+  grads = jax.tree.map(jnp.ones_like, params)
+  fused = dl.fused_dessilbi(
+    0.1, weight_decay=0.0, penalty=lambda p, x: None, implementation='pallas'
+  )
+  _, state = fused.step(grads, fused.init(params), params)
+  assert bool(jnp.all(state[2].trace['w'] == 1.0))
