@@ -377,3 +377,37 @@ def test_zero_weight_decay_adds_nothing():
   )
   _, state = fused.step(grads, fused.init(params), params)
   assert bool(jnp.all(state[2].trace['w'] == 1.0))
+
+
+def test_steps_the_params_of_an_nnx_model():
+  # The README's NNX recipe: split out the nnx.Param state, step it, update
+  # the model; the same as dessilbi on that state.
+  from flax import nnx
+
+  class Net(nnx.Module):
+    def __init__(self, rngs):
+      self.conv = nnx.Conv(1, 6, (3, 3), rngs=rngs)
+      self.fc = nnx.Linear(6, 3, rngs=rngs)
+
+    def __call__(self, x):
+      return self.fc(self.conv(x).mean(axis=(1, 2)))
+
+  model = Net(nnx.Rngs(0))
+  graphdef, params, rest = nnx.split(model, nnx.Param, ...)
+  x = jax.random.normal(jax.random.key(1), (4, 5, 5, 1))
+
+  def loss(params):
+    return jnp.sum(nnx.merge(graphdef, params, rest)(x) ** 2)
+
+  grads = jax.grad(loss)(params)
+  fused = dl.fused_dessilbi(0.1, nu=10.0, implementation='pallas')
+  new, state = jax.jit(fused.step)(grads, fused.init(params), params)
+  ref = dl.dessilbi(0.1, nu=10.0)
+  updates, want_state = ref.update(grads, ref.init(params), params)
+  _assert_close(
+    (new, state), (optax.apply_updates(params, updates), want_state)
+  )
+  before = jnp.array(model.fc.kernel[...])
+  nnx.update(model, new)
+  assert jnp.allclose(model.fc.kernel[...], new['fc']['kernel'][...])
+  assert not jnp.allclose(model.fc.kernel[...], before)
