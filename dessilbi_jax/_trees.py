@@ -100,7 +100,7 @@ def _is_core(path, value) -> bool:
 class Core(NamedTuple):
   """The fields of the (single) DessiLBIState inside an optimizer state."""
 
-  count: jax.Array
+  count: jax.Array  # type: ignore[assignment]  # shadows tuple.count
   z: Any
   gamma: Any
   penalties: Optional[PenaltyTable]
@@ -146,8 +146,8 @@ def rule_of(core: Core, penalty: Optional[PenaltyRule] = None) -> PenaltyRule:
     return default_penalty if penalty is None else penalty
   recorded = core.penalties.by_name
   if len(recorded) < len(core.penalties.entries):
-    names = [n for n, _ in core.penalties.entries]
-    twice = next(n for n in names if names.count(n) > 1)
+    every = [n for n, _ in core.penalties.entries]
+    twice = next(n for n in every if every.count(n) > 1)
     raise ValueError(
       f'opt_state: two coupled leaves have the name {join(twice)!r} here (a '
       "trailing 'value' or 'raw_value' key is dropped from names, as NNX "
@@ -156,8 +156,8 @@ def rule_of(core: Core, penalty: Optional[PenaltyRule] = None) -> PenaltyRule:
   if penalty is None:
     return core.penalties
   gammas = leaves_by_name(core.gamma)
-  for names, choice in penalties_by_name(core.gamma, penalty).items():
-    choice = resolved(choice, gammas[names].ndim)
+  for names, given in penalties_by_name(core.gamma, penalty).items():
+    choice = resolved(given, gammas[names].ndim)
     if recorded.get(names) != choice:
       raise ValueError(
         f'penalty: the rule gives {join(names)!r} {choice!r}, but the '

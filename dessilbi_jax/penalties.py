@@ -18,7 +18,7 @@ import math
 import numbers
 import re
 from collections.abc import Callable, Mapping, Sequence
-from typing import Any, Union
+from typing import Any, Union, cast
 
 import jax
 import jax.numpy as jnp
@@ -97,7 +97,8 @@ class GroupLasso:
   def group_axes(self, ndim: int) -> tuple[int, ...]:
     """The axes indexing the groups, non-negative, for a leaf of rank ndim."""
     out = []
-    for a in self.axes:
+    # A tuple of ints once __post_init__ has run.
+    for a in cast(tuple[int, ...], self.axes):
       if not -ndim <= a < ndim:
         raise ValueError(
           f'GroupLasso axes={self.axes} do not exist for a parameter of '
@@ -297,7 +298,7 @@ def penalty_rule(
     return None
 
   # The override patterns, so that init can say which of them matched nothing.
-  rule.override_patterns = tuple(p for p, _ in compiled)
+  rule.override_patterns = tuple(p for p, _ in compiled)  # type: ignore[attr-defined]
   return rule
 
 

@@ -7,7 +7,7 @@ and neither values nor gradients through them contain NaN or Inf there.
 import functools
 import numbers
 from collections.abc import Sequence
-from typing import Any, Union
+from typing import Any, Union, cast
 
 import jax
 import jax.numpy as jnp
@@ -28,7 +28,7 @@ def _as_axes(reduce_axes: Union[int, Sequence[int]]) -> tuple[int, ...]:
     reduce_axes, bool
   ):
     return (int(reduce_axes),)
-  return tuple(reduce_axes)
+  return tuple(cast(Sequence[int], reduce_axes))
 
 
 def soft_threshold(z: jax.Array, lam: jax.typing.ArrayLike) -> jax.Array:

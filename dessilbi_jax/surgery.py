@@ -351,7 +351,7 @@ def _joint_table(params, batch_stats):
 
 def orthogonal_filters(
   key: jax.Array,
-  existing: jax.Array,
+  existing: jax.typing.ArrayLike,
   count: int,
   norm: float = 1.0,
   layer: str = 'layer',
@@ -393,11 +393,11 @@ def orthogonal_filters(
       f'kernel reshaped to (-1, out)), got shape {np.shape(existing)}.'
     )
   dtype = jnp.asarray(existing).dtype
-  existing = np.asarray(existing, np.float64)
-  d = existing.shape[0]
-  if existing.shape[1]:
-    u, s, _ = np.linalg.svd(existing, full_matrices=True)
-    tol = max(existing.shape) * np.finfo(np.float32).eps * (s.max(initial=0))
+  filters = np.asarray(existing, np.float64)
+  d = filters.shape[0]
+  if filters.shape[1]:
+    u, s, _ = np.linalg.svd(filters, full_matrices=True)
+    tol = max(filters.shape) * np.finfo(np.float32).eps * (s.max(initial=0))
     rank = int(np.sum(s > tol))
     complement = u[:, rank:]
   else:
@@ -405,7 +405,7 @@ def orthogonal_filters(
   room = complement.shape[1]
   if room == 0 and count:
     raise ValueError(
-      f'layer {layer!r}: its {existing.shape[1]} kept filters span the whole '
+      f'layer {layer!r}: its {filters.shape[1]} kept filters span the whole '
       f'{d}-dimensional filter space, so no new filter can be orthogonal to '
       'them; keep fewer filters or skip this layer.'
     )
@@ -479,10 +479,10 @@ def reinit_unselected(
   params = _trees.pure(params)
   opt_state = _trees.pure(opt_state)
   table = _trees.leaves_by_name(params)
-  selected = None
   if penalty is not None:
     _trees.check_rule(penalty)
     _trees.grouped_penalties(_trees.core_state(opt_state), penalty)
+  selected: dict[_trees.Names, jax.Array] = {}
   if keep is None:
     # Per weight: a filter is kept if any of its weights is in Γ's support,
     # however the kernel is grouped (per filter, per input, per weight).
@@ -531,7 +531,7 @@ def _channel_mask(mask: np.ndarray, kernel_shape, layer: str) -> np.ndarray:
   if mask.shape == (width,):
     return mask
   if mask.shape == tuple(kernel_shape):
-    return mask.reshape(-1, width).any(axis=0)
+    return np.asarray(mask.reshape(-1, width).any(axis=0))
   raise ValueError(
     f'keep: the mask of layer {layer!r} has shape {mask.shape}; expected '
     f'({width},) (one per output channel) or the kernel shape '
@@ -965,7 +965,7 @@ def _state_pairs(held, given, is_var, path=()) -> list[tuple[Any, Any]]:
     arrays = _checks._is_array(current), _checks._is_array(given)
     if not all(arrays):
       if not any(arrays) and (
-        jax.tree.structure(current) == jax.tree.structure(given)
+        jax.tree.structure(current) == jax.tree.structure(given)  # type: ignore[operator]
       ):
         return [(held, given)]
       raise ValueError(

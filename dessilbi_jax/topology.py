@@ -163,18 +163,18 @@ def default_norm(
     return None
   width = kernel.shape[-1]
   layers = _shapes_by_layer(table)
-  claimed = {_trees.split_name(name) for name in claimed}
+  taken = {_trees.split_name(name) for name in claimed}
   found = _norm_of(layers, parts, width)
-  if found in claimed:
+  if found in taken:
     found = None
-  settled = {_trees.split_name(name) for name in settled}
+  elsewhere = {_trees.split_name(name) for name in settled}
   if found is not None:
     rivals = [
       _trees.join(n[:-1])
       for n, v in table.items()
       if n[-1] == 'kernel'
       and n[:-1] != parts
-      and n[:-1] not in settled
+      and n[:-1] not in elsewhere
       and v.ndim >= 2
       and _norm_of(layers, n[:-1], v.shape[-1]) == found
     ]
@@ -191,7 +191,7 @@ def default_norm(
   if beside is None:
     return None
   # Norms that naming gives other layers are theirs.
-  claimed |= {
+  taken |= {
     _norm_of(layers, n[:-1], v.shape[-1])
     for n, v in table.items()
     if n[-1] == 'kernel' and n[:-1] != parts and v.ndim >= 1
@@ -200,7 +200,7 @@ def default_norm(
     _trees.join(n)
     for n, shapes in layers.items()
     if beside(n)
-    and n not in claimed
+    and n not in taken
     and (*n, 'kernel') not in table
     and all(shape == (width,) for shape in shapes)
   )

@@ -2,7 +2,7 @@
 
 import itertools
 import warnings
-from typing import Any, NamedTuple, Optional
+from typing import Any, NamedTuple, Optional, cast
 
 import jax
 import jax.numpy as jnp
@@ -37,7 +37,7 @@ class DessiLBIState(NamedTuple):
       penalties were dropped (``optax.tree.set(state, penalties=None)``).
   """
 
-  count: jax.Array
+  count: jax.Array  # type: ignore[assignment]  # shadows tuple.count, as Optax's states do
   z: optax.Updates
   gamma: optax.Updates
   penalties: Optional[PenaltyTable] = None
@@ -84,14 +84,16 @@ def _caller_stacklevel() -> int:
   """
   import os
   import sys
+  import types
 
   import flax
 
   inside = tuple(
-    os.path.dirname(module.__file__) + os.sep
+    os.path.dirname(str(module.__file__)) + os.sep
     for module in (sys.modules[__package__], optax, jax, flax)
   )
-  frame, level = sys._getframe(2), 2  # the warning caller's caller
+  frame: Optional[types.FrameType] = sys._getframe(2)  # the caller's caller
+  level = 2
   while frame is not None and frame.f_code.co_filename.startswith(inside):
     frame, level = frame.f_back, level + 1
   return level
@@ -150,7 +152,9 @@ def _resolve(
   rule = default_penalty if penalty is None else penalty
   leaves, treedef = jax.tree_util.tree_flatten_with_path(params)
   variables = _variable_paths(params)
-  out, entries, ranks = [], [], []
+  out: list[Optional[Penalty]] = []
+  entries: list[tuple[tuple[str, ...], Penalty]] = []
+  ranks: list[int] = []
   for path, leaf in leaves:
     path = _normalise_path(tuple(path), variables)
     if not hasattr(leaf, 'dtype'):
@@ -184,7 +188,9 @@ def _resolve(
         ) from None
     out.append(choice)
     if choice is not None:
-      entries.append((names_of(path), resolved(choice, leaf.ndim)))
+      entries.append(
+        (names_of(path), cast(Penalty, resolved(choice, leaf.ndim)))
+      )
       ranks.append(leaf.ndim)
   return out, treedef, PenaltyTable(tuple(entries), tuple(ranks))
 
