@@ -90,7 +90,8 @@ def multitensor_args(name: str) -> dict:
 
 def make_optimizer(name: str, interpret=None):
   """The optimizer a command-line name stands for: an Optax transformation,
-  or a :class:`multitensor.FusedStep` for ``dessilbi_mt_apply``.
+  or a :class:`dessilbi_jax.FusedDessilbi` (run through its ``step``) for
+  ``dessilbi_mt_apply``.
 
   ``interpret`` goes to the multi-tensor step (False compiles its Triton
   kernels even where the default backend is not a GPU)."""
@@ -104,7 +105,7 @@ def make_optimizer(name: str, interpret=None):
 def apply_step(tx, grads, opt_state, params):
   """One optimizer step: ``tx.update`` then ``optax.apply_updates``, or the
   step of an optimizer that applies its own updates."""
-  if isinstance(tx, multitensor.FusedStep):
+  if isinstance(tx, dl.FusedDessilbi):
     return tx.step(grads, opt_state, params)
   updates, opt_state = tx.update(grads, opt_state, params)
   return optax.apply_updates(params, updates), opt_state

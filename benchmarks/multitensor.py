@@ -3,7 +3,8 @@ benchmarks use, and its agreement check against ``dessilbi``.
 
 ``dessilbi_multitensor(..., apply=False)`` is the kernels writing updates (an
 Optax transformation, followed by ``optax.apply_updates``);
-``apply=True`` is a :class:`FusedStep` whose ``step`` writes the new params.
+``apply=True`` is the :class:`dessilbi_jax.FusedDessilbi` itself, whose
+``step`` writes the new params.
 Both run the Pallas kernels on every backend (Triton on a GPU, interpret mode
 elsewhere), so that the CPU checks exercise them.
 
@@ -15,8 +16,7 @@ before timing them.
 import argparse
 import json
 import sys
-from collections.abc import Callable
-from typing import Any, NamedTuple
+from typing import Any
 
 import jax
 import jax.numpy as jnp
@@ -25,23 +25,16 @@ import optax
 import dessilbi_jax as dl
 
 
-class FusedStep(NamedTuple):
-  """An optimizer that applies its own updates: ``init(params) -> state`` and
-  ``step(grads, state, params) -> (new_params, new_state)``."""
-
-  init: Callable[[Any], Any]
-  step: Callable[[Any, Any, Any], tuple[Any, Any]]
-
-
 def dessilbi_multitensor(
   learning_rate: optax.ScalarOrSchedule, apply: bool = False, **kwargs
 ):
   """``dl.fused_dessilbi(learning_rate, **kwargs)`` on its Pallas kernels:
-  an Optax transformation, or with ``apply`` a :class:`FusedStep`
-  (``interpret=False`` compiles them with Triton on any machine)."""
+  an Optax transformation, or with ``apply`` the ``FusedDessilbi``, run
+  through its ``step`` (``interpret=False`` compiles them with Triton on any
+  machine)."""
   fused = dl.fused_dessilbi(learning_rate, implementation='pallas', **kwargs)
   if apply:
-    return FusedStep(fused.init, fused.step)
+    return fused
   return optax.GradientTransformation(fused.init, fused.update)
 
 

@@ -28,11 +28,13 @@ import tempfile
 
 import jax
 
+import dessilbi_jax as dl
+
 try:
-  from benchmarks import harness, multitensor
+  from benchmarks import harness
 except ImportError:  # run as a script from the repository root
   sys.path.insert(0, __file__.rsplit('/', 2)[0])
-  from benchmarks import harness, multitensor
+  from benchmarks import harness
 
 
 def capture_triton_ir(model: str, optimizer: str) -> list[tuple[str, tuple]]:
@@ -52,7 +54,7 @@ def capture_triton_ir(model: str, optimizer: str) -> list[tuple[str, tuple]]:
   _, params, _, _, _ = harness.build(model, 2)
   tx = harness.make_optimizer(optimizer, interpret=False)
   state = tx.init(params)
-  fn = tx.step if isinstance(tx, multitensor.FusedStep) else tx.update
+  fn = tx.step if isinstance(tx, dl.FusedDessilbi) else tx.update
   gpu = jax.sharding.AbstractDevice(
     device_kind='NVIDIA H100 80GB HBM3', num_cores=None, platform='gpu'
   )
