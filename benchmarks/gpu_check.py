@@ -67,12 +67,15 @@ RUNS = [
     'step --model resnet18 --steps 50 --repeats 9 --hlo-dir {hlo}'
     ' --optimizers sgd dessilbi dessilbi_z dessilbi_mt_apply',
   ),
-  # Tilings of the fused step around the default (64x16x4x256).
+  # Tilings of the fused step around the default (64x16x4x256, flat block
+  # 2048: 82 registers, 5 programs per SM; a flat block of 1024 needs 72,
+  # 7 programs; triton_compile.py).
   (
     harness.main,
     'update --model resnet18 --repeats 9 --optimizers sgd dessilbi_mt_apply'
-    ' dessilbi_mt_apply:32x32x4x256 dessilbi_mt_apply:64x32x4x512'
-    ' dessilbi_mt_apply:128x8x4x256 dessilbi_mt_apply:64x16x8x256',
+    ' dessilbi_mt_apply:64x16x4x256x1024 dessilbi_mt_apply:32x32x4x256'
+    ' dessilbi_mt_apply:64x32x4x512 dessilbi_mt_apply:128x8x4x256'
+    ' dessilbi_mt_apply:64x16x8x256',
   ),
   (probes.main, 'probes --k 20 --repeats 15'),
   (

@@ -4,9 +4,11 @@ Lowers ``dl.fused_dessilbi`` (through ``dessilbi_multitensor``) for CUDA on
 the current machine, captures the Triton IR Pallas makes for each of its two
 kernels, compiles it with the ``triton`` package for an NVIDIA architecture
 (sm_90 = H100 by default) and prints what the GPU would run: the grid, the
-kernel's parameter bytes (CUDA's classic limit is 4 KB), and its registers,
-spills and shared memory from ``cuobjdump``. A quick check of a
-kernel change before a GPU is available; it does not time anything.
+kernel's parameter bytes (CUDA's classic limit is 4 KB), its registers,
+spills and shared memory from ``cuobjdump``, and how many of its programs
+those registers let an SM hold at once (``--dump DIR`` writes the PTX and
+SASS). A quick check of a kernel change before a GPU is available; it does
+not time anything.
 
 Needs ``pip install triton`` (its wheel ships ``ptxas`` and ``cuobjdump``).
 It reaches into one JAX internal, the Pallas Triton lowering entry point
@@ -79,6 +81,11 @@ def main(argv=None):
   parser.add_argument('--optimizer', default='dessilbi_mt')
   parser.add_argument('--arch', type=int, default=90, help='e.g. 90 = H100')
   parser.add_argument('--num-stages', type=int, default=3)
+  parser.add_argument(
+    '--dump',
+    metavar='DIR',
+    help="write each kernel's PTX and SASS (cuobjdump -sass) to DIR",
+  )
   args = parser.parse_args(argv)
   # Optional, so imported here; XLA's own Triton fuses multiply-adds too.
   os.environ.setdefault('TRITON_DEFAULT_FP_FUSION', '1')
@@ -109,15 +116,22 @@ def _compile_and_report(ir, grid, args, warps, triton, GPUTarget):
       f.write(kernel.asm['cubin'])
     tools = os.path.join(os.path.dirname(triton.__file__), 'backends')
     cuobjdump = glob.glob(f'{tools}/nvidia/bin/cuobjdump')
-    usage = ''
-    if cuobjdump:
-      usage = subprocess.run(
-        [cuobjdump[0], '--dump-resource-usage', cubin],
-        capture_output=True,
-        text=True,
-        check=True,
+
+    def objdump(flag):
+      return subprocess.run(
+        [cuobjdump[0], flag, cubin], capture_output=True, text=True, check=True
       ).stdout
-  entry = re.search(r'\.entry\s+(\w+)\((.*?)\)', kernel.asm['ptx'], re.S)
+
+    usage = objdump('--dump-resource-usage') if cuobjdump else ''
+    entry = re.search(r'\.entry\s+(\w+)\((.*?)\)', kernel.asm['ptx'], re.S)
+    if args.dump:
+      os.makedirs(args.dump, exist_ok=True)
+      stem = os.path.join(args.dump, entry.group(1))
+      with open(f'{stem}.ptx', 'w', encoding='utf-8') as f:
+        f.write(kernel.asm['ptx'])
+      if cuobjdump:
+        with open(f'{stem}.sass', 'w', encoding='utf-8') as f:
+          f.write(objdump('-sass'))
   param_bytes = sum(
     int(bits) // 8
     for bits in re.findall(r'\.param\s+\.[a-z](\d+)', entry.group(2))
@@ -127,8 +141,25 @@ def _compile_and_report(ir, grid, args, warps, triton, GPUTarget):
     f' {tuple(grid)}, sm_{args.arch}'
   )
   print(f'kernel parameters: {param_bytes} bytes')
-  resources = re.search(r'REG:\d+.*', usage)
-  print(resources.group(0) if resources else 'cuobjdump not found')
+  resources = re.search(r'REG:(\d+).*', usage)
+  if not resources:
+    print('cuobjdump not found')
+    return
+  print(resources.group(0))
+  blocks = blocks_per_sm(int(resources.group(1)), warps)
+  print(
+    f'resident programs per SM, as registers allow: {blocks}'
+    f' ({blocks * warps} warps; 64K registers per SM, as on sm_80 and sm_90)'
+  )
+
+
+def blocks_per_sm(registers: int, warps: int) -> int:
+  """How many programs of ``warps`` warps at ``registers`` registers per
+  thread fit an SM's 65,536 registers (allocated per warp in units of 256;
+  at most 64 warps and 32 programs per SM, as on sm_80 and sm_90)."""
+  per_warp = -(-registers * 32 // 256) * 256
+  by_registers = 65536 // per_warp // warps
+  return min(by_registers, 64 // warps, 32)
 
 
 if __name__ == '__main__':

@@ -16,6 +16,12 @@ computes the same step for all leaves in two ``pallas_call``\\ s (Triton):
 
 Its state is the state of ``dessilbi`` with the same arguments, value for
 value, so the whole toolbox reads it and a run may switch between the two.
+The values agree to float32 rounding, not always to the last bit: compiled
+by Triton, the kernels divide with ``div.full.f32`` (within 2 ulp) and take
+square roots with ``sqrt.approx.ftz.f32``, where XLA's GPU code rounds both
+correctly. A filter whose squared norm is below float32's smallest normal
+number (about 1e-38) then has norm 0, so it stays out of Γ's support even
+at λ = 0.
 """
 
 import math

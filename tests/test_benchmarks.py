@@ -12,7 +12,7 @@ import dessilbi_jax as dl
 
 sys.path.insert(0, str(pathlib.Path(__file__).parents[1]))
 
-from benchmarks import gpu_check, harness, multitensor, probes
+from benchmarks import gpu_check, harness, multitensor, probes, triton_compile
 from tests._small_model import small_params
 
 
@@ -120,8 +120,26 @@ def test_multitensor_names_set_tiles_and_chunks():
     'chunk_rows': 256,
   }
   assert 'chunk_rows' not in harness.multitensor_args('dessilbi_mt:8x16x4')
-  with pytest.raises(ValueError, match=r'COLSxROWSxWARPS\[xCHUNK\]'):
-    harness.multitensor_args('dessilbi_mt:8x16x4x2x2')
+  five = harness.multitensor_args('dessilbi_mt:8x16x4x32x1024')
+  assert (five['chunk_rows'], five['block']) == (32, 1024)
+  assert 'block' not in harness.multitensor_args('dessilbi_mt:8x16x4x32')
+  with pytest.raises(ValueError, match=r'COLSxROWSxWARPS\[xCHUNK\[xBLOCK\]\]'):
+    harness.multitensor_args('dessilbi_mt:8x16x4x2x2x2')
+  with pytest.raises(ValueError, match='COLSxROWSxWARPS'):
+    harness.multitensor_args('dessilbi_mt:8x16')
+
+
+def test_resident_programs_follow_register_allocation():
+  # Registers are allocated per warp in units of 256 (8 per thread): 82
+  # costs as much as 88, one program fewer than 80 at 4 warps.
+  assert triton_compile.blocks_per_sm(80, 4) == 6
+  assert triton_compile.blocks_per_sm(82, 4) == 5
+  assert triton_compile.blocks_per_sm(88, 4) == 5
+  assert triton_compile.blocks_per_sm(72, 4) == 7
+  assert triton_compile.blocks_per_sm(62, 8) == 4
+  # Few registers: the SM's 64 warps, then its 32 programs, are the limit.
+  assert triton_compile.blocks_per_sm(32, 4) == 16
+  assert triton_compile.blocks_per_sm(16, 1) == 32
 
 
 def test_agreement_check_reports_matches_and_mismatches():
