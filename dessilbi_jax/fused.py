@@ -110,7 +110,18 @@ class _Leaf:
     return (1,) * (len(self.shape) - 1) + self.shape[-1:]
 
 
+# The kernels' static settings (Python ints: they shape the kernels).
+TILING = ('block', 'tile_cols', 'tile_rows', 'chunk_rows', 'num_warps')
+
+
 def _power_of_two(name: str, value: Any) -> int:
+  if isinstance(value, (jax.Array, np.ndarray)):
+    # What optax.inject_hyperparams makes of a numeric argument.
+    raise TypeError(
+      f"{name} sets the kernels' shape and must be a Python int, got an"
+      f' array {value!r}; under optax.inject_hyperparams, name the tiling in'
+      f' static_args: static_args={TILING!r}.'
+    )
   if (
     isinstance(value, bool)
     or not isinstance(value, int)
@@ -172,7 +183,9 @@ def fused_dessilbi(
     tile_rows: rows per loop iteration of those programs (a power of 2).
     chunk_rows: rows per program of a group-lasso leaf (a power of 2, at
       least ``tile_rows``).
-    num_warps: Triton warps per program (a power of 2).
+    num_warps: Triton warps per program (a power of 2). The tiling is
+      static (Python ints); under ``optax.inject_hyperparams``, name it in
+      ``static_args=TILING``.
 
   Returns:
     A :class:`FusedDessilbi`: ``init``, ``update`` and ``step``.
@@ -180,7 +193,8 @@ def fused_dessilbi(
   Raises:
     ValueError: an unknown implementation, a tiling that is not a power of
       2, or no momentum; and what ``dessilbi`` raises.
-    TypeError: ``interpret`` is not None or a bool.
+    TypeError: ``interpret`` is not None or a bool, or the tiling is an
+      array.
 
   Example:
     >>> import jax, jax.numpy as jnp
@@ -200,12 +214,8 @@ def fused_dessilbi(
       f'implementation must be None, {IMPLEMENTATIONS[0]!r} or '
       f'{IMPLEMENTATIONS[1]!r}; got {implementation!r}.'
     )
-  for name, value in (
-    ('block', block),
-    ('tile_cols', tile_cols),
-    ('tile_rows', tile_rows),
-    ('chunk_rows', chunk_rows),
-    ('num_warps', num_warps),
+  for name, value in zip(
+    TILING, (block, tile_cols, tile_rows, chunk_rows, num_warps), strict=True
   ):
     _power_of_two(name, value)
   if chunk_rows < tile_rows:

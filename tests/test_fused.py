@@ -219,6 +219,32 @@ def test_bad_settings_raise_at_construction():
     dl.fused_dessilbi(0.1, nu=-1.0)
 
 
+def test_under_inject_hyperparams():
+  params = _params()
+  grads = jax.tree.map(jnp.ones_like, params)
+  untold = optax.inject_hyperparams(dl.fused_dessilbi)(learning_rate=0.1)
+  with pytest.raises(TypeError, match=r'block .* Python int.*static_args='):
+    untold.init(params)
+  # The kernels read their scalars at every step: an injected value changed
+  # between steps is the one the next step uses, as in dessilbi.
+  runs = []
+  for factory, static in (
+    (dl.dessilbi, ()),
+    (dl.fused_dessilbi, dl.fused.TILING),
+  ):
+    kwargs = {'implementation': 'pallas'} if static else {}
+    opt = optax.inject_hyperparams(factory, static_args=static)(
+      learning_rate=0.3, nu=2.0, **kwargs
+    )
+    state, p = opt.init(params), params
+    for nu in (2.0, 0.5):
+      state.hyperparams['nu'] = jnp.asarray(nu)
+      updates, state = jax.jit(opt.update)(grads, state, p)
+      p = optax.apply_updates(p, updates)
+    runs.append((p, state.inner_state))
+  _assert_close(runs[1], runs[0])
+
+
 def test_unsupported_inputs_raise_early():
   params = _params()
   # Groups along the input channels: refused at init, before any step.
