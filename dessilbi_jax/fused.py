@@ -489,9 +489,11 @@ def _pallas_step(leaves, scalars, columns, settings, apply):
         out_shape.append(jax.ShapeDtypeStruct(shape, z.dtype))
         if gamma.dtype == z.dtype:
           aliases[first_in + 4] = first_out + 3
-      else:  # each chunk's share of the squared norms
+      else:  # each chunk's share of the squared norms, in rows padded to
+        # the power of 2 the second kernel reads at once (never written there,
+        # masked off when read; JAX refuses a static slice past the end)
         out_shape.append(
-          jax.ShapeDtypeStruct((leaf.chunks, leaf.cols), jnp.float32)
+          jax.ShapeDtypeStruct((_pow2(leaf.chunks), leaf.cols), jnp.float32)
         )
     ins += arrays
   first = [leaves[k] for k in active]
