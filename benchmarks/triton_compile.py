@@ -13,7 +13,7 @@ not time anything.
 Needs ``pip install triton`` (its wheel ships ``ptxas`` and ``cuobjdump``).
 It reaches into one JAX internal, the Pallas Triton lowering entry point
 (``jax._src.pallas.triton.lowering.lower_jaxpr_to_triton_module``), to
-capture the IR; checked with JAX 0.10.2 and triton 3.9.
+capture the IR; checked with JAX 0.10.2 and 0.11.2 and triton 3.9.
 
 Usage::
 
@@ -29,6 +29,7 @@ import sys
 import tempfile
 
 import jax
+import jax.numpy as jnp
 
 import dessilbi_jax as dl
 
@@ -41,7 +42,9 @@ except ImportError:  # run as a script from the repository root
 
 def capture_triton_ir(model: str, optimizer: str) -> list[tuple[str, tuple]]:
   """The Triton IR (text) and grid of each of the optimizer's kernels for a
-  model (two with ``chunk_rows``, else one)."""
+  model's params (two with ``chunk_rows``, else one). ``model`` is a name in
+  ``harness.MODELS``, or ``conv:3x3x512x512``: one conv kernel of that
+  shape (the default rule groups it by filter)."""
   # A JAX internal: the entry point of the Pallas Triton lowering.
   from jax._src.pallas.triton import lowering
 
@@ -53,7 +56,11 @@ def capture_triton_ir(model: str, optimizer: str) -> list[tuple[str, tuple]]:
     captured.append((module.module.operation.get_asm(), module.grid))
     return module
 
-  _, params, _, _, _ = harness.build(model, 2)
+  if model.startswith('conv:'):
+    shape = tuple(int(n) for n in model.removeprefix('conv:').split('x'))
+    params = {'conv': {'kernel': jnp.zeros(shape)}}
+  else:
+    _, params, _, _, _ = harness.build(model, 2)
   tx = harness.make_optimizer(optimizer, interpret=False)
   state = tx.init(params)
   fn = tx.step if isinstance(tx, dl.FusedDessilbi) else tx.update
@@ -77,7 +84,11 @@ def capture_triton_ir(model: str, optimizer: str) -> list[tuple[str, tuple]]:
 
 def main(argv=None):
   parser = argparse.ArgumentParser(description=__doc__.split('\n\n')[0])
-  parser.add_argument('--model', default='resnet18')
+  parser.add_argument(
+    '--model',
+    default='resnet18',
+    help="a model's name, or conv:HxWxINxOUT for one conv kernel",
+  )
   parser.add_argument('--optimizer', default='dessilbi_mt')
   parser.add_argument('--arch', type=int, default=90, help='e.g. 90 = H100')
   parser.add_argument('--num-stages', type=int, default=3)
