@@ -173,7 +173,10 @@ def fused_dessilbi(
     implementation: ``'pallas'`` for the kernels (Triton on a GPU; Pallas
       interpret mode elsewhere, slow, for tests), ``'xla'`` for ``dessilbi``
       followed by ``optax.apply_updates``, or None for ``'pallas'`` where the
-      default backend is a GPU and ``'xla'`` elsewhere.
+      default backend is a GPU and ``'xla'`` elsewhere. The kernels take
+      whole arrays: with sharding in types (a mesh with explicit axes, or
+      arrays sharded along one), None steps with XLA and ``'pallas'``
+      refuses. Under automatic axes XLA gathers sharded arrays for them.
     interpret: with the kernels, run them in Pallas interpret mode (True),
       compile them with Triton (False: also to lower for a GPU from a
       machine without one), or None for "unless the default backend is a
@@ -247,10 +250,19 @@ def fused_dessilbi(
     _check_dtypes(params, state)
     return state
 
-  def use_pallas() -> bool:
-    if implementation is not None:
-      return implementation == 'pallas'
-    return jax.default_backend() == 'gpu'
+  def use_pallas(grads, state, params) -> bool:
+    if implementation == 'xla':
+      return False
+    explicit = _explicit(grads, state, params)
+    if implementation == 'pallas' and explicit is not None:
+      raise ValueError(
+        "implementation='pallas': the kernels take whole arrays and do not"
+        f' run with sharding in types, but {explicit}. Use'
+        " implementation=None, which steps with XLA there, or 'xla'."
+      )
+    if implementation == 'pallas':
+      return True
+    return jax.default_backend() == 'gpu' and explicit is None
 
   def run(grads, state, params, apply):
     if params is None:
@@ -299,17 +311,44 @@ def fused_dessilbi(
     return new_w, new_state
 
   def update_fn(updates, state, params=None):
-    if not use_pallas():
+    if not use_pallas(updates, state, params):
       return reference.update(updates, state, params)
     return run(updates, state, params, apply=False)
 
   def step_fn(grads, state, params):
-    if not use_pallas():
+    if not use_pallas(grads, state, params):
       updates, state = reference.update(grads, state, params)
       return optax.apply_updates(params, updates), state
     return run(grads, state, params, apply=True)
 
   return FusedDessilbi(init_fn, update_fn, step_fn)
+
+
+def _explicit(grads, state, params) -> Optional[str]:
+  """What puts this step under sharding in types, or None: the current
+  mesh's explicit axes, or the first array whose type is sharded along one."""
+  get_mesh = getattr(jax.sharding, 'get_abstract_mesh', None)
+  axis_type = getattr(jax.sharding, 'AxisType', None)
+  if get_mesh is None or axis_type is None:  # no sharding in types here
+    return None
+  mesh = get_mesh()
+  explicit = [
+    name
+    for name, kind in zip(
+      getattr(mesh, 'axis_names', ()),
+      getattr(mesh, 'axis_types', ()),
+      strict=True,
+    )
+    if kind == axis_type.Explicit
+  ]
+  if explicit:
+    return f'the mesh has explicit axes {tuple(explicit)}'
+  for label, tree in (('params', params), ('grads', grads), ('state', state)):
+    for path, x in jax.tree_util.tree_flatten_with_path(tree)[0]:
+      spec = getattr(getattr(jax.typeof(x), 'sharding', None), 'spec', None)
+      if spec is not None and any(axis is not None for axis in spec):
+        return f'{label} {path_str(path)!r} is sharded as {spec}'
+  return None
 
 
 class _Settings(NamedTuple):

@@ -8,6 +8,7 @@ sharding and type checks) for the test to assert on.
 
 import json
 import sys
+from unittest import mock
 
 import jax
 import jax.numpy as jnp
@@ -186,10 +187,70 @@ def types_stable():
   return out
 
 
+def conv_sharded(tree, mesh, spec):
+  """``tree`` on ``mesh``: the conv kernels as ``spec``, the rest replicated."""
+  return jax.tree.map(
+    lambda a: put(a, mesh, spec if a.ndim == 4 else P()), tree
+  )
+
+
+def fused():
+  """fused_dessilbi's kernels (Pallas interpret mode) on sharded params,
+  against its XLA step on one device (3 steps with fixed gradients)."""
+  params, x, y = problem()
+  grads = jax.grad(loss)(params, x, y)
+  kwargs = dict(learning_rate=0.05, nu=0.05, weight_decay=1e-3)
+
+  def steps(implementation, p, g):
+    tx = dl.fused_dessilbi(**kwargs, implementation=implementation)
+    state, step = tx.init(p), jax.jit(tx.step)
+    for _ in range(3):
+      p, state = step(g, state, p)
+    return p, state
+
+  want = steps('xla', params, grads)
+  filters = P(None, None, None, 'model')
+  out = {}
+  for name, kind, spec, implementation, backend in (
+    # XLA partitions around the kernels under automatic axes.
+    ('pallas/filters/Auto', AxisType.Auto, filters, 'pallas', None),
+    # On a GPU, None steps with XLA under sharding in types (were it to
+    # choose the kernels here, their Triton compile would fail).
+    ('none/filters/Explicit/gpu', AxisType.Explicit, filters, None, 'gpu'),
+    ('none/replicated/Explicit/gpu', AxisType.Explicit, P(), None, 'gpu'),
+  ):
+    mesh = jax.make_mesh((8,), ('model',), axis_types=(kind,))
+    with jax.set_mesh(mesh):
+      shard = conv_sharded((params, grads), mesh, spec)
+      if backend is None:
+        got = steps(implementation, *shard)
+      else:
+        with mock.patch.object(jax, 'default_backend', return_value=backend):
+          got = steps(implementation, *shard)
+    out[name] = max_diff(got, want)
+  # 'pallas' with sharding in types: under the mesh, and outside it with
+  # arrays that carry it.
+  mesh = jax.make_mesh((8,), ('model',), axis_types=(AxisType.Explicit,))
+  with jax.set_mesh(mesh):
+    shard = conv_sharded((params, grads), mesh, filters)
+  for where in ('mesh', 'arrays'):
+    try:
+      if where == 'mesh':
+        with jax.set_mesh(mesh):
+          steps('pallas', *shard)
+      else:
+        steps('pallas', *shard)
+      out[f'refused/{where}'] = 'not refused'
+    except ValueError as e:
+      out[f'refused/{where}'] = str(e)
+  return out
+
+
 def main():
   assert jax.device_count() == 8, jax.devices()
   out = trajectories()
   out['types_stable'] = types_stable()
+  out['fused'] = fused()
   json.dump(out, sys.stdout)
 
 

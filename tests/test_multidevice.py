@@ -83,3 +83,19 @@ def test_state_types_are_stable_under_sharding_in_types(measured):
 
 def test_compact_gamma_state_types_are_stable(measured):
   assert measured['types_stable']['core_compact_gamma/float32']
+
+
+def test_fused_step_on_sharded_params(measured):
+  fused = measured['fused']
+  for name in (
+    'pallas/filters/Auto',
+    'none/filters/Explicit/gpu',
+    'none/replicated/Explicit/gpu',
+  ):
+    assert fused[name] <= 1e-5, (name, fused[name])
+  # The kernels take whole arrays: with sharding in types, 'pallas' is
+  # refused, saying why and what to do instead.
+  assert "the mesh has explicit axes ('model',)" in fused['refused/mesh']
+  assert "params 'conv/kernel' is sharded as" in fused['refused/arrays']
+  for message in (fused['refused/mesh'], fused['refused/arrays']):
+    assert 'implementation=None' in message
