@@ -157,20 +157,26 @@ def _compile_and_report(ir, grid, args, warps, triton, GPUTarget):
     print('cuobjdump not found')
     return
   print(resources.group(0))
-  blocks = blocks_per_sm(int(resources.group(1)), warps)
-  print(
-    f'resident programs per SM, as registers allow: {blocks}'
-    f' ({blocks * warps} warps; 64K registers per SM, as on sm_80 and sm_90)'
-  )
+  if args.arch in SM_LIMITS:
+    blocks = blocks_per_sm(int(resources.group(1)), warps, args.arch)
+    print(
+      f'resident programs per SM, as registers allow: {blocks}'
+      f' ({blocks * warps} warps)'
+    )
 
 
-def blocks_per_sm(registers: int, warps: int) -> int:
+# Per SM: at most (warps, programs), by compute capability; each has 65,536
+# registers, allocated per warp in units of 256 (CUDA's occupancy tables).
+SM_LIMITS = {80: (64, 32), 86: (48, 16), 89: (48, 24), 90: (64, 32)}
+
+
+def blocks_per_sm(registers: int, warps: int, arch: int = 90) -> int:
   """How many programs of ``warps`` warps at ``registers`` registers per
-  thread fit an SM's 65,536 registers (allocated per warp in units of 256;
-  at most 64 warps and 32 programs per SM, as on sm_80 and sm_90)."""
+  thread an SM of compute capability ``arch`` holds at once."""
+  max_warps, max_programs = SM_LIMITS[arch]
   per_warp = -(-registers * 32 // 256) * 256
   by_registers = 65536 // per_warp // warps
-  return min(by_registers, 64 // warps, 32)
+  return min(by_registers, max_warps // warps, max_programs)
 
 
 if __name__ == '__main__':

@@ -115,11 +115,13 @@ TILING = ('block', 'tile_cols', 'tile_rows', 'chunk_rows', 'num_warps')
 
 
 def _power_of_two(name: str, value: Any) -> int:
-  if isinstance(value, (jax.Array, np.ndarray)):
+  if isinstance(value, np.integer):
+    value = int(value)
+  if isinstance(value, (jax.Array, np.ndarray, np.generic)):
     # What optax.inject_hyperparams makes of a numeric argument.
     raise TypeError(
-      f"{name} sets the kernels' shape and must be a Python int, got an"
-      f' array {value!r}; under optax.inject_hyperparams, name the tiling in'
+      f"{name} sets the kernels' shape and must be a Python int, got"
+      f' {value!r}; under optax.inject_hyperparams, name the tiling in'
       f' static_args: static_args={TILING!r}.'
     )
   if (
@@ -174,9 +176,11 @@ def fused_dessilbi(
       interpret mode elsewhere, slow, for tests), ``'xla'`` for ``dessilbi``
       followed by ``optax.apply_updates``, or None for ``'pallas'`` where the
       default backend is a GPU and ``'xla'`` elsewhere. The kernels take
-      whole arrays: with sharding in types (a mesh with explicit axes, or
-      arrays sharded along one), None steps with XLA and ``'pallas'``
-      refuses. Under automatic axes XLA gathers sharded arrays for them.
+      whole arrays. With sharding in types (a mesh with explicit axes),
+      replicated arrays are stepped on each device (``jax.shard_map``), and
+      for arrays sharded along an explicit axis None steps with XLA and
+      ``'pallas'`` refuses. Under automatic axes, XLA hands the kernels
+      whole arrays, gathering sharded ones.
     interpret: with the kernels, run them in Pallas interpret mode (True),
       compile them with Triton (False: also to lower for a GPU from a
       machine without one), or None for "unless the default backend is a
@@ -199,6 +203,10 @@ def fused_dessilbi(
     TypeError: ``interpret`` is not None or a bool, or the tiling is an
       array.
 
+  ``update`` and ``step`` raise ValueError where ``dessilbi``'s update
+  does, and with ``implementation='pallas'`` for arrays sharded along an
+  explicit mesh axis.
+
   Example:
     >>> import jax, jax.numpy as jnp
     >>> import dessilbi_jax as dl
@@ -217,10 +225,12 @@ def fused_dessilbi(
       f'implementation must be None, {IMPLEMENTATIONS[0]!r} or '
       f'{IMPLEMENTATIONS[1]!r}; got {implementation!r}.'
     )
-  for name, value in zip(
-    TILING, (block, tile_cols, tile_rows, chunk_rows, num_warps), strict=True
-  ):
+  block, tile_cols, tile_rows, chunk_rows, num_warps = (
     _power_of_two(name, value)
+    for name, value in zip(
+      TILING, (block, tile_cols, tile_rows, chunk_rows, num_warps), strict=True
+    )
+  )
   if chunk_rows < tile_rows:
     raise ValueError(
       f'chunk_rows ({chunk_rows}) must be at least tile_rows ({tile_rows}).'
@@ -253,16 +263,18 @@ def fused_dessilbi(
   def use_pallas(grads, state, params) -> bool:
     if implementation == 'xla':
       return False
-    explicit = _explicit(grads, state, params)
-    if implementation == 'pallas' and explicit is not None:
-      raise ValueError(
-        "implementation='pallas': the kernels take whole arrays and do not"
-        f' run with sharding in types, but {explicit}. Use'
-        " implementation=None, which steps with XLA there, or 'xla'."
-      )
-    if implementation == 'pallas':
+    if implementation is None and jax.default_backend() != 'gpu':
+      return False
+    sharded = _sharded(grads, state, params)
+    if sharded is None:
       return True
-    return jax.default_backend() == 'gpu' and explicit is None
+    if implementation == 'pallas':
+      raise ValueError(
+        "implementation='pallas': the kernels take whole arrays, but"
+        f' {sharded} (an explicit mesh axis). Use implementation=None, which'
+        " steps such arrays with XLA, or 'xla'; or replicate them."
+      )
+    return False
 
   def run(grads, state, params, apply):
     if params is None:
@@ -299,7 +311,19 @@ def fused_dessilbi(
     ]
     hyper = (momentum, weight_decay, state_dtype, store_gamma)
     leaves = _layout(columns, penalties, decay, tiles, hyper)
-    new = _pallas_step(leaves, scalars, columns, settings, apply)
+
+    def kernels(scalars, columns):
+      return _pallas_step(leaves, scalars, columns, settings, apply)
+
+    mesh = _explicit_mesh()
+    if mesh is not None:
+      # Sharding in types, every array replicated (else use_pallas said no):
+      # each device runs the kernels on its whole copy, as in data parallelism.
+      spec = jax.sharding.PartitionSpec()
+      kernels = jax.shard_map(
+        kernels, mesh=mesh, in_specs=spec, out_specs=spec, check_vma=False
+      )
+    new = kernels(scalars, columns)
     new_w, new_m, new_z, new_gamma = (treedef.unflatten(c) for c in new)
     new_state = (
       *state[:2],
@@ -324,30 +348,25 @@ def fused_dessilbi(
   return FusedDessilbi(init_fn, update_fn, step_fn)
 
 
-def _explicit(grads, state, params) -> Optional[str]:
-  """What puts this step under sharding in types, or None: the current
-  mesh's explicit axes, or the first array whose type is sharded along one."""
-  get_mesh = getattr(jax.sharding, 'get_abstract_mesh', None)
-  axis_type = getattr(jax.sharding, 'AxisType', None)
-  if get_mesh is None or axis_type is None:  # no sharding in types here
-    return None
-  mesh = get_mesh()
-  explicit = [
-    name
-    for name, kind in zip(
-      getattr(mesh, 'axis_names', ()),
-      getattr(mesh, 'axis_types', ()),
-      strict=True,
-    )
-    if kind == axis_type.Explicit
-  ]
-  if explicit:
-    return f'the mesh has explicit axes {tuple(explicit)}'
+def _explicit_mesh() -> Any:
+  """The current mesh if it has explicit axes (sharding in types), else
+  None."""
+  mesh = jax.sharding.get_abstract_mesh()
+  explicit = jax.sharding.AxisType.Explicit
+  if any(kind == explicit for kind in getattr(mesh, 'axis_types', ())):
+    return mesh
+  return None
+
+
+def _sharded(grads, state, params) -> Optional[str]:
+  """The first array whose type is sharded along an explicit mesh axis,
+  named with its spec, or None."""
   for label, tree in (('params', params), ('grads', grads), ('state', state)):
     for path, x in jax.tree_util.tree_flatten_with_path(tree)[0]:
       spec = getattr(getattr(jax.typeof(x), 'sharding', None), 'spec', None)
       if spec is not None and any(axis is not None for axis in spec):
-        return f'{label} {path_str(path)!r} is sharded as {spec}'
+        name = path_str(path) or '(the root)'
+        return f'{label} {name!r} is sharded as {spec}'
   return None
 
 

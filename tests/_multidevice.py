@@ -195,8 +195,9 @@ def conv_sharded(tree, mesh, spec):
 
 
 def fused():
-  """fused_dessilbi's kernels (Pallas interpret mode) on sharded params,
-  against its XLA step on one device (3 steps with fixed gradients)."""
+  """fused_dessilbi on 8 devices: its kernels (Pallas interpret mode) and
+  its choice of path, against its XLA step on one device (3 steps with
+  fixed gradients)."""
   params, x, y = problem()
   grads = jax.grad(loss)(params, x, y)
   kwargs = dict(learning_rate=0.05, nu=0.05, weight_decay=1e-3)
@@ -208,41 +209,45 @@ def fused():
       p, state = step(g, state, p)
     return p, state
 
+  def on_a_gpu(p, g):
+    """The primitives the default (None) would run on a GPU: traced only,
+    as the kernels' Triton compile needs a GPU."""
+    tx = dl.fused_dessilbi(**kwargs)
+    with mock.patch.object(jax, 'default_backend', return_value='gpu'):
+      jaxpr = jax.make_jaxpr(tx.step)(g, tx.init(p), p)
+    text = str(jaxpr)
+    return {'kernels': 'pallas_call' in text, 'shard_map': 'shard_map' in text}
+
   want = steps('xla', params, grads)
   filters = P(None, None, None, 'model')
   out = {}
-  for name, kind, spec, implementation, backend in (
-    # XLA partitions around the kernels under automatic axes.
-    ('pallas/filters/Auto', AxisType.Auto, filters, 'pallas', None),
-    # On a GPU, None steps with XLA under sharding in types (were it to
-    # choose the kernels here, their Triton compile would fail).
-    ('none/filters/Explicit/gpu', AxisType.Explicit, filters, None, 'gpu'),
-    ('none/replicated/Explicit/gpu', AxisType.Explicit, P(), None, 'gpu'),
+  for name, kind, spec, implementation in (
+    # XLA partitions around the kernels (in interpret mode here).
+    ('filters/Auto', AxisType.Auto, filters, 'pallas'),
+    # Data parallel with sharding in types: the kernels under shard_map.
+    ('replicated/Explicit', AxisType.Explicit, P(), 'pallas'),
+    # Filters sharded in their types: XLA's step (the default's choice).
+    ('filters/Explicit', AxisType.Explicit, filters, None),
   ):
     mesh = jax.make_mesh((8,), ('model',), axis_types=(kind,))
     with jax.set_mesh(mesh):
       shard = conv_sharded((params, grads), mesh, spec)
-      if backend is None:
-        got = steps(implementation, *shard)
-      else:
-        with mock.patch.object(jax, 'default_backend', return_value=backend):
-          got = steps(implementation, *shard)
-    out[name] = max_diff(got, want)
-  # 'pallas' with sharding in types: under the mesh, and outside it with
-  # arrays that carry it.
-  mesh = jax.make_mesh((8,), ('model',), axis_types=(AxisType.Explicit,))
-  with jax.set_mesh(mesh):
-    shard = conv_sharded((params, grads), mesh, filters)
-  for where in ('mesh', 'arrays'):
-    try:
-      if where == 'mesh':
-        with jax.set_mesh(mesh):
-          steps('pallas', *shard)
-      else:
+      case = {'gpu': on_a_gpu(*shard)}
+      got = steps(implementation, *shard)
+      case['diff'] = max_diff(got, want)
+      case['params_keep_sharding'] = same_sharding(got[0], shard[0])
+      try:
         steps('pallas', *shard)
-      out[f'refused/{where}'] = 'not refused'
-    except ValueError as e:
-      out[f'refused/{where}'] = str(e)
+        case['pallas'] = 'ran'
+      except ValueError as e:
+        case['pallas'] = str(e)
+    out[name] = case
+  # Outside the mesh, arrays still carry their sharding in their types.
+  try:
+    steps('pallas', *shard)
+    out['filters/Explicit/outside'] = 'ran'
+  except ValueError as e:
+    out['filters/Explicit/outside'] = str(e)
   return out
 
 

@@ -140,6 +140,9 @@ def test_resident_programs_follow_register_allocation():
   # Few registers: the SM's 64 warps, then its 32 programs, are the limit.
   assert triton_compile.blocks_per_sm(32, 4) == 16
   assert triton_compile.blocks_per_sm(16, 1) == 32
+  # An sm_86 holds 48 warps and 16 programs.
+  assert triton_compile.blocks_per_sm(32, 4, arch=86) == 12
+  assert triton_compile.blocks_per_sm(16, 1, arch=86) == 16
 
 
 def test_agreement_check_reports_matches_and_mismatches():

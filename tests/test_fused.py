@@ -4,6 +4,7 @@ Triton kernels for a GPU, and it refuses what it does not support early."""
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 import optax
 import pytest
 
@@ -215,6 +216,12 @@ def test_bad_settings_raise_at_construction():
     dl.fused_dessilbi(0.1, implementation='triton')
   with pytest.raises(TypeError, match='interpret must be None or a bool'):
     dl.fused_dessilbi(0.1, interpret='yes')
+  # NumPy integers are ints; arrays and other NumPy scalars are not.
+  dl.fused_dessilbi(0.1, block=np.int64(1024))
+  with pytest.raises(TypeError, match=r'block .* must be a Python int'):
+    dl.fused_dessilbi(0.1, block=np.float64(1024))
+  with pytest.raises(TypeError, match=r'tile_rows .* must be a Python int'):
+    dl.fused_dessilbi(0.1, tile_rows=jnp.asarray(16))
   with pytest.raises(ValueError, match='nu'):  # dessilbi's own checks
     dl.fused_dessilbi(0.1, nu=-1.0)
 
