@@ -285,18 +285,27 @@ def test_unsupported_inputs_raise_early():
   reason='lowering for a GPU without one needs jax.sharding.AbstractDevice',
 )
 @pytest.mark.parametrize('apply', [False, True])
-def test_lowers_to_two_triton_kernels(apply):
+@pytest.mark.parametrize('devices', [None, 8])
+def test_lowers_to_two_triton_kernels(apply, devices):
   params = _params()
   opt = dl.fused_dessilbi(0.1, implementation='pallas', interpret=False)
   state = opt.init(params)
   # Lowering for a GPU on a machine without one: newer JAX versions read the
-  # target GPU from the abstract mesh.
+  # target GPU from the abstract mesh. With 8 GPUs and sharding in types,
+  # the replicated params are stepped on each device (a manual computation).
   gpu = jax.sharding.AbstractDevice(
     device_kind='NVIDIA H100 80GB HBM3', num_cores=None, platform='gpu'
   )
-  with jax.sharding.use_abstract_mesh(
-    jax.sharding.AbstractMesh((), (), abstract_device=gpu)
-  ):
+  if devices is None:
+    mesh = jax.sharding.AbstractMesh((), (), abstract_device=gpu)
+  else:
+    mesh = jax.sharding.AbstractMesh(
+      (devices,),
+      ('data',),
+      axis_types=(jax.sharding.AxisType.Explicit,),
+      abstract_device=gpu,
+    )
+  with jax.sharding.use_abstract_mesh(mesh):
     lowered = (
       jax.jit(opt.step if apply else opt.update)
       .trace(params, state, params)
@@ -305,8 +314,12 @@ def test_lowers_to_two_triton_kernels(apply):
   text = lowered.as_text()
   # The update kernel and the norms kernel, and nothing per leaf but
   # reshapes.
-  assert text.count('stablehlo.custom_call') == 2
-  assert 'dessilbi_fused_norms' in text and 'triton' in text.lower()
+  assert text.count('custom_call @__gpu$xla.gpu.triton') == 2
+  assert 'dessilbi_fused_norms' in text
+  if devices is None:  # no other custom call (GSPMD writes shardings as such)
+    assert text.count('stablehlo.custom_call') == 2
+  # (Shardy's sdy.manual_computation, or GSPMD's {manual} sharding.)
+  assert ('manual' in text.lower()) == (devices is not None)
 
 
 def _follows(kwargs, params, steps=2, state=None, rtol=1e-5, atol=1e-6):
