@@ -24,6 +24,7 @@ number (about 1e-38) then has norm 0, so it stays out of Γ's support even
 at λ = 0.
 """
 
+import functools
 import math
 from collections.abc import Callable
 from typing import Any, NamedTuple, Optional, Union
@@ -175,7 +176,8 @@ def fused_dessilbi(
     implementation: ``'pallas'`` for the kernels (Triton on a GPU; Pallas
       interpret mode elsewhere, slow, for tests), ``'xla'`` for ``dessilbi``
       followed by ``optax.apply_updates``, or None for ``'pallas'`` where the
-      default backend is a GPU and ``'xla'`` elsewhere. The kernels take
+      default backend is a GPU (and this JAX has Pallas's Triton backend,
+      which JAX 0.12 deprecates) and ``'xla'`` elsewhere. The kernels take
       whole arrays. With sharding in types (a mesh with explicit axes),
       replicated arrays are stepped on each device (``jax.shard_map``), and
       for arrays sharded along an explicit axis None steps with XLA and
@@ -205,7 +207,7 @@ def fused_dessilbi(
 
   ``update`` and ``step`` raise ValueError where ``dessilbi``'s update
   does, and with ``implementation='pallas'`` for arrays sharded along an
-  explicit mesh axis.
+  explicit mesh axis (ImportError where JAX has no Pallas Triton backend).
 
   Example:
     >>> import jax, jax.numpy as jnp
@@ -263,8 +265,16 @@ def fused_dessilbi(
   def use_pallas(grads, state, params) -> bool:
     if implementation == 'xla':
       return False
-    if implementation is None and jax.default_backend() != 'gpu':
+    if implementation is None and (
+      jax.default_backend() != 'gpu' or not _triton_backend()
+    ):
       return False
+    if not _triton_backend():
+      raise ImportError(
+        "implementation='pallas': this JAX has no Pallas Triton backend"
+        ' (jax.experimental.pallas.triton); use implementation=None or'
+        " 'xla'."
+      )
     sharded = _sharded(grads, state, params)
     if sharded is None:
       return True
@@ -346,6 +356,17 @@ def fused_dessilbi(
     return run(grads, state, params, apply=True)
 
   return FusedDessilbi(init_fn, update_fn, step_fn)
+
+
+@functools.cache
+def _triton_backend() -> bool:
+  """Whether this JAX has Pallas's Triton backend (deprecated in JAX 0.12
+  in favour of Mosaic GPU)."""
+  try:
+    from jax.experimental.pallas import triton  # noqa: F401
+  except ImportError:
+    return False
+  return True
 
 
 def _explicit_mesh() -> Any:

@@ -252,6 +252,28 @@ def test_under_inject_hyperparams():
   _assert_close(runs[1], runs[0])
 
 
+def test_without_a_triton_backend(monkeypatch):
+  # JAX 0.12 deprecates Pallas's Triton backend: where it is gone, the
+  # default steps with XLA even on a GPU, and 'pallas' says why it can't.
+  monkeypatch.setattr(dl.fused, '_triton_backend', lambda: False)
+  params = _params()
+  grads = jax.tree.map(jnp.ones_like, params)
+  pallas = dl.fused_dessilbi(0.1, implementation='pallas')
+  with pytest.raises(ImportError, match='no Pallas Triton backend'):
+    pallas.step(grads, pallas.init(params), params)
+  default = dl.fused_dessilbi(0.1)
+  state = default.init(params)
+  monkeypatch.setattr(jax, 'default_backend', lambda: 'gpu')
+  jaxpr = str(jax.make_jaxpr(default.step)(grads, state, params))
+  assert 'pallas_call' not in jaxpr
+  # (With the backend, the same trace holds the kernels; a new optimizer,
+  # as JAX caches the trace of a function it has seen.)
+  monkeypatch.setattr(dl.fused, '_triton_backend', lambda: True)
+  default = dl.fused_dessilbi(0.1)
+  jaxpr = str(jax.make_jaxpr(default.step)(grads, state, params))
+  assert 'pallas_call' in jaxpr
+
+
 def test_unsupported_inputs_raise_early():
   params = _params()
   # Groups along the input channels: refused at init, before any step.
