@@ -14,8 +14,8 @@ computes the same step for all leaves in two ``pallas_call``\\ s (Triton):
    (``z · κ·max(0, 1 - λ/‖z_g‖)``) or, with ``store_gamma=False``, the
    per-filter scale.
 
-Its state is the state of ``dessilbi`` with the same arguments, value for
-value, so the whole toolbox reads it and a run may switch between the two.
+Its state is the state of ``dessilbi`` with the same arguments, leaf for
+leaf, so the whole toolbox reads it and a run may switch between the two.
 The values agree to float32 rounding, not always to the last bit: compiled
 by Triton, the kernels divide with ``div.full.f32`` (within 2 ulp) and take
 square roots with ``sqrt.approx.ftz.f32``, where XLA's GPU code rounds both
