@@ -68,12 +68,14 @@ RUNS = [
     ' --optimizers sgd dessilbi dessilbi_z dessilbi_mt_apply',
   ),
   # Tilings of the fused step around the default (64x16x4x256, flat block
-  # 2048: 82 registers, 5 programs per SM; a flat block of 1024 needs 72,
-  # 7 programs; triton_compile.py).
+  # 2048, 32 leaves per launch: the conv kernels in one launch at 72
+  # registers, 7 programs per SM, the other leaves in two; triton_compile.py)
+  # and launches of at most 1000 leaves (3 launches) or 16 (7).
   (
     harness.main,
     'update --model resnet18 --repeats 9 --optimizers sgd dessilbi_mt_apply'
-    ' dessilbi_mt_apply:64x16x4x256x1024 dessilbi_mt_apply:32x32x4x256'
+    ' dessilbi_mt_apply:64x16x4x256x2048x1000'
+    ' dessilbi_mt_apply:64x16x4x256x2048x16 dessilbi_mt_apply:32x32x4x256'
     ' dessilbi_mt_apply:64x32x4x512 dessilbi_mt_apply:128x8x4x256'
     ' dessilbi_mt_apply:64x16x8x256',
   ),

@@ -6,7 +6,9 @@ machine, or any XLA GPU target config) describes the device, and JAX's
 compile-only topology compiles against it. What comes out is what that GPU
 would run, exactly: the fusions, the copies and the kernels launched (read from
 XLA's thunk sequence), so the kernel structure of a change can be checked
-before a GPU is available. Nothing is timed.
+before a GPU is available. The one thing timed is the compile: seconds to
+trace, lower and compile each optimizer's function, the median of
+``--repeats`` compiles run in turn (A B A B ...), on this machine's CPU.
 
 Needs the CUDA build of JAX (``pip install "jax[cuda12]"``, about 6 GB of
 libraries; no GPU or driver is needed) in the environment that runs this.
@@ -23,8 +25,10 @@ import contextlib
 import glob
 import os
 import re
+import statistics
 import sys
 import tempfile
+import time
 
 
 def parse_args(argv=None) -> argparse.Namespace:
@@ -43,6 +47,9 @@ def parse_args(argv=None) -> argparse.Namespace:
   )
   parser.add_argument(
     '--dump', default=None, help='keep XLA dumps (HLO, thunks) in this folder'
+  )
+  parser.add_argument(
+    '--repeats', type=int, default=1, help='compiles per optimizer, in turn'
   )
   return parser.parse_args(argv)
 
@@ -84,30 +91,41 @@ def main(argv=None) -> dict:
   module, params, stats, x, y = harness.build(args.model, args.batch)
   if args.mode == 'update':
     grads = jax.tree.map(jax.numpy.ones_like, params)
-  results = {}
-  for name in args.optimizers:
+
+  def compile_one(name, tag):
+    """The optimizer's update or train step, compiled for the GPU."""
     # The fused step's Triton kernels, not their CPU interpreter.
     tx = harness.make_optimizer(name, interpret=False)
     state = tx.init(params)
-    tag = re.sub(r'\W', '_', name)
     if args.mode == 'update':
 
-      def run(p, o, g, tx=tx):
+      def run(p, o, g):
         return harness.apply_step(tx, g, o, p)
 
-      run.__name__ = f'offline_{tag}'
+      run.__name__ = tag
       jitted = jax.jit(run, donate_argnums=(0, 1), compiler_options=options)
       inputs = (params, state, grads)
     else:
-      jitted = harness.make_train_step(module, tx, options, f'offline_{tag}')
+      jitted = harness.make_train_step(module, tx, options, tag)
       inputs = (params, stats, state, x, y)
     with _abstract_gpu(jax, topology.devices[0].device_kind):
       traced = jitted.trace(*abstract(inputs))
       lowered = traced.lower(lowering_platforms=('cuda',))
-    compiled = lowered.compile()
-    row = harness.hlo_counts(compiled)
-    row['kernels'] = _launches(dump, f'offline_{tag}')
-    results[name] = row
+    return lowered.compile()
+
+  seconds = collections.defaultdict(list)
+  results = {}
+  for _ in range(args.repeats):
+    for name in args.optimizers:
+      tag = 'offline_' + re.sub(r'\W', '_', name)
+      start = time.perf_counter()
+      compiled = compile_one(name, tag)
+      seconds[name].append(time.perf_counter() - start)
+      row = harness.hlo_counts(compiled)
+      row['kernels'] = _launches(dump, tag)
+      results[name] = row
+  for name, row in results.items():
+    row['compile_s'] = round(statistics.median(seconds[name]), 2)
     print(f'{name:22s} ' + '  '.join(f'{k} {v}' for k, v in row.items()))
   device = topology.devices[0].device_kind
   print(f'({args.mode} / {args.model}, compiled for {device}; dumps: {dump})')

@@ -76,17 +76,20 @@ def multitensor_args(name: str) -> dict:
     kwargs['state_dtype'] = jnp.float32
   if tiles:
     parts = tiles.split('x')
-    if len(parts) not in (3, 4, 5) or not all(v.isdigit() for v in parts):
+    if not 3 <= len(parts) <= 6 or not all(v.isdigit() for v in parts):
       raise ValueError(
-        f'{name!r}: expected {base}:COLSxROWSxWARPS[xCHUNK[xBLOCK]], e.g.'
-        f' {base}:16x64x4, {base}:32x32x4x256 or {base}:64x16x4x256x1024.'
+        f'{name!r}: expected {base}:COLSxROWSxWARPS[xCHUNK[xBLOCK[xLEAVES]]],'
+        f' e.g. {base}:16x64x4, {base}:32x32x4x256 or'
+        f' {base}:64x16x4x256x1024x16.'
       )
     cols, rows, warps = (int(v) for v in parts[:3])
     kwargs.update(tile_cols=cols, tile_rows=rows, num_warps=warps)
     if len(parts) >= 4:
       kwargs['chunk_rows'] = int(parts[3])
-    if len(parts) == 5:
+    if len(parts) >= 5:
       kwargs['block'] = int(parts[4])
+    if len(parts) == 6:
+      kwargs['leaves_per_kernel'] = int(parts[5])
   return kwargs
 
 

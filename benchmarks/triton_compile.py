@@ -107,12 +107,13 @@ def main(argv=None):
     warps = harness.multitensor_args(args.optimizer).get('num_warps', 4)
   except ValueError as e:
     parser.error(f'--optimizer: {e}')
-  for ir, grid in capture_triton_ir(args.model, args.optimizer):
-    _compile_and_report(ir, grid, args, warps, triton, GPUTarget)
+  for n, (ir, grid) in enumerate(capture_triton_ir(args.model, args.optimizer)):
+    _compile_and_report(n, ir, grid, args, warps, triton, GPUTarget)
 
 
-def _compile_and_report(ir, grid, args, warps, triton, GPUTarget):
-  """Compiles one kernel's Triton IR and prints its grid and resources."""
+def _compile_and_report(n, ir, grid, args, warps, triton, GPUTarget):
+  """Compiles the ``n``-th launch's Triton IR and prints its grid and
+  resources."""
   with tempfile.TemporaryDirectory() as tmp:
     path = os.path.join(tmp, 'kernel.ttir')
     with open(path, 'w', encoding='utf-8') as f:
@@ -137,7 +138,7 @@ def _compile_and_report(ir, grid, args, warps, triton, GPUTarget):
     entry = re.search(r'\.entry\s+(\w+)\((.*?)\)', kernel.asm['ptx'], re.S)
     if args.dump:
       os.makedirs(args.dump, exist_ok=True)
-      stem = os.path.join(args.dump, entry.group(1))
+      stem = os.path.join(args.dump, f'{n}_{entry.group(1)}')
       with open(f'{stem}.ptx', 'w', encoding='utf-8') as f:
         f.write(kernel.asm['ptx'])
       if cuobjdump:
@@ -148,8 +149,8 @@ def _compile_and_report(ir, grid, args, warps, triton, GPUTarget):
     for bits in re.findall(r'\.param\s+\.[a-z](\d+)', entry.group(2))
   )
   print(
-    f'{args.optimizer} on {args.model}, kernel {entry.group(1)}: grid'
-    f' {tuple(grid)}, sm_{args.arch}'
+    f'{args.optimizer} on {args.model}, launch {n}, kernel'
+    f' {entry.group(1)}: grid {tuple(grid)}, sm_{args.arch}'
   )
   print(f'kernel parameters: {param_bytes} bytes')
   resources = re.search(r'REG:(\d+).*', usage)

@@ -4,7 +4,8 @@ Through Optax, a step of :func:`~dessilbi_jax.dessilbi` is at least one GPU
 kernel per leaf (three per conv kernel: the update, the filter norms, Γ),
 and ``optax.apply_updates`` adds one more pass and kernel per leaf. On a
 ResNet-18 those launches, not the bytes, set the time. :func:`fused_dessilbi`
-computes the same step for all leaves in two ``pallas_call``\\ s (Triton):
+computes the same step for many leaves at once, in two kernels (Pallas
+Triton):
 
 1. one program per block of a flat leaf (biases, norms, lasso leaves), and
    one per tile of filters × chunk of rows of a group-lasso leaf: weight
@@ -13,6 +14,11 @@ computes the same step for all leaves in two ``pallas_call``\\ s (Triton):
 2. for the group-lasso leaves, the norms from those shares, then Γ
    (``z · κ·max(0, 1 - λ/‖z_g‖)``) or, with ``store_gamma=False``, the
    per-filter scale.
+
+Each kernel is launched once per kind of leaf (group lassos, the others)
+and per ``leaves_per_kernel`` leaves: a kernel holds a branch per leaf, and
+Triton's compile time grows with the square of a kernel's branches
+(ResNet-18 takes four launches at the default of 32).
 
 Its state is the state of ``dessilbi`` with the same arguments, leaf for
 leaf, so the whole toolbox reads it and a run may switch between the two.
@@ -88,7 +94,9 @@ class _Leaf:
     # Whether the state holds Γ itself (else a per-filter scale), as read
     # and as written.
     self.gamma_in_full, self.gamma_out_full = storage
-    self.start = 0  # the first program's id in the first kernel
+    # The first kernel's call that steps this leaf, and the leaf's first
+    # program there.
+    self.call = self.start = 0
     self.programs = self.work = 0
     if kind == 'group':
       self.rows = math.prod(self.shape[:-1])
@@ -112,10 +120,17 @@ class _Leaf:
 
 
 # The kernels' static settings (Python ints: they shape the kernels).
-TILING = ('block', 'tile_cols', 'tile_rows', 'chunk_rows', 'num_warps')
+TILING = (
+  'block',
+  'tile_cols',
+  'tile_rows',
+  'chunk_rows',
+  'num_warps',
+  'leaves_per_kernel',
+)
 
 
-def _power_of_two(name: str, value: Any) -> int:
+def _static_int(name: str, value: Any, power_of_two: bool = True) -> int:
   if isinstance(value, np.integer):
     value = int(value)
   if isinstance(value, (jax.Array, np.ndarray, np.generic)):
@@ -125,12 +140,10 @@ def _power_of_two(name: str, value: Any) -> int:
       f' {value!r}; under optax.inject_hyperparams, name the tiling in'
       f' static_args: static_args={TILING!r}.'
     )
-  if (
-    isinstance(value, bool)
-    or not isinstance(value, int)
-    or value < 1
-    or value & (value - 1)
-  ):
+  if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+    what = 'a power of 2' if power_of_two else 'a positive int'
+    raise ValueError(f'{name} must be {what}, got {value!r}.')
+  if power_of_two and value & (value - 1):
     raise ValueError(f'{name} must be a power of 2, got {value!r}.')
   return value
 
@@ -153,6 +166,7 @@ def fused_dessilbi(
   tile_rows: int = 16,
   chunk_rows: int = 256,
   num_warps: int = 4,
+  leaves_per_kernel: int = 32,
 ) -> FusedDessilbi:
   """:func:`~dessilbi_jax.dessilbi` as multi-tensor kernels, with a step
   that applies its own updates.
@@ -163,10 +177,11 @@ def fused_dessilbi(
   leaf along its last axis (a filter per output channel, the default
   rule's conv kernels); other groupings are refused at ``init``.
 
-  On an H100, ``step`` on ResNet-18's params takes 1.17× the time one pass
-  moving the same bytes takes (``dessilbi`` with ``optax.apply_updates``,
-  1.79×; ``benchmarks/README.md``). A whole train step gains that
-  difference, a few percent at most.
+  On an H100, the first version of these kernels stepped ResNet-18's
+  params in 1.17× the time one pass moving the same bytes takes
+  (``dessilbi`` with ``optax.apply_updates``, 1.79×); the present layout
+  is not yet timed (``benchmarks/README.md``). A whole train step gains
+  that difference, a few percent at most.
 
   Args:
     learning_rate, kappa, nu, momentum, weight_decay, weight_decay_mask,
@@ -192,8 +207,12 @@ def fused_dessilbi(
     tile_rows: rows per loop iteration of those programs (a power of 2).
     chunk_rows: rows per program of a group-lasso leaf (a power of 2, at
       least ``tile_rows``).
-    num_warps: Triton warps per program (a power of 2). The tiling is
-      static (Python ints); under ``optax.inject_hyperparams``, name it in
+    num_warps: Triton warps per program (a power of 2).
+    leaves_per_kernel: the most leaves one launch of a kernel steps (a
+      positive int). Fewer compile faster, as a kernel's compile time
+      grows with the square of its leaves; more save launches, 1 to 2 µs
+      each on an H100 (``benchmarks/README.md``). The tiling is static
+      (Python ints); under ``optax.inject_hyperparams``, name it in
       ``static_args=TILING``.
 
   Returns:
@@ -201,7 +220,8 @@ def fused_dessilbi(
 
   Raises:
     ValueError: an unknown implementation, a tiling that is not a power of
-      2, or no momentum; and what ``dessilbi`` raises.
+      2, a ``leaves_per_kernel`` that is not a positive int, or no momentum;
+      and what ``dessilbi`` raises.
     TypeError: ``interpret`` is not None or a bool, or the tiling is an
       array.
 
@@ -228,10 +248,15 @@ def fused_dessilbi(
       f'{IMPLEMENTATIONS[1]!r}; got {implementation!r}.'
     )
   block, tile_cols, tile_rows, chunk_rows, num_warps = (
-    _power_of_two(name, value)
+    _static_int(name, value)
     for name, value in zip(
-      TILING, (block, tile_cols, tile_rows, chunk_rows, num_warps), strict=True
+      TILING[:5],
+      (block, tile_cols, tile_rows, chunk_rows, num_warps),
+      strict=True,
     )
+  )
+  leaves_per_kernel = _static_int(
+    'leaves_per_kernel', leaves_per_kernel, power_of_two=False
   )
   if chunk_rows < tile_rows:
     raise ValueError(
@@ -320,7 +345,7 @@ def fused_dessilbi(
       for t in (grads, trace.trace, params, core.z, core.gamma)
     ]
     hyper = (momentum, weight_decay, state_dtype, store_gamma)
-    leaves = _layout(columns, penalties, decay, tiles, hyper)
+    leaves = _layout(columns, penalties, decay, tiles, hyper, leaves_per_kernel)
 
     def kernels(scalars, columns):
       return _pallas_step(leaves, scalars, columns, settings, apply)
@@ -468,8 +493,9 @@ def _in_dtype(value: float, dtype) -> float:
   return float(np.asarray(value, np.float64).astype(dtype))
 
 
-def _layout(columns, penalties, decay, tiles, hyper):
-  """The leaves' static layout, programs numbered longest first."""
+def _layout(columns, penalties, decay, tiles, hyper, per_call):
+  """The leaves' static layout: longest programs first, at most
+  ``per_call`` leaves to a ``pallas_call``."""
   momentum, weight_decay, state_dtype, store_gamma = hyper
   # optax.add_decayed_weights skips a literal 0 (no dtype promotion either).
   no_decay = isinstance(weight_decay, (int, float)) and weight_decay == 0
@@ -501,12 +527,25 @@ def _layout(columns, penalties, decay, tiles, hyper):
     if math.prod(w.shape) == 0:
       kind = 'empty'
     leaves.append(_Leaf(kind, w.shape, dtypes, lam, decayed, storage, tiles))
-  # The GPU starts programs in id order: long ones started last would run
-  # on alone at the end.
-  start = 0
-  for leaf in sorted(leaves, key=lambda leaf: -leaf.work):
-    leaf.start = start
-    start += leaf.programs
+  # A call steps leaves of one kind, group lassos or the others (its
+  # registers then suit them), at most per_call of them: Triton's compile
+  # time grows with the square of a kernel's size. Leaves are dealt to the
+  # fewest calls largest first, so that each has a share of the programs.
+  # The GPU starts programs in id order: long ones started last would run on
+  # alone at the end, so each call numbers its longest first.
+  calls = 0
+  for grouped in (True, False):
+    kind = [
+      x for x in leaves if x.kind != 'empty' and (x.kind == 'group') == grouped
+    ]
+    count = -(-len(kind) // per_call)
+    kind.sort(key=lambda leaf: -leaf.programs * leaf.work)
+    for n in range(count):
+      start = 0
+      for leaf in sorted(kind[n::count], key=lambda leaf: -leaf.work):
+        leaf.call, leaf.start = calls + n, start
+        start += leaf.programs
+    calls += count
   return leaves
 
 
@@ -535,92 +574,39 @@ def _pallas_step(leaves, scalars, columns, settings, apply):
       name=name,
     )(*ins)
 
-  # The first kernel: every leaf but those of size 0.
-  active = [k for k, leaf in enumerate(leaves) if leaf.kind != 'empty']
-  ins, out_shape, aliases = [scalars], [], {}
-  for k in active:
-    leaf = leaves[k]
-    g, m, w, z, gamma = (c[k] for c in columns)
-    as2d = (
-      (lambda x, leaf=leaf: x.reshape(leaf.rows, leaf.cols))
-      if leaf.kind == 'group'
-      else (lambda x: x.reshape(-1))
-    )
-    first_in, first_out = len(ins), len(out_shape)
-    arrays = [as2d(g), as2d(m), as2d(w)]
-    shape = arrays[0].shape
-    out_shape += [
-      jax.ShapeDtypeStruct(shape, leaf.m_dtype),
-      jax.ShapeDtypeStruct(shape, w.dtype),
-    ]
-    # Written in place of their old values where the dtypes allow: each
-    # element is read before the same thread writes it.
-    if m.dtype == leaf.m_dtype:
-      aliases[first_in + 1] = first_out
-    if apply:
-      aliases[first_in + 2] = first_out + 1
-    if leaf.kind != 'plain':
-      read = gamma.reshape(-1) if not leaf.gamma_in_full else as2d(gamma)
-      arrays += [as2d(z), read]
-      out_shape.append(jax.ShapeDtypeStruct(shape, z.dtype))
-      aliases[first_in + 3] = first_out + 2
-      if leaf.kind == 'lasso':
-        out_shape.append(jax.ShapeDtypeStruct(shape, z.dtype))
-        if gamma.dtype == z.dtype:
-          aliases[first_in + 4] = first_out + 3
-      else:  # each chunk's share of the squared norms, in rows padded to
-        # the power of 2 the second kernel reads at once (never written there,
-        # masked off when read; JAX refuses a static slice past the end)
-        out_shape.append(
-          jax.ShapeDtypeStruct((_pow2(leaf.chunks), leaf.cols), jnp.float32)
-        )
-    ins += arrays
-  first = [leaves[k] for k in active]
-  outs = []
-  if first:
-    outs = call(
-      lambda *refs: kernels.first(first, *refs),
-      ins,
-      out_shape,
-      sum(leaf.programs for leaf in first),
-      aliases,
-      'dessilbi_fused',
-    )
+  # The first kernel: every leaf but those of size 0, in the calls the
+  # layout numbered.
   per_leaf = {}
-  it = iter(outs)
-  for k in active:
-    per_leaf[k] = [
-      next(it) for _ in range(2 if leaves[k].kind == 'plain' else 4)
-    ]
-  # The second kernel: the group-lasso leaves' norms, then Γ or the scale.
-  ins, out_shape, aliases, entries, where = [scalars], [], {}, [], []
-  start = 0
-  for k in active:
-    leaf, gamma, new = leaves[k], columns[4][k], per_leaf[k]
-    if leaf.kind != 'group':
-      continue
-    programs = leaf.programs if leaf.gamma_out_full else leaf.tiles
-    entries.append((leaf, start, programs))
-    start += programs
-    shape = (leaf.rows, leaf.cols) if leaf.gamma_out_full else (leaf.cols,)
-    if (
-      leaf.gamma_in_full == leaf.gamma_out_full and gamma.dtype == new[2].dtype
-    ):
-      aliases[len(ins) + 2] = len(out_shape)  # the old Γ is not read
-    alias = len(ins) + 2 in aliases
-    ins += [new[2], new[3], gamma.reshape(shape if alias else (-1,))]
-    out_shape.append(jax.ShapeDtypeStruct(shape, new[2].dtype))
-    where.append(k)
-  if entries:
-    written = call(
-      lambda *refs: kernels.second(entries, *refs),
-      ins,
-      out_shape,
-      start,
-      aliases,
-      'dessilbi_fused_norms',
+  active = [k for k, leaf in enumerate(leaves) if leaf.kind != 'empty']
+  calls = 1 + max((leaves[k].call for k in active), default=-1)
+  for n in range(calls):
+    batch = [k for k in active if leaves[k].call == n]
+    outs = _first_call(
+      call,
+      kernels,
+      [leaves[k] for k in batch],
+      [[c[k] for c in columns] for k in batch],
+      scalars,
     )
-    for k, value in zip(where, written, strict=True):
+    it = iter(outs)
+    for k in batch:
+      per_leaf[k] = [
+        next(it) for _ in range(2 if leaves[k].kind == 'plain' else 4)
+      ]
+  # The second kernel: the group-lasso leaves' norms, then Γ or the scale,
+  # for the leaves of each call of the first.
+  for n in range(calls):
+    batch = [k for k in active if leaves[k].call == n]
+    if leaves[batch[0]].kind != 'group':
+      continue
+    written = _second_call(
+      call,
+      kernels,
+      [leaves[k] for k in batch],
+      [(columns[4][k], per_leaf[k]) for k in batch],
+      scalars,
+    )
+    for k, value in zip(batch, written, strict=True):
       per_leaf[k][3] = value
   # Back to the leaves' shapes; a leaf of size 0 has nothing to compute.
   new_w, new_m, new_z, new_gamma = [], [], [], []
@@ -646,6 +632,83 @@ def _pallas_step(leaves, scalars, columns, settings, apply):
     shape = leaf.shape if leaf.gamma_out_full else leaf.scale_shape
     new_gamma.append(new[3].reshape(shape))
   return new_w, new_m, new_z, new_gamma
+
+
+def _first_call(call, kernels, leaves, columns, scalars):
+  """One call of the first kernel, for ``leaves`` and their (g, m, W, z, Γ):
+  per leaf the new momentum and W (or its update), and but for plain leaves
+  z and Γ (lasso) or the chunks' shares of the filters' squared norms."""
+  ins, out_shape, aliases = [scalars], [], {}
+  for leaf, (g, m, w, z, gamma) in zip(leaves, columns, strict=True):
+    as2d = (
+      (lambda x, leaf=leaf: x.reshape(leaf.rows, leaf.cols))
+      if leaf.kind == 'group'
+      else (lambda x: x.reshape(-1))
+    )
+    first_in, first_out = len(ins), len(out_shape)
+    arrays = [as2d(g), as2d(m), as2d(w)]
+    shape = arrays[0].shape
+    out_shape += [
+      jax.ShapeDtypeStruct(shape, leaf.m_dtype),
+      jax.ShapeDtypeStruct(shape, w.dtype),
+    ]
+    # Written in place of their old values where the dtypes allow: each
+    # element is read before the same thread writes it.
+    if m.dtype == leaf.m_dtype:
+      aliases[first_in + 1] = first_out
+    if kernels.apply:
+      aliases[first_in + 2] = first_out + 1
+    if leaf.kind != 'plain':
+      read = gamma.reshape(-1) if not leaf.gamma_in_full else as2d(gamma)
+      arrays += [as2d(z), read]
+      out_shape.append(jax.ShapeDtypeStruct(shape, z.dtype))
+      aliases[first_in + 3] = first_out + 2
+      if leaf.kind == 'lasso':
+        out_shape.append(jax.ShapeDtypeStruct(shape, z.dtype))
+        if gamma.dtype == z.dtype:
+          aliases[first_in + 4] = first_out + 3
+      else:  # each chunk's share of the squared norms, in rows padded to
+        # the power of 2 the second kernel reads at once (never written there,
+        # masked off when read; JAX refuses a static slice past the end)
+        out_shape.append(
+          jax.ShapeDtypeStruct((_pow2(leaf.chunks), leaf.cols), jnp.float32)
+        )
+    ins += arrays
+  return call(
+    lambda *refs: kernels.first(leaves, *refs),
+    ins,
+    out_shape,
+    sum(leaf.programs for leaf in leaves),
+    aliases,
+    'dessilbi_fused',
+  )
+
+
+def _second_call(call, kernels, leaves, columns, scalars):
+  """One call of the second kernel, for group-lasso ``leaves`` with their
+  old Γ and the first kernel's outputs: per leaf the new Γ (or scale)."""
+  ins, out_shape, aliases, entries = [scalars], [], {}, []
+  start = 0
+  for leaf, (gamma, new) in zip(leaves, columns, strict=True):
+    programs = leaf.programs if leaf.gamma_out_full else leaf.tiles
+    entries.append((leaf, start, programs))
+    start += programs
+    shape = (leaf.rows, leaf.cols) if leaf.gamma_out_full else (leaf.cols,)
+    if (
+      leaf.gamma_in_full == leaf.gamma_out_full and gamma.dtype == new[2].dtype
+    ):
+      aliases[len(ins) + 2] = len(out_shape)  # the old Γ is not read
+    alias = len(ins) + 2 in aliases
+    ins += [new[2], new[3], gamma.reshape(shape if alias else (-1,))]
+    out_shape.append(jax.ShapeDtypeStruct(shape, new[2].dtype))
+  return call(
+    lambda *refs: kernels.second(entries, *refs),
+    ins,
+    out_shape,
+    start,
+    aliases,
+    'dessilbi_fused_norms',
+  )
 
 
 class _Kernels:

@@ -123,8 +123,11 @@ def test_multitensor_names_set_tiles_and_chunks():
   five = harness.multitensor_args('dessilbi_mt:8x16x4x32x1024')
   assert (five['chunk_rows'], five['block']) == (32, 1024)
   assert 'block' not in harness.multitensor_args('dessilbi_mt:8x16x4x32')
-  with pytest.raises(ValueError, match=r'COLSxROWSxWARPS\[xCHUNK\[xBLOCK\]\]'):
-    harness.multitensor_args('dessilbi_mt:8x16x4x2x2x2')
+  six = harness.multitensor_args('dessilbi_mt:8x16x4x32x1024x16')
+  assert (six['block'], six['leaves_per_kernel']) == (1024, 16)
+  assert 'leaves_per_kernel' not in five
+  with pytest.raises(ValueError, match=r'xCHUNK\[xBLOCK\[xLEAVES\]\]\]'):
+    harness.multitensor_args('dessilbi_mt:8x16x4x2x2x2x2')
   with pytest.raises(ValueError, match='COLSxROWSxWARPS'):
     harness.multitensor_args('dessilbi_mt:8x16')
 

@@ -1,6 +1,7 @@
 """``fused_dessilbi``: its Pallas kernels (interpret mode on the CPU) follow
-``dessilbi`` step for step, its state is ``dessilbi``'s, it lowers to two
-Triton kernels for a GPU, and it refuses what it does not support early."""
+``dessilbi`` step for step, its state is ``dessilbi``'s, it lowers to a
+few Triton kernels for a GPU, and it refuses what it does not support
+early."""
 
 import jax
 import jax.numpy as jnp
@@ -72,6 +73,23 @@ def test_follows_dessilbi(store_gamma, tiles, apply):
     dl.get_gamma(want[1])['conv1']['kernel'] != 0, axis=(0, 1, 2)
   )
   assert 0 < int(filters.sum()) < 20
+
+
+@pytest.mark.parametrize('per_kernel', [1, 2])
+def test_leaves_split_across_launches_follow_dessilbi(per_kernel):
+  # Each leaf in a launch of its own, or two conv kernels in one launch and
+  # the three others in two.
+  kwargs = dict(learning_rate=0.5, nu=2.0, weight_decay=1e-2)
+  params = _params()
+  want = _run_update(dl.dessilbi(**kwargs), params, 3)
+  opt = dl.fused_dessilbi(
+    **kwargs, implementation='pallas', block=64, leaves_per_kernel=per_kernel
+  )
+  _assert_close(_run_step(opt, params, 3), want)
+  jaxpr = str(jax.make_jaxpr(opt.step)(params, opt.init(params), params))
+  # Launches of the first kernel (one per kind and per_kernel leaves) and
+  # of the second (for the group lassos' launches).
+  assert jaxpr.count('pallas_call[') == {1: 5 + 2, 2: 3 + 1}[per_kernel]
 
 
 def test_the_toolbox_reads_its_state():
@@ -214,6 +232,10 @@ def test_bad_settings_raise_at_construction():
     dl.fused_dessilbi(0.1, momentum=None)
   with pytest.raises(ValueError, match="implementation must be None, 'xla'"):
     dl.fused_dessilbi(0.1, implementation='triton')
+  for bad in (0, True, 2.0):
+    with pytest.raises(ValueError, match='leaves_per_kernel must be a pos'):
+      dl.fused_dessilbi(0.1, leaves_per_kernel=bad)
+  dl.fused_dessilbi(0.1, leaves_per_kernel=3)  # any positive int
   with pytest.raises(TypeError, match='interpret must be None or a bool'):
     dl.fused_dessilbi(0.1, interpret='yes')
   # NumPy integers are ints; arrays and other NumPy scalars are not.
@@ -308,7 +330,7 @@ def test_unsupported_inputs_raise_early():
 )
 @pytest.mark.parametrize('apply', [False, True])
 @pytest.mark.parametrize('devices', [None, 8])
-def test_lowers_to_two_triton_kernels(apply, devices):
+def test_lowers_to_a_triton_kernel_per_kind(apply, devices):
   params = _params()
   opt = dl.fused_dessilbi(0.1, implementation='pallas', interpret=False)
   state = opt.init(params)
@@ -334,12 +356,13 @@ def test_lowers_to_two_triton_kernels(apply, devices):
       .lower(lowering_platforms=('cuda',))
     )
   text = lowered.as_text()
-  # The update kernel and the norms kernel, and nothing per leaf but
-  # reshapes.
-  assert text.count('custom_call @__gpu$xla.gpu.triton') == 2
-  assert 'dessilbi_fused_norms' in text
+  # The update kernel for the conv kernels and for the other leaves, the
+  # norms kernel, and nothing per leaf but reshapes.
+  assert text.count('custom_call @__gpu$xla.gpu.triton') == 3
+  assert text.count('name = "dessilbi_fused"') == 2
+  assert text.count('name = "dessilbi_fused_norms"') == 1
   if devices is None:  # no other custom call (GSPMD writes shardings as such)
-    assert text.count('stablehlo.custom_call') == 2
+    assert text.count('stablehlo.custom_call') == 3
   # (Shardy's sdy.manual_computation, or GSPMD's {manual} sharding.)
   assert ('manual' in text.lower()) == (devices is not None)
 
