@@ -17,6 +17,8 @@ Usage::
 
   python benchmarks/gpu_offline.py --target-config gpu_target_config.pbtxt \\
       update --model resnet18 --optimizers sgd dessilbi dessilbi_mt
+  python benchmarks/gpu_offline.py --target-config gpu_target_config.pbtxt \\
+      update --devices 8 --optimizers dessilbi dessilbi_mt_apply
 """
 
 import argparse
@@ -51,6 +53,14 @@ def parse_args(argv=None) -> argparse.Namespace:
   parser.add_argument(
     '--repeats', type=int, default=1, help='compiles per optimizer, in turn'
   )
+  parser.add_argument(
+    '--devices',
+    type=int,
+    default=1,
+    help='compile for this many GPUs of the target: leaves split by their'
+    ' last axis (and the batch by its first) where it divides, automatic'
+    ' axes; the collectives are counted',
+  )
   return parser.parse_args(argv)
 
 
@@ -78,15 +88,23 @@ def main(argv=None) -> dict:
 
   options = harness.xla_options(args.xla_option)
   topology = topologies.get_topology_desc(
-    '', 'cuda', target_config=target_config, topology='1x1x1'
+    '', 'cuda', target_config=target_config, topology=f'1x1x{args.devices}'
   )
-  sharding = jax.sharding.SingleDeviceSharding(topology.devices[0])
+  mesh = jax.sharding.Mesh(
+    topology.devices,
+    ('data',),
+    axis_types=(jax.sharding.AxisType.Auto,),
+  )
 
-  def abstract(tree):
-    return jax.tree.map(
-      lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=sharding),
-      tree,
-    )
+  def abstract(tree, axis=-1):
+    """Shapes placed on the mesh, split along ``axis`` where it divides."""
+
+    def one(x):
+      spec = split_spec(x.shape, args.devices, axis)
+      sharding = jax.sharding.NamedSharding(mesh, spec)
+      return jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=sharding)
+
+    return jax.tree.map(one, tree)
 
   module, params, stats, x, y = harness.build(args.model, args.batch)
   if args.mode == 'update':
@@ -104,12 +122,12 @@ def main(argv=None) -> dict:
 
       run.__name__ = tag
       jitted = jax.jit(run, donate_argnums=(0, 1), compiler_options=options)
-      inputs = (params, state, grads)
+      inputs = abstract((params, state, grads))
     else:
       jitted = harness.make_train_step(module, tx, options, tag)
-      inputs = (params, stats, state, x, y)
+      inputs = (*abstract((params, stats, state)), *abstract((x, y), 0))
     with _abstract_gpu(jax, topology.devices[0].device_kind):
-      traced = jitted.trace(*abstract(inputs))
+      traced = jitted.trace(*inputs)
       lowered = traced.lower(lowering_platforms=('cuda',))
     return lowered.compile()
 
@@ -123,6 +141,8 @@ def main(argv=None) -> dict:
       seconds[name].append(time.perf_counter() - start)
       row = harness.hlo_counts(compiled)
       row['kernels'] = _launches(dump, tag)
+      if args.devices > 1:
+        row['collectives'] = collectives(compiled.as_text())
       results[name] = row
   for name, row in results.items():
     row['compile_s'] = round(statistics.median(seconds[name]), 2)
@@ -130,6 +150,30 @@ def main(argv=None) -> dict:
   device = topology.devices[0].device_kind
   print(f'({args.mode} / {args.model}, compiled for {device}; dumps: {dump})')
   return results
+
+
+def split_spec(shape, devices: int, axis: int):
+  """A PartitionSpec splitting ``axis`` over the mesh's ``'data'`` axis if
+  its size divides by ``devices`` (> 1), else replicating."""
+  from jax.sharding import PartitionSpec
+
+  if devices == 1 or not shape or shape[axis] % devices:
+    return PartitionSpec()
+  spec = [None] * len(shape)
+  spec[axis] = 'data'
+  return PartitionSpec(*spec)
+
+
+_COLLECTIVE = re.compile(
+  r' = (?:\([^=]*?\)|\S+) (all-gather|all-reduce|reduce-scatter|'
+  r'all-to-all|collective-permute)(?:-start)?\('
+)
+
+
+def collectives(hlo: str) -> dict[str, int]:
+  """Collective operations in compiled HLO text, by kind (an asynchronous
+  one counted once, at its start)."""
+  return dict(collections.Counter(_COLLECTIVE.findall(hlo)))
 
 
 def _abstract_gpu(jax, device_kind: str):

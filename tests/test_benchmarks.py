@@ -110,6 +110,37 @@ def test_gpu_offline_counts_launches_by_kind(tmp_path):
   assert gpu_offline._launches(str(tmp_path), 'offline_sgd') == {}
 
 
+def test_gpu_offline_splits_what_divides_and_counts_collectives():
+  from jax.sharding import PartitionSpec as P
+
+  from benchmarks import gpu_offline
+
+  assert gpu_offline.split_spec((3, 3, 64, 128), 8, -1) == P(
+    None, None, None, 'data'
+  )
+  assert gpu_offline.split_spec((10,), 8, -1) == P()  # 10 filters: replicated
+  assert gpu_offline.split_spec((256, 32, 32, 3), 8, 0) == P(
+    'data', None, None, None
+  )
+  assert gpu_offline.split_spec((64,), 1, -1) == P()  # one device
+  assert gpu_offline.split_spec((), 8, -1) == P()  # a scalar
+  hlo = (
+    '  %all-gather-start = (f32[4,64]{0,1}, f32[4,512]{0,1})'
+    ' all-gather-start(%p), dimensions={1}\n'
+    '  %all-gather-done = f32[4,512]{0,1} all-gather-done(%all-gather-start)\n'
+    '  %all-gather-start.6 = ((f32[4]{0}, f32[4]{0}), (f32[8]{0}, f32[8]{0}))'
+    ' all-gather-start(%a, %b)\n'
+    '  %reduce-scatter.1 = f32[8]{0} reduce-scatter(%g), dimensions={0}\n'
+    '  %ar = f32[] all-reduce(%x), to_apply=%add\n'
+    '  %fusion = f32[8]{0} fusion(%all-gather-done), kind=kLoop\n'
+  )
+  assert gpu_offline.collectives(hlo) == {
+    'all-gather': 2,
+    'reduce-scatter': 1,
+    'all-reduce': 1,
+  }
+
+
 def test_multitensor_names_set_tiles_and_chunks():
   assert harness.multitensor_args('dessilbi_mt_apply:64x16x4x256') == {
     'store_gamma': True,
