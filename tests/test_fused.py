@@ -75,11 +75,15 @@ def test_follows_dessilbi(store_gamma, tiles, apply):
   assert 0 < int(filters.sum()) < 20
 
 
-@pytest.mark.parametrize('per_kernel', [1, 2])
-def test_leaves_split_across_launches_follow_dessilbi(per_kernel):
+@pytest.mark.parametrize(
+  'per_kernel, store_gamma', [(1, True), (2, True), (1, False)]
+)
+def test_leaves_split_across_launches_follow_dessilbi(per_kernel, store_gamma):
   # Each leaf in a launch of its own, or two conv kernels in one launch and
   # the three others in two.
-  kwargs = dict(learning_rate=0.5, nu=2.0, weight_decay=1e-2)
+  kwargs = dict(
+    learning_rate=0.5, nu=2.0, weight_decay=1e-2, store_gamma=store_gamma
+  )
   params = _params()
   want = _run_update(dl.dessilbi(**kwargs), params, 3)
   opt = dl.fused_dessilbi(
