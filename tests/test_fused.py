@@ -112,6 +112,15 @@ def test_the_toolbox_reads_its_state():
     strict=True,
   ):
     assert bool(jnp.all(a == b))
+  # The order of selection is recorded from it as from dessilbi's.
+  record = dl.update_selection(dl.init_selection(state), state, step=3)
+  for a, b in zip(
+    jax.tree.leaves(record),
+    jax.tree.leaves(dl.update_selection(dl.init_selection(want), want, step=3)),
+    strict=True,
+  ):
+    assert bool(jnp.all(a == b))
+  assert any(bool(jnp.any(r == 3)) for r in jax.tree.leaves(record))
   # And dessilbi steps on from it: the two share one state.
   updates, _ = jax.jit(ref.update)(params, state, params)
   assert jax.tree.structure(updates) == jax.tree.structure(params)
