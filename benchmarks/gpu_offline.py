@@ -111,7 +111,8 @@ def main(argv=None) -> dict:
     grads = jax.tree.map(jax.numpy.ones_like, params)
 
   def compile_one(name, tag):
-    """The optimizer's update or train step, compiled for the GPU."""
+    """The optimizer's update or train step compiled for the GPU, and the
+    seconds its trace, lowering and compile took."""
     # The fused step's Triton kernels, not their CPU interpreter.
     tx = harness.make_optimizer(name, interpret=False)
     state = tx.init(params)
@@ -126,19 +127,20 @@ def main(argv=None) -> dict:
     else:
       jitted = harness.make_train_step(module, tx, options, tag)
       inputs = (*abstract((params, stats, state)), *abstract((x, y), 0))
+    start = time.perf_counter()
     with _abstract_gpu(jax, topology.devices[0].device_kind):
       traced = jitted.trace(*inputs)
       lowered = traced.lower(lowering_platforms=('cuda',))
-    return lowered.compile()
+    compiled = lowered.compile()
+    return compiled, time.perf_counter() - start
 
   seconds = collections.defaultdict(list)
   results = {}
   for _ in range(args.repeats):
     for name in args.optimizers:
       tag = 'offline_' + re.sub(r'\W', '_', name)
-      start = time.perf_counter()
-      compiled = compile_one(name, tag)
-      seconds[name].append(time.perf_counter() - start)
+      compiled, took = compile_one(name, tag)
+      seconds[name].append(took)
       row = harness.hlo_counts(compiled)
       row['kernels'] = _launches(dump, tag)
       if args.devices > 1:
