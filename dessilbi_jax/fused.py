@@ -211,7 +211,9 @@ def fused_dessilbi(
     leaves_per_kernel: the most leaves one launch of a kernel steps (a
       positive int). Fewer compile faster, as a kernel's compile time
       grows with the square of its leaves; more save launches, 1 to 2 µs
-      each on an H100 (``benchmarks/README.md``). The tiling is static
+      each on an H100 (``benchmarks/README.md``). A leaf adds up to 72
+      bytes of pointers to its launch's parameters (CUDA's classic limit
+      is 4 KB). The tiling is static
       (Python ints); under ``optax.inject_hyperparams``, name it in
       ``static_args=TILING``.
 
