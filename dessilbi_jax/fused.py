@@ -15,10 +15,11 @@ Triton):
    (``z · κ·max(0, 1 - λ/‖z_g‖)``) or, with ``store_gamma=False``, the
    per-filter scale.
 
-Each kernel is launched once per kind of leaf (group lassos, the others)
-and per ``leaves_per_kernel`` leaves: a kernel holds a branch per leaf, and
-Triton's compile time grows with the square of a kernel's branches
-(ResNet-18 takes four launches at the default of 32).
+The first kernel is launched once per kind of leaf (group lassos, the
+others) and per ``leaves_per_kernel`` leaves, the second once per launch of
+group lassos: a kernel holds a branch per leaf, and Triton's compile time
+grows with the square of a kernel's branches (ResNet-18 takes four launches
+at the default of 32).
 
 Its state is the state of ``dessilbi`` with the same arguments, leaf for
 leaf, so the whole toolbox reads it and a run may switch between the two.
