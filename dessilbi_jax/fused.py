@@ -214,9 +214,8 @@ def fused_dessilbi(
       grows with the square of its leaves; more save launches, 1 to 2 µs
       each on an H100 (``benchmarks/README.md``). A leaf adds up to 72
       bytes of pointers to its launch's parameters (CUDA's classic limit
-      is 4 KB). The tiling is static
-      (Python ints); under ``optax.inject_hyperparams``, name it in
-      ``static_args=TILING``.
+      is 4 KB). The tiling is static (Python ints); under
+      ``optax.inject_hyperparams``, name it in ``static_args=TILING``.
 
   Returns:
     A :class:`FusedDessilbi`: ``init``, ``update`` and ``step``.
@@ -582,8 +581,8 @@ def _pallas_step(leaves, scalars, columns, settings, apply):
   per_leaf = {}
   active = [k for k, leaf in enumerate(leaves) if leaf.kind != 'empty']
   calls = 1 + max((leaves[k].call for k in active), default=-1)
-  for n in range(calls):
-    batch = [k for k in active if leaves[k].call == n]
+  batches = [[k for k in active if leaves[k].call == n] for n in range(calls)]
+  for batch in batches:
     outs = _first_call(
       call,
       kernels,
@@ -598,8 +597,7 @@ def _pallas_step(leaves, scalars, columns, settings, apply):
       ]
   # The second kernel: the group-lasso leaves' norms, then Γ or the scale,
   # for the leaves of each call of the first.
-  for n in range(calls):
-    batch = [k for k in active if leaves[k].call == n]
+  for batch in batches:
     if leaves[batch[0]].kind != 'group':
       continue
     written = _second_call(
