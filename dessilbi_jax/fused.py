@@ -86,12 +86,15 @@ class _Leaf:
   def __init__(self, kind, shape, dtypes, lam, decayed, storage, tiles):
     block, tile_cols, chunk_rows = tiles
     self.kind = kind  # 'plain' | 'lasso' | 'group' | 'empty' (size 0)
+    self.coupled = lam is not None
     self.shape = tuple(shape)
     self.lam = lam
     self.decayed = decayed
     # The decayed gradient's, the direction's (momentum before the state's
-    # cast) and the stored momentum's dtypes.
-    self.decay_dtype, self.d_dtype, self.m_dtype = dtypes
+    # cast) and the stored momentum's dtypes; and by scalar (_STEP, ...) the
+    # dtype its product is computed in, to which a weakly typed (Python
+    # float) hyper-parameter is rounded first.
+    self.decay_dtype, self.d_dtype, self.m_dtype, self.scalar_dtypes = dtypes
     # Whether the state holds Γ itself (else a per-filter scale), as read
     # and as written.
     self.gamma_in_full, self.gamma_out_full = storage
@@ -346,7 +349,9 @@ def fused_dessilbi(
       treedef.flatten_up_to(t)
       for t in (grads, trace.trace, params, core.z, core.gamma)
     ]
-    hyper = (momentum, weight_decay, state_dtype, store_gamma)
+    hyper = _Hyper(
+      momentum, weight_decay, state_dtype, store_gamma, lr, kappa, nu
+    )
     leaves = _layout(columns, penalties, decay, tiles, hyper, leaves_per_kernel)
 
     def kernels(scalars, columns):
@@ -495,11 +500,48 @@ def _in_dtype(value: float, dtype) -> float:
   return float(np.asarray(value, np.float64).astype(dtype))
 
 
+class _Hyper(NamedTuple):
+  """The hyper-parameters as ``dessilbi`` reads them at a step: Python
+  numbers (weakly typed) or arrays."""
+
+  momentum: Any
+  weight_decay: Any
+  state_dtype: Any
+  store_gamma: bool
+  learning_rate: Any
+  kappa: Any
+  nu: Any
+
+
+def _scalar_dtypes(hyper, d_dtype, m, w, z, choice) -> tuple:
+  """By scalar (``_STEP``, ...): the dtype ``dessilbi``'s chain multiplies
+  (or divides) by it in, for one leaf. A weakly typed hyper-parameter takes
+  the array's dtype there, so a bfloat16 momentum is updated with β rounded
+  to bfloat16 (0.9 -> 0.8984375); the kernels round it alike."""
+  dtypes = [np.dtype(np.float32)] * 6
+  dtypes[_DECAY] = jnp.result_type(hyper.weight_decay, w)
+  dtypes[_MOMENTUM] = jnp.result_type(hyper.momentum, m)
+  step = hyper.kappa * hyper.learning_rate
+  if choice is None:  # W's update -step·d
+    dtypes[_STEP] = jnp.result_type(step, d_dtype)
+    return tuple(dtypes)
+  # -step·(d + (W - Γ)/ν), z + (α/ν)·(W - Γ) with α/ν in z's precision at
+  # least, Γ = κ·Prox(z) with κ in z's dtype.
+  dtypes[_NU] = jnp.result_type(jnp.promote_types(w.dtype, z.dtype), hyper.nu)
+  inner = jnp.promote_types(d_dtype, dtypes[_NU])
+  dtypes[_STEP] = jnp.result_type(step, inner)
+  dtypes[_Z_STEP] = jnp.promote_types(
+    jnp.result_type(hyper.learning_rate, hyper.nu), z.dtype
+  )
+  dtypes[_KAPPA] = z.dtype
+  return tuple(dtypes)
+
+
 def _layout(columns, penalties, decay, tiles, hyper, per_call):
   """The leaves' static layout: longest programs first, at most
   ``per_call`` leaves to a ``pallas_call``."""
-  momentum, weight_decay, state_dtype, store_gamma = hyper
   # optax.add_decayed_weights skips a literal 0 (no dtype promotion either).
+  weight_decay = hyper.weight_decay
   no_decay = isinstance(weight_decay, (int, float)) and weight_decay == 0
   leaves = []
   for g, m, w, z, gamma, choice, decayed in zip(
@@ -510,22 +552,28 @@ def _layout(columns, penalties, decay, tiles, hyper, per_call):
     # hyper-parameter is weakly typed and promotes nothing); trace casts the
     # momentum it keeps to state_dtype, not the direction it passes on.
     decay_dtype = jnp.result_type(g, weight_decay, w)
-    d_dtype = jnp.result_type(decay_dtype if decayed else g.dtype, momentum, m)
-    m_dtype = m.dtype if state_dtype is not None else d_dtype
-    dtypes = (decay_dtype, d_dtype, m_dtype)
+    d_dtype = jnp.result_type(
+      decay_dtype if decayed else g.dtype, hyper.momentum, m
+    )
+    m_dtype = m.dtype if hyper.state_dtype is not None else d_dtype
+    scalar_dtypes = _scalar_dtypes(hyper, d_dtype, m, w, z, choice)
+    dtypes = (decay_dtype, d_dtype, m_dtype, scalar_dtypes)
     lam, storage = None, (True, True)
     if choice is None:
       kind = 'plain'
     elif isinstance(choice, Lasso):
       kind = 'lasso'
       lam = _in_dtype(choice.lam, z.dtype)  # as soft_threshold rounds it
+    elif w.ndim == 0:  # a group of one scalar: its shrinkage is a lasso's
+      kind = 'lasso'
+      lam = _in_dtype(group_threshold(choice, w.shape), z.dtype)
     else:
       kind = 'group'
       lam = _in_dtype(group_threshold(choice, w.shape), z.dtype)
       # Read as the state holds it; written as this optimizer keeps it
       # (Γ itself for groups of one weight).
       rows = math.prod(w.shape[:-1])
-      storage = (gamma.shape == z.shape, store_gamma or rows == 1)
+      storage = (gamma.shape == z.shape, hyper.store_gamma or rows == 1)
     if math.prod(w.shape) == 0:
       kind = 'empty'
     leaves.append(_Leaf(kind, w.shape, dtypes, lam, decayed, storage, tiles))
@@ -617,10 +665,9 @@ def _pallas_step(leaves, scalars, columns, settings, apply):
     if leaf.kind == 'empty':
       new_m.append(jnp.zeros(leaf.shape, leaf.m_dtype))
       new_w.append(w if apply else jnp.zeros_like(w))
-      coupled = not isinstance(z, optax.MaskedNode)
       new_z.append(z)
       shape = leaf.shape if leaf.gamma_out_full else leaf.scale_shape
-      new_gamma.append(jnp.zeros(shape, z.dtype) if coupled else gamma)
+      new_gamma.append(jnp.zeros(shape, z.dtype) if leaf.coupled else gamma)
       continue
     new = per_leaf[k]
     new_m.append(new[0].reshape(leaf.shape))
@@ -734,6 +781,14 @@ class _Kernels:
     read the momentum and z that optax and the state keep)."""
     return value.astype(dtype).astype(jnp.float32)
 
+  def scalars(self, leaf, s):
+    """The scalars as ``dessilbi`` computes with them for ``leaf``: each
+    rounded to the dtype of its products there."""
+    return [
+      x if dtype == jnp.float32 else self.rounded(x, dtype)
+      for x, dtype in zip(s, leaf.scalar_dtypes, strict=True)
+    ]
+
   def written(self, w, update, dtype):
     """W's update rounded to W's dtype (as ``optax.apply_updates`` adds
     it), or with ``apply`` the new W."""
@@ -763,7 +818,8 @@ class _Kernels:
     for leaf, i, o in zip(leaves, ins, outs, strict=True):
       inside = (pid >= leaf.start) & (pid < leaf.start + leaf.programs)
       body = self.group if leaf.kind == 'group' else self.flat
-      pl.when(inside)(lambda b=body, a=(leaf, pid - leaf.start, s, i, o): b(*a))
+      args = (leaf, pid - leaf.start, self.scalars(leaf, s), i, o)
+      pl.when(inside)(lambda b=body, a=args: b(*a))
 
   def flat(self, leaf, b, s, ins, outs):
     pl = self.pl
@@ -841,7 +897,9 @@ class _Kernels:
     ins, outs = refs[: 3 * len(entries)], refs[3 * len(entries) :]
     for n, (leaf, start, programs) in enumerate(entries):
       inside = (pid >= start) & (pid < start + programs)
-      args = (leaf, pid - start, kappa, ins[3 * n : 3 * n + 3], outs[n])
+      dtype = leaf.scalar_dtypes[_KAPPA]
+      k = kappa if dtype == jnp.float32 else self.rounded(kappa, dtype)
+      args = (leaf, pid - start, k, ins[3 * n : 3 * n + 3], outs[n])
       pl.when(inside)(lambda a=args: self.norms(*a))
 
   def norms(self, leaf, b, kappa, ins, gamma_ref):

@@ -415,6 +415,50 @@ def test_leaves_of_size_zero(store_gamma):
   _follows(dict(learning_rate=0.5, nu=2.0, store_gamma=store_gamma), params)
 
 
+@pytest.mark.parametrize('empty', [(), None])
+def test_empty_state_slots_of_uncoupled_leaves(empty):
+  # Flax NNX turns optax.MaskedNode() into (), and a restored state may hold
+  # None there; dessilbi steps such a state, the fused step too (a leaf of
+  # size 0 among them).
+  params = {'c': jnp.ones((0,)), 'b': jnp.ones((5,)), 'e': jnp.ones((3, 2))}
+  state = dl.dessilbi(0.5, nu=2.0).init(params)
+  core, slots = state[3], {'c': empty, 'b': empty}
+  state = (
+    *state[:3],
+    core._replace(z={**core.z, **slots}, gamma={**core.gamma, **slots}),
+  )
+  runs = _follows(dict(learning_rate=0.5, nu=2.0), params, 1, state)
+  assert runs[1][1][3].z['c'] == empty
+
+
+@pytest.mark.parametrize('store_gamma', [True, False])
+def test_a_scalar_group_of_one_weight(store_gamma):
+  # GroupLasso(axes=()) on a scalar: one group of one weight, whose group
+  # shrinkage is a soft threshold (dessilbi keeps Γ itself there).
+  def rule(path, x):
+    return dl.GroupLasso(axes=(), lam=0.3) if x.ndim == 0 else None
+
+  params = {'s': jnp.asarray(0.7), 't': jnp.asarray(-0.2), 'b': jnp.ones(3)}
+  kwargs = dict(
+    learning_rate=0.5, nu=2.0, penalty=rule, store_gamma=store_gamma
+  )
+  runs = _follows(kwargs, params, steps=3)
+  assert runs[1][1][3].gamma['s'].shape == ()
+
+
+def test_weakly_typed_hyper_parameters_round_to_the_state_dtype():
+  # A Python float is weakly typed: optax.trace multiplies a bfloat16
+  # momentum by β rounded to bfloat16 (0.9 -> 0.8984375), so the kernels
+  # do too. With β in float32 the float32 params were off by 15 % of their
+  # largest value after 10 steps here; now they agree to the last bit.
+  params = _params()
+  params = {'fc': params['fc'], 'b': params['conv1']['bias']}
+  kwargs = dict(
+    learning_rate=0.05, nu=2.0, weight_decay=1e-2, state_dtype=jnp.bfloat16
+  )
+  _follows(kwargs, params, steps=10, rtol=0, atol=0)
+
+
 def test_narrow_state_dtype_rounds_only_the_stored_momentum():
   # optax.trace passes on the float32 direction and casts only the momentum
   # it keeps to bfloat16: W moves with the unrounded direction (rounding it
