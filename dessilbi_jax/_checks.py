@@ -138,7 +138,7 @@ def check_unit_interval(name: str, value: Any) -> None:
 # and never reads a value (no host syncs).
 
 _STATE_FIELDS = ('count', 'z', 'gamma', 'penalties')
-_RESTORE_HINT = (
+RESTORE_HINT = (
   'init it with the same params and penalty rule, or restore a checkpoint '
   'into the structure that tx.init(params) (or jax.eval_shape(tx.init, '
   'params)) returns'
@@ -239,7 +239,7 @@ def check_update_trees(
   if fields != _STATE_FIELDS:
     raise TypeError(
       f'state must be the DessiLBIState that init returned, got '
-      f'{type(state).__name__}; {_RESTORE_HINT}.'
+      f'{type(state).__name__}; {RESTORE_HINT}.'
     )
   if jnp.ndim(state.count) != 0:
     raise ValueError(
@@ -263,13 +263,13 @@ def check_update_trees(
           f'state.{field}: leaf {name!r} is coupled to a sparse Γ by the '
           f'penalty rule, but the state holds {_describe(s)} there: the '
           f'state was built for other params or another penalty rule; '
-          f'{_RESTORE_HINT}.'
+          f'{RESTORE_HINT}.'
         )
       if not coupled and holds:
         raise ValueError(
           f'state.{field}: leaf {name!r} is not coupled by the penalty rule, '
           f'but the state holds {_describe(s)} there: the state was built '
-          f'for another penalty rule; {_RESTORE_HINT}.'
+          f'for another penalty rule; {RESTORE_HINT}.'
         )
       if not coupled:
         continue
@@ -281,7 +281,7 @@ def check_update_trees(
         raise ValueError(
           f'state.{field}: leaf {name!r} has shape {tuple(s.shape)}, its '
           f'parameter {tuple(w.shape)}: the state belongs to another model; '
-          f'{_RESTORE_HINT}.'
+          f'{RESTORE_HINT}.'
         )
       if not jnp.issubdtype(s.dtype, jnp.floating):
         raise TypeError(

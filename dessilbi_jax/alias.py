@@ -36,6 +36,14 @@ def _check_gradients(mask: Any) -> optax.GradientTransformation:
   def update_fn(updates, state, params=None):
     if params is None:
       raise ValueError(_checks.NO_PARAMS_MSG)
+    if not isinstance(state, optax.EmptyState):
+      # A state restored without a target (Orbax: lists, dicts and None)
+      # would fail in the transformations after this one, unclearly.
+      raise TypeError(
+        'state must be the state that init returned (a tuple of Optax '
+        f"states, this check's first: optax.EmptyState()); got {state!r} "
+        f'in its place; {_checks.RESTORE_HINT}.'
+      )
     _checks.check_gradients(updates, params)
     return updates, state
 

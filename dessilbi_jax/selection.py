@@ -33,7 +33,7 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
-from dessilbi_jax import _trees
+from dessilbi_jax import _checks, _trees
 from dessilbi_jax.penalties import PenaltyRule
 from dessilbi_jax.transform import resolve_penalties
 
@@ -234,6 +234,11 @@ def track_selection(
     return SelectionState(inner_state, init_selection(inner_state, penalty))
 
   def update_fn(updates, state, params=None, **extra_args):
+    if not isinstance(state, SelectionState):
+      raise TypeError(
+        'state must be the SelectionState that init returned, got '
+        f'{type(state).__name__}; {_checks.RESTORE_HINT}.'
+      )
     updates, inner_state = inner.update(
       updates, state.inner_state, params, **extra_args
     )

@@ -268,3 +268,14 @@ def test_restoring_into_a_mismatched_structure_fails_clearly(tmp_path):
     raw = ckptr.restore(tmp_path / 'core')
   with pytest.raises(TypeError, match='state must be the DessiLBIState'):
     core.update(params, raw['opt_state'], params)
+  # So do the full optimizer and the record's wrapper, before the Optax
+  # transformations they chain meet the dicts (an AttributeError there).
+  for name, tx_ in (
+    ('dessilbi', tx),
+    ('selection', dl.track_selection(tx)),
+  ):
+    _save(tmp_path / name, params, tx_.init(params))
+    with ocp.StandardCheckpointer() as ckptr:
+      raw = ckptr.restore(tmp_path / name)
+    with pytest.raises(TypeError, match=r'state must be the .*restore a check'):
+      tx_.update(params, raw['opt_state'], params)
