@@ -205,7 +205,7 @@ def w_star(
   masks = {}
   for names in _trees.grouped_penalties(core, penalty):  # checks the rule
     g = gammas[names]
-    if names[-1] != 'kernel' or g.ndim < 2:
+    if names[-1:] != ('kernel',) or g.ndim < 2:
       continue
     # A filter is out as a whole when none of its weights is selected,
     # whatever the groups (per filter, per weight, per input and filter).

@@ -158,7 +158,7 @@ def _prune(params, record, cuts, *, scope, spec_items, penalty):
     masks[names] = jnp.broadcast_to(
       _trees.expand_groups(keep, choice, w.ndim), w.shape
     )
-    if names[-1] == 'kernel' and _trees.is_output_grouped(choice, w.ndim):
+    if names[-1:] == ('kernel',) and _trees.is_output_grouped(choice, w.ndim):
       masks.update(channel_masks(table, names, keep, spec, params))
 
   def mask_of(names, w):

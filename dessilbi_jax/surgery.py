@@ -314,7 +314,11 @@ def _check_paths_line_up(edits, params, opt_state, batch_stats):
           f'(the params have e.g. {_trees.join(next(iter(table)))!r}), so a '
           f'channel edit could not follow it; {_LINE_UP_HINT}.'
         )
-  stats = [names for names in table if names[-1] in ('mean', 'var', 'variance')]
+  stats = [
+    names
+    for names in table
+    if names[-1:] in (('mean',), ('var',), ('variance',))
+  ]
   for edit in edits:
     for key in edit.ops:
       owner = key[:-1]
@@ -725,7 +729,7 @@ def _keep_per_layer(keep, table, spec, penalties) -> dict[str, np.ndarray]:
       )
     mask = _layer_mask(mask, _trees.join(names), 'leaf')
     layer = _trees.join(names[:-1])
-    if names[-1] == 'kernel' and layer in spec:
+    if names[-1:] == ('kernel',) and layer in spec:
       kernel = table[names]
       mask = _per_weight(mask, kernel.shape, penalties.get(names), layer)
       channels = _channel_mask(mask, kernel.shape, layer)

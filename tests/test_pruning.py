@@ -6,6 +6,7 @@ import math
 import jax
 import jax.numpy as jnp
 import numpy as np
+import optax
 import pytest
 from flax import nnx
 
@@ -280,3 +281,24 @@ def test_a_norm_without_scale_is_refused_unless_its_statistics_come_along():
   dropped = ~np.asarray(masks['bn1']['mean'])
   assert dropped.sum() == 2
   assert not np.any(np.asarray(pruned['bn1']['mean'])[dropped])
+
+
+def test_params_as_a_single_array():
+  # dessilbi's own example steps a bare array; pruning by the record, and
+  # W* with its channels, take one too (it has no biases or norms to follow).
+  target = jnp.array([[3.0, 0.0], [0.0, -2.0]])
+  tx = dl.track_selection(dl.dessilbi(0.05, nu=1.0))
+  w = jnp.zeros((2, 2))
+  state = tx.init(w)
+  for _ in range(50):
+    updates, state = tx.update(2 * (w - target), state, w)
+    w = optax.apply_updates(w, updates)
+  record = optax.tree.get(state, 'first_step')
+  selected = np.asarray(dl.support(state, by_group=True))
+  assert selected.tolist() == [[True, False], [False, True]]
+  pruned, mask = dl.prune(w, record, 0.5)
+  np.testing.assert_array_equal(mask, selected)
+  np.testing.assert_array_equal(pruned, np.where(selected, w, 0))
+  np.testing.assert_array_equal(
+    dl.w_star(w, state, channels=True), dl.w_star(w, state)
+  )
