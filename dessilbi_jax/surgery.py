@@ -5,7 +5,7 @@ that holds them along: the params, the normalisation statistics
 (``batch_stats`` in Linen; in Flax NNX pass ``nnx.state(model)``, which holds
 both) and the optimizer state (z, Γ, momentum or any other params-shaped
 buffer, and the first-selection record of
-:func:`~dessilbi_jax.track_selection`, which follows the axis its kernel is
+:func:`~dessilbi_jax.track_selection`, which follows the axes its kernel is
 grouped along, as the penalties the DessiLBI state records say). Leaves of
 the optimizer state are matched to params by their key path (its end must
 equal the param's path).
@@ -120,7 +120,7 @@ class _Edit:
     A params or batch-stats leaf is edited when its name is in the edit; an
     optimizer-state leaf when the longest end of its name that names a param
     is in the edit. ``penalties`` (those the DessiLBI state records, by
-    name) tell which axis of a kernel a per-group record of it follows.
+    name) tell which axes of a kernel a per-group record of it follows.
     """
 
     def match(names):
@@ -159,10 +159,10 @@ class _Edit:
           f'expected {shape} to edit the channels of layer '
           f'{_trees.join(self.layer)!r}.'
         )
-      group_axis = _record_axis(penalties, key, shape, x)
-      if group_axis is not None:  # a per-group record: it follows its axis
-        if group_axis == axis % len(shape):
-          return _take(x, self.src, 0, fill, repeat)
+      axes = _record_axes(penalties, key, shape, x)
+      if axes is not None:  # a per-group record: it follows the edited axis
+        if axis % len(shape) in axes:
+          return _take(x, self.src, axes.index(axis % len(shape)), fill, repeat)
         return x
       if key == (*self.layer, 'kernel') and tuple(x.shape) == (self.width,):
         return _take(x, self.src, 0, fill)  # a per-filter record
@@ -196,17 +196,18 @@ def _is_group_axis(penalties, key, shape, x, axis: int) -> bool:
   return shape[axis] != 1 or axis == len(shape) - 1
 
 
-def _record_axis(penalties, key, shape, x) -> Optional[int]:
-  """The kernel axis that a one-dimensional per-group record ``x`` of leaf
-  ``key`` runs along, from the penalty the optimizer gave that leaf; None
-  where no recorded penalty says (then the shapes decide)."""
+def _record_axes(penalties, key, shape, x) -> Optional[tuple[int, ...]]:
+  """The kernel axes that a per-group record ``x`` of leaf ``key`` runs
+  along (one record axis per axis indexing the groups, in order), from the
+  penalty the optimizer gave that leaf; None where no recorded penalty says
+  (then the shapes decide)."""
   choice = penalties.get(key)
-  if not isinstance(choice, GroupLasso) or shape is None or x.ndim != 1:
+  if not isinstance(choice, GroupLasso) or shape is None:
     return None
   axes = choice.group_axes(len(shape))
-  if len(axes) != 1 or x.shape[0] != shape[axes[0]]:
+  if tuple(x.shape) != tuple(shape[a] for a in axes):
     return None
-  return axes[0]
+  return axes
 
 
 def _state_penalties(opt_state) -> dict:

@@ -1,6 +1,8 @@
 """Surgery at the edges: other groupings, numbered layers, one-filter
 layers, half precision, and the arguments it refuses."""
 
+import functools
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -328,3 +330,47 @@ def test_slim_to_one_input_stores_gamma_as_the_optimizer_does():
     results[True][1]['fc2']['kernel'],
     rtol=1e-6,
   )
+
+
+def test_a_record_per_input_and_filter_follows_the_edits():
+  """A record of groups per (input, filter) has one axis per group axis:
+  an edit of the producer's filters takes its last axis, and of the
+  consumer's inputs its first."""
+  keys = jax.random.split(jax.random.key(0), 2)
+  params = {
+    'conv1': {'kernel': jax.random.normal(keys[0], (3, 3, 2, 4))},
+    'conv2': {'kernel': jax.random.normal(keys[1], (3, 3, 4, 5))},
+  }
+  rule = dl.penalty_rule(conv=dl.GroupLasso(axes=(-2, -1), lam=0.5))
+  tx = dl.track_selection(dl.dessilbi(0.1, nu=1.0, penalty=rule))
+  state, p = tx.init(params), params
+  for _ in range(3):
+    updates, state = tx.update(jax.tree.map(lambda w: -w, p), state, p)
+    p = optax.apply_updates(p, updates)
+  record = optax.tree.get(state, 'first_step')
+  r1, r2 = record['conv1']['kernel'], record['conv2']['kernel']
+  assert r1.shape == (2, 4) and r2.shape == (4, 5)
+  assert np.any(r1 != dl.NOT_SELECTED) and np.any(r2 != dl.NOT_SELECTED)
+  spec = dl.chain_spec(p, ['conv1', 'conv2'])
+  kept = [0, 2, 3]
+  keep = {'conv1': np.isin(np.arange(4), kept)}
+  edits = {
+    'slim': dl.slim(p, spec, keep, opt_state=state),
+    'widen': dl.widen(jax.random.key(1), p, spec, 'conv1', 2, opt_state=state),
+  }
+  unset = functools.partial(np.full, fill_value=dl.NOT_SELECTED)
+  want = {
+    'slim': (r1[:, kept], r2[kept, :]),
+    'widen': (np.hstack([r1, unset((2, 2))]), np.vstack([r2, unset((2, 5))])),
+  }
+  for name, out in edits.items():
+    got = optax.tree.get(out.opt_state, 'first_step')
+    np.testing.assert_array_equal(got['conv1']['kernel'], want[name][0])
+    np.testing.assert_array_equal(got['conv2']['kernel'], want[name][1])
+    grads = jax.tree.map(jnp.ones_like, out.params)
+    tx.update(grads, out.opt_state, out.params)  # accepted
+  _, reset = dl.reinit_unselected(
+    jax.random.key(2), p, state, ['conv1'], keep=keep
+  )
+  got = optax.tree.get(reset, 'first_step')['conv1']['kernel']
+  np.testing.assert_array_equal(got, np.where(keep['conv1'], r1, unset(1)))
