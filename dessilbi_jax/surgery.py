@@ -263,6 +263,41 @@ def _full_where_groups_are_single(opt_state, scales: set):
   return jax.tree_util.tree_map_with_path(fix, opt_state, is_leaf=_is_state)
 
 
+def _scales_where_groups_grew(opt_state, scales: set, penalties: dict):
+  """Stores the per-group scale where an edit gave a kernel's groups of one
+  weight more weights (a consumer of one input widened), in the states that
+  keep scales (``store_gamma=False``): the optimizer keeps Γ itself only for
+  groups of one weight, and keeps ``scale = Γ_g·z_g / ‖z_g‖²`` otherwise
+  (``Γ = z · scale``; the new weights have z = Γ = 0)."""
+  cores = {core_path for core_path, _ in scales}
+
+  def fix(core_path, core):
+    if core_path not in cores or not _is_state(core):
+      return core
+    zs = _trees.leaves_by_name(core.z)
+
+    def one(names, g):
+      z, choice = zs.get(names), penalties.get(names)
+      if (
+        not isinstance(choice, GroupLasso)
+        or z is None
+        or np.shape(g) != np.shape(z)
+      ):
+        return g
+      axes = choice.reduce_axes(np.ndim(z))
+      if all(np.shape(z)[a] == 1 for a in axes):
+        return g  # still groups of one weight: Γ itself
+      z64, g64 = np.asarray(z, np.float64), np.asarray(g, np.float64)
+      sq = np.sum(z64 * z64, axis=axes, keepdims=True)
+      dot = np.sum(g64 * z64, axis=axes, keepdims=True)
+      scale = np.where(sq > 0, dot / np.where(sq > 0, sq, 1.0), 0.0)
+      return jnp.asarray(scale.astype(np.asarray(g).dtype))
+
+    return core._replace(gamma=_trees.map_with_names(one, core.gamma))
+
+  return jax.tree_util.tree_map_with_path(fix, opt_state, is_leaf=_is_state)
+
+
 def _apply_edits(edits, params, opt_state, batch_stats, penalties=None):
   """Applies the edits to every tree; ``penalties``: the state's, by name,
   when the caller has read them already."""
@@ -284,6 +319,7 @@ def _apply_edits(edits, params, opt_state, batch_stats, penalties=None):
       opt_state = edit.apply(opt_state, shapes, state=True, penalties=penalties)
   if scales:
     opt_state = _full_where_groups_are_single(opt_state, scales)
+    opt_state = _scales_where_groups_grew(opt_state, scales, penalties)
   return params, opt_state, batch_stats
 
 

@@ -299,15 +299,11 @@ def test_surgery_arguments_are_checked_early():
     dl.resolve_penalties(params, 'group')
 
 
-def test_slim_to_one_input_stores_gamma_as_the_optimizer_does():
-  """store_gamma=False keeps one scale per group, but Γ itself where each
-  group is one weight; a Dense consumer slimmed to one input must hold Γ,
-  or the next step reads the scale as Γ."""
-  keys = jax.random.split(jax.random.key(0), 2)
-  params = {
-    'fc1': {'kernel': jax.random.normal(keys[0], (4, 3))},
-    'fc2': {'kernel': jax.random.normal(keys[1], (3, 5))},
-  }
+def _both_storages(params, edit):
+  """Three steps of each storage of Γ, then ``edit(params, spec, state)``
+  (a Surgery), then a step: per ``store_gamma``, the edited state's Γ and
+  the params after that step; the edited state must be laid out as the
+  optimizer's init lays out a state for the edited params."""
   rule = dl.penalty_rule(dense=dl.GroupLasso(axes=-1, lam=0.1))
   results = {}
   for store in (True, False):
@@ -317,18 +313,35 @@ def test_slim_to_one_input_stores_gamma_as_the_optimizer_does():
     for _ in range(3):
       updates, state = tx.update(grads, state, p)
       p = optax.apply_updates(p, updates)
-    spec = dl.chain_spec(p, ['fc1', 'fc2'])
-    keep = {'fc1': np.array([True, False, False])}
-    out = dl.slim(p, spec, keep, opt_state=state)
+    out = edit(p, dl.chain_spec(p, ['fc1', 'fc2']), state)
+    assert [x.shape for x in jax.tree.leaves(out.opt_state)] == [
+      x.shape for x in jax.tree.leaves(tx.init(out.params))
+    ]
     gamma = dl.get_gamma(out.opt_state)['fc2']['kernel']
     grads = jax.tree.map(jnp.ones_like, out.params)
     updates, _ = tx.update(grads, out.opt_state, out.params)
     results[store] = gamma, optax.apply_updates(out.params, updates)
+  assert np.any(results[True][0] != 0)
   np.testing.assert_allclose(results[False][0], results[True][0], rtol=1e-6)
   np.testing.assert_allclose(
     results[False][1]['fc2']['kernel'],
     results[True][1]['fc2']['kernel'],
     rtol=1e-6,
+  )
+
+
+def test_slim_to_one_input_stores_gamma_as_the_optimizer_does():
+  """store_gamma=False keeps one scale per group, but Γ itself where each
+  group is one weight; a Dense consumer slimmed to one input must hold Γ,
+  or the next step reads the scale as Γ."""
+  keys = jax.random.split(jax.random.key(0), 2)
+  params = {
+    'fc1': {'kernel': jax.random.normal(keys[0], (4, 3))},
+    'fc2': {'kernel': jax.random.normal(keys[1], (3, 5))},
+  }
+  keep = {'fc1': np.array([True, False, False])}
+  _both_storages(
+    params, lambda p, spec, state: dl.slim(p, spec, keep, opt_state=state)
   )
 
 
@@ -374,3 +387,21 @@ def test_a_record_per_input_and_filter_follows_the_edits():
   )
   got = optax.tree.get(reset, 'first_step')['conv1']['kernel']
   np.testing.assert_array_equal(got, np.where(keep['conv1'], r1, unset(1)))
+
+
+def test_widen_from_one_input_stores_the_scale_as_the_optimizer_does():
+  """The reverse of the above: a Dense consumer of one input holds Γ under
+  store_gamma=False (groups of one weight); widened, its groups grow and
+  the optimizer keeps their scale, which the edited state must hold too
+  (an NNX optimizer refuses a slot of another shape)."""
+  keys = jax.random.split(jax.random.key(0), 2)
+  params = {
+    'fc1': {'kernel': jax.random.normal(keys[0], (4, 1))},
+    'fc2': {'kernel': jax.random.normal(keys[1], (1, 5))},
+  }
+  _both_storages(
+    params,
+    lambda p, spec, state: dl.widen(
+      jax.random.key(1), p, spec, 'fc1', 2, opt_state=state
+    ),
+  )
