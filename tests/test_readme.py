@@ -130,12 +130,17 @@ def test_penalty_rule_examples():
     axes=-1
   )
   assert rule(('head', 'kernel'), jnp.zeros((3, 4))) is None
-  # Stacked layers: one group per (layer, filter).
-  blocks = {'blocks': {'kernel': jnp.ones((4, 3, 3, 2, 5))}}
+  # Stacked layers: one group per (layer, filter), the biases uncoupled.
+  blocks = {
+    'blocks': {'kernel': jnp.ones((4, 3, 3, 2, 5)), 'bias': jnp.ones((4, 5))}
+  }
   stacked = dl.dessilbi(0.1, penalty=ns['stacked']).init(blocks)
   assert dl.get_penalty(stacked).by_name[('blocks', 'kernel')] == (
     dl.GroupLasso(axes=(0, 4))  # axes resolved for the rank-5 leaf
   )
+  assert ('blocks', 'bias') not in dl.get_penalty(stacked).by_name
+  default = dl.dessilbi(0.1).init(blocks)
+  assert dl.get_penalty(default).by_name[('blocks', 'bias')] == dl.Lasso()
   assert dl.support(stacked, by_group=True)['blocks']['kernel'].shape == (4, 5)
 
 
