@@ -36,6 +36,16 @@ def _is_int(value: Any) -> bool:
 
 
 def _check_lam(lam: float) -> float:
+  if isinstance(lam, (jax.Array, np.ndarray)) and lam.shape == ():
+    # A scalar array is a number here: a penalty is static (hashed into the
+    # compiled step), so its λ must be concrete.
+    try:
+      lam = lam.item()
+    except jax.errors.ConcretizationTypeError:
+      raise TypeError(
+        'lam must be concrete: a penalty is static (part of the compiled '
+        'step), so λ cannot be a traced value; got a traced array.'
+      ) from None
   if isinstance(lam, bool) or not isinstance(lam, numbers.Real):
     raise TypeError(
       f'lam must be a real number (the shrinkage threshold λ), got '

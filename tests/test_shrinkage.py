@@ -169,6 +169,23 @@ def test_a_concrete_negative_or_non_finite_lam_is_refused(lam):
     dl.group_shrink(z, np.array([[1.0], [lam]]), reduce_axes=(1,))
 
 
+def test_a_penalty_reads_a_concrete_scalar_array_as_its_lam():
+  # Penalties are static (hashed into the compiled step): a concrete scalar
+  # array is read as its number, a traced one is refused, saying why.
+  assert dl.Lasso(jnp.array(0.5)) == dl.Lasso(0.5)
+  assert hash(dl.GroupLasso(lam=np.float32(0.25))) == hash(
+    dl.GroupLasso(lam=0.25)
+  )
+  with pytest.raises(ValueError, match='lam must be a finite number >= 0'):
+    dl.Lasso(jnp.array(-1.0))
+  with pytest.raises(TypeError, match=r'lam must be a real number.*Array'):
+    dl.Lasso(jnp.array([0.5]))
+  with pytest.raises(TypeError, match=r'lam must be a real number.*bool'):
+    dl.Lasso(jnp.array(True))
+  with pytest.raises(TypeError, match='lam must be concrete'):
+    jax.jit(lambda lam: dl.Lasso(lam).lam)(0.5)
+
+
 def test_traced_lam_is_not_checked_and_gradients_flow():
   z = jnp.array([3.0, -1.0, 0.0])
   # Under jit λ is traced: no check, the kernel computes as before.
