@@ -70,12 +70,14 @@ RUNS = [
   # Tilings of the fused step around the default (64x16x4x256, flat block
   # 2048, 32 leaves per launch: the conv kernels in one launch at 72
   # registers, 7 programs per SM, the other leaves in two; triton_compile.py)
-  # and launches of at most 1000 leaves (3 launches) or 16 (7).
+  # and launches of at most 1000 leaves (3 launches), or of 16 (7) or 8 (12),
+  # which compile faster (benchmarks/README.md).
   (
     harness.main,
     'update --model resnet18 --repeats 9 --optimizers sgd dessilbi_mt_apply'
     ' dessilbi_mt_apply:64x16x4x256x2048x1000'
-    ' dessilbi_mt_apply:64x16x4x256x2048x16 dessilbi_mt_apply:32x32x4x256'
+    ' dessilbi_mt_apply:64x16x4x256x2048x16'
+    ' dessilbi_mt_apply:64x16x4x256x2048x8 dessilbi_mt_apply:32x32x4x256'
     ' dessilbi_mt_apply:64x32x4x512 dessilbi_mt_apply:128x8x4x256'
     ' dessilbi_mt_apply:64x16x8x256',
   ),
