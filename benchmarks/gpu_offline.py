@@ -33,7 +33,7 @@ import tempfile
 import time
 
 
-def parse_args(argv=None) -> argparse.Namespace:
+def _parser() -> argparse.ArgumentParser:
   parser = argparse.ArgumentParser(description=__doc__.split('\n\n')[0])
   parser.add_argument(
     '--target-config', required=True, help='an XLA GPU target config (text)'
@@ -51,21 +51,38 @@ def parse_args(argv=None) -> argparse.Namespace:
     '--dump', default=None, help='keep XLA dumps (HLO, thunks) in this folder'
   )
   parser.add_argument(
-    '--repeats', type=int, default=1, help='compiles per optimizer, in turn'
+    '--repeats', type=_count, default=1, help='compiles per optimizer, in turn'
   )
   parser.add_argument(
     '--devices',
-    type=int,
+    type=_count,
     default=1,
     help='compile for this many GPUs of the target: leaves split by their'
     ' last axis (and the batch by its first) where it divides, automatic'
     ' axes; the collectives are counted',
   )
-  return parser.parse_args(argv)
+  return parser
+
+
+def _count(text: str) -> int:
+  # harness.positive_int, which cannot be imported before JAX's flags are set.
+  if not text.isdigit() or int(text) < 1:
+    raise argparse.ArgumentTypeError(f'expected an int >= 1, got {text!r}')
+  return int(text)
+
+
+def parse_args(argv=None) -> argparse.Namespace:
+  return _parser().parse_args(argv)
 
 
 def main(argv=None) -> dict:
-  args = parse_args(argv)
+  parser = _parser()
+  args = parser.parse_args(argv)
+  if not os.path.isfile(args.target_config):
+    parser.error(
+      f'--target-config: no file {args.target_config!r} (gpu_check.py saves '
+      "the lent GPU's as gpu_target_config.pbtxt)"
+    )
   with open(args.target_config, encoding='utf-8') as f:
     target_config = f.read()
   dump = args.dump or tempfile.mkdtemp(prefix='gpu_offline_')
@@ -86,10 +103,18 @@ def main(argv=None) -> dict:
     from benchmarks import harness
   from jax.experimental import topologies
 
-  options = harness.xla_options(args.xla_option)
-  topology = topologies.get_topology_desc(
-    '', 'cuda', target_config=target_config, topology=f'1x1x{args.devices}'
+  options = harness.check_names(
+    parser, args.model, args.optimizers, args.xla_option
   )
+  try:
+    topology = topologies.get_topology_desc(
+      '', 'cuda', target_config=target_config, topology=f'1x1x{args.devices}'
+    )
+  except NotImplementedError:
+    parser.error(
+      'this JAX cannot compile for CUDA: install its CUDA build in this '
+      'environment (pip install "jax[cuda12]"; no GPU or driver is needed).'
+    )
   mesh = jax.sharding.Mesh(
     topology.devices,
     ('data',),

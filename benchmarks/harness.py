@@ -64,10 +64,12 @@ MULTITENSOR = (
 
 def multitensor_args(name: str) -> dict:
   """The keyword arguments of ``dessilbi_multitensor`` a name stands for."""
-  base, _, tiles = name.partition(':')
+  base, colon, tiles = name.partition(':')
   if base not in MULTITENSOR:
     known = ', '.join([*OPTIMIZERS, *MULTITENSOR])
     raise ValueError(f'unknown optimizer {name!r}; known: {known}.')
+  if colon and not tiles:
+    tiles = 'x'  # refused below: a colon announces a tiling
   kwargs = {
     'store_gamma': base != 'dessilbi_mt_z',
     'apply': base == 'dessilbi_mt_apply',
@@ -582,6 +584,36 @@ def xla_options(pairs) -> dict | None:
   return options or None
 
 
+def positive_int(text: str) -> int:
+  """An argparse type: an int of at least 1 (a count of steps or repeats)."""
+  try:
+    value = int(text)
+  except ValueError:
+    raise argparse.ArgumentTypeError(f'expected an int, got {text!r}') from None
+  if value < 1:
+    raise argparse.ArgumentTypeError(f'expected at least 1, got {value}')
+  return value
+
+
+def check_names(parser, model: str, optimizers, xla_option) -> dict:
+  """Exits through ``parser`` with the reason where the model, an optimizer
+  name or an XLA option is unknown or malformed; else the XLA options."""
+  if model not in MODELS:
+    parser.error(
+      f'--model: unknown model {model!r}; known: {", ".join(MODELS)}'
+    )
+  try:
+    options = xla_options(xla_option)
+  except ValueError as e:
+    parser.error(f'--xla-option: {e}')
+  for name in optimizers:
+    try:
+      make_optimizer(name)
+    except ValueError as e:
+      parser.error(f'--optimizers: {e}')
+  return options
+
+
 def parse_args(argv=None) -> argparse.Namespace:
   """The harness's command line, with the optimizer names checked."""
   parser = argparse.ArgumentParser(description=__doc__.split('\n\n')[0])
@@ -595,9 +627,13 @@ def parse_args(argv=None) -> argparse.Namespace:
     help='dtype of the params and the batch (step and update modes)',
   )
   parser.add_argument('--optimizers', nargs='+', default=DEFAULT_OPTIMIZERS)
-  parser.add_argument('--steps', type=int, default=50, help='steps per timing')
-  parser.add_argument('--k', type=int, default=20, help='updates per jit')
-  parser.add_argument('--repeats', type=int, default=9)
+  parser.add_argument(
+    '--steps', type=positive_int, default=50, help='steps per timing'
+  )
+  parser.add_argument(
+    '--k', type=positive_int, default=20, help='updates per jit'
+  )
+  parser.add_argument('--repeats', type=positive_int, default=9)
   parser.add_argument(
     '--sizes',
     type=float,
@@ -618,15 +654,9 @@ def parse_args(argv=None) -> argparse.Namespace:
     '--hlo-dir', default=None, help='write the compiled HLO texts here'
   )
   args = parser.parse_args(argv)
-  try:
-    args.xla_options = xla_options(args.xla_option)
-  except ValueError as e:
-    parser.error(f'--xla-option: {e}')
-  for name in args.optimizers:
-    try:
-      make_optimizer(name)
-    except ValueError as e:
-      parser.error(f'--optimizers: {e}')
+  args.xla_options = check_names(
+    parser, args.model, args.optimizers, args.xla_option
+  )
   return args
 
 

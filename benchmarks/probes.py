@@ -13,7 +13,8 @@ model's leaves (one pass per leaf, as any Optax update and
   unless XLA fuses the passes horizontally: the fusion count says).
 
 Per layout it prints the median time, the fusions XLA compiled, and
-``(leaves - flat) / (kernels - 1)``: the cost of one more kernel. If XLA fuses
+``(time of leaves - time of flat) / (their fusions' difference)``: the cost
+of one more kernel (a pass over a leaf may take more than one). If XLA fuses
 small per-leaf passes horizontally, the leaf layout approaches the flat one
 and the fusion count drops below the leaf count.
 
@@ -77,8 +78,10 @@ def _loop(fn, k, arity):
 
 def main(argv=None):
   parser = argparse.ArgumentParser(description=__doc__.split('\n\n')[0])
-  parser.add_argument('--k', type=int, default=20, help='passes per jit')
-  parser.add_argument('--repeats', type=int, default=15)
+  parser.add_argument(
+    '--k', type=harness.positive_int, default=20, help='passes per jit'
+  )
+  parser.add_argument('--repeats', type=harness.positive_int, default=15)
   parser.add_argument('--json', default=None, help='write results here')
   args = parser.parse_args(argv)
 

@@ -15,6 +15,7 @@ Usage::
 import argparse
 import contextlib
 import io
+import os
 import statistics
 import sys
 import time
@@ -83,10 +84,12 @@ def main(argv=None):
   except ImportError:
     sys.exit('PyTorch is not installed: pip install torch')
   sys.path.insert(0, args.reference)
+  if not os.path.isfile(os.path.join(args.reference, 'slbi_opt.py')):
+    sys.exit(f'no slbi_opt.py in --reference {args.reference!r}')
   try:
     from slbi_opt import SLBI
-  except ImportError:
-    sys.exit(f'no slbi_opt.py in --reference {args.reference!r}')
+  except ImportError as e:
+    sys.exit(f'slbi_opt.py in {args.reference!r} failed to import: {e}')
 
   torch.manual_seed(0)
   xt = torch.randn(args.batch, 1, 28, 28)

@@ -98,15 +98,31 @@ def main(argv=None):
     help="write each kernel's PTX and SASS (cuobjdump -sass) to DIR",
   )
   args = parser.parse_args(argv)
-  # Optional, so imported here; XLA's own Triton fuses multiply-adds too.
-  os.environ.setdefault('TRITON_DEFAULT_FP_FUSION', '1')
-  import triton
-  from triton.backends.compiler import GPUTarget
-
+  if args.optimizer.partition(':')[0] not in harness.MULTITENSOR:
+    parser.error(
+      f'--optimizer: {args.optimizer!r} makes no Triton kernel; this script '
+      f'takes {", ".join(harness.MULTITENSOR)} (with a tiling after a colon).'
+    )
   try:
     warps = harness.multitensor_args(args.optimizer).get('num_warps', 4)
   except ValueError as e:
     parser.error(f'--optimizer: {e}')
+  conv = args.model.removeprefix('conv:')
+  if args.model not in harness.MODELS and not (
+    args.model.startswith('conv:')
+    and all(v.isdigit() and int(v) > 0 for v in conv.split('x'))
+  ):
+    parser.error(
+      f'--model: expected one of {", ".join(harness.MODELS)} or '
+      f'conv:HxWxINxOUT (e.g. conv:3x3x512x512); got {args.model!r}.'
+    )
+  # Optional, so imported here; XLA's own Triton fuses multiply-adds too.
+  os.environ.setdefault('TRITON_DEFAULT_FP_FUSION', '1')
+  try:
+    import triton
+    from triton.backends.compiler import GPUTarget
+  except ImportError:
+    parser.error('needs the triton package: pip install triton')
   for n, (ir, grid) in enumerate(capture_triton_ir(args.model, args.optimizer)):
     _compile_and_report(n, ir, grid, args, warps, triton, GPUTarget)
 

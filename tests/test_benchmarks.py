@@ -213,3 +213,40 @@ def test_agreement_check_reports_matches_and_mismatches():
   )
   assert row['filters']['support_mismatches'] == 1 and not row['ok']
   assert row['state_max_abs'] > 0 and row['params_max_abs'] == 0
+
+
+@pytest.mark.parametrize(
+  'argv',
+  [
+    ['update', '--repeats', '0'],
+    ['step', '--steps', '0'],
+    ['update', '--k', '-1'],
+    ['update', '--optimizers', 'dessilbi_mt_apply:'],
+  ],
+)
+def test_counts_and_names_are_checked_before_compiling(argv, capsys):
+  with pytest.raises(SystemExit):
+    harness.parse_args(argv)
+  assert 'error:' in capsys.readouterr().err
+
+
+@pytest.mark.parametrize(
+  'argv, message',
+  [
+    (['--optimizer', 'sgd'], 'makes no Triton kernel'),
+    (['--model', 'conv:3x3xAx64'], 'conv:HxWxINxOUT'),
+    (['--model', 'foo'], "got 'foo'"),
+  ],
+)
+def test_triton_compile_names_a_bad_argument(argv, message, capsys):
+  with pytest.raises(SystemExit):
+    triton_compile.main(argv)
+  assert message in capsys.readouterr().err
+
+
+def test_gpu_offline_names_a_missing_target_config(tmp_path, capsys):
+  from benchmarks import gpu_offline
+
+  with pytest.raises(SystemExit):
+    gpu_offline.main(['--target-config', str(tmp_path / 'no'), 'update'])
+  assert '--target-config: no file' in capsys.readouterr().err
