@@ -67,6 +67,7 @@ def _step(run: dict) -> list[str]:
         _ratio(r, 'call_ms'),
         f'{r.get("compile_s", float("nan")):.1f}',
         f'{hlo["fusions"]} / {hlo["copies"]}',
+        f'{r["state_bytes"] / MIB:.1f}' if 'state_bytes' in r else '—',
         f'{r["memory"].get("temp", 0) / MIB:.1f}' if r.get('memory') else '—',
       ]
     )
@@ -76,6 +77,7 @@ def _step(run: dict) -> list[str]:
     'call ms',
     'compile s',
     'fusions / copies',
+    'state MiB',
     'temp MiB',
   ]
   return _table(header, rows)
@@ -159,7 +161,13 @@ def _agreement(run: dict) -> list[str]:
 
 def run_table(run: dict) -> list[str]:
   """The lines (title, blank, table) of one run's results."""
-  title = f'**{run.get("argv", run.get("mode", "run"))}**'
+  if 'argv' in run:
+    name = run['argv']
+  elif 'mode' in run:
+    name = ' / '.join(str(run[k]) for k in ('mode', 'model') if k in run)
+  else:
+    name = 'agreement' if 'lams' in run else 'probes'
+  title = f'**{name}**'
   if 'wall_s' in run:
     title += f' ({run["wall_s"]:.0f} s)'
   if 'error' in run:

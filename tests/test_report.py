@@ -50,6 +50,15 @@ def test_every_kind_of_run_becomes_a_table():
   assert f'{runs[3]["rows"][0]["params"]:,}' in tables[3]
   assert '| apply/leaves |' in tables[4] and '| tiny/flat |' in tables[4]
   assert 'failed: `RuntimeError: out of memory`' in tables[5]
+  step = runs[2]['results']['dessilbi']
+  assert f'| {step["state_bytes"] / 2**20:.1f} |' in tables[2]
   for table in tables[:5]:
     rows = [line for line in table.splitlines() if line.startswith('|')]
     assert len({line.count('|') for line in rows}) == 1  # no ragged rows
+  # A single run's file, without the argv gpu_check adds: titled by what it
+  # holds.
+  for run, title in zip(
+    runs[:3], ['agreement', 'update / lenet5', 'step / lenet5'], strict=True
+  ):
+    del run['argv']
+    assert report.report(run).startswith(f'**{title}**')
