@@ -24,7 +24,7 @@ from examples import models as models_lib
 # ----------------------------------------------------------------------------
 # Settings.
 
-COUPLINGS = ('conv', 'conv+fc', 'all', 'none')
+COUPLINGS = ('conv', 'conv+fc', 'all')
 
 
 def add_data_args(p: argparse.ArgumentParser) -> None:
@@ -128,8 +128,6 @@ def penalty(couple: str, lam: float, classifier: str) -> dl.PenaltyRule:
     )
   if couple == 'all':
     return dl.penalty_rule(conv=group, dense=dl.Lasso(lam))
-  if couple == 'none':
-    return dl.penalty_rule(conv=None, dense=None)
   raise ValueError(f'couple must be one of {COUPLINGS}, got {couple!r}.')
 
 

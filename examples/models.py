@@ -297,6 +297,12 @@ def build(
   if name == 'mlp':
     return MLP(in_features=h * w * c, **common, **kwargs)
   if name.startswith('vgg'):
+    side = 2 ** VGG_CONFIGS[name].count('M')
+    if min(h, w) < side:
+      raise ValueError(
+        f'{name} pools {VGG_CONFIGS[name].count("M")} times: it needs images '
+        f'of at least {side}×{side}, got {h}×{w} (CIFAR-10 is 32×32).'
+      )
     return VGG(name, in_channels=c, **common, **kwargs)
   if name.startswith('resnet'):
     return ResNet(int(name[6:]), in_channels=c, **common, **kwargs)

@@ -32,9 +32,12 @@ CHANCE = 0.15  # a run at or below this test accuracy "never left chance"
 
 
 def parse_seeds(text: str) -> list[int]:
+  """``0-9`` or ``0,3,5`` (or both: ``0-2,7``) as a list of seeds."""
   out = []
   for part in text.split(','):
     a, _, b = part.partition('-')
+    if not a.isdigit() or not (b or a).isdigit() or int(b or a) < int(a):
+      raise ValueError(f'expected e.g. 0-9 or 0,3,5, got {text!r}')
     out.extend(range(int(a), int(b or a) + 1))
   return out
 
@@ -62,8 +65,12 @@ def main(argv: Optional[Sequence[str]] = None) -> dict[str, Any]:
   p.add_argument('--seeds', default='0-9', help='e.g. 0-9 or 0,3,5')
   p.add_argument('--out', type=pathlib.Path, default=pathlib.Path('runs/seeds'))
   args = p.parse_args(argv)
+  try:
+    seeds = parse_seeds(args.seeds)
+  except ValueError as e:
+    p.error(f'--seeds: {e}')
   per_seed = []
-  for seed in parse_seeds(args.seeds):
+  for seed in seeds:
     m = train.main(
       [
         *rest,

@@ -23,7 +23,8 @@ Run::
 
   python examples/train.py                       # ~1 min on 2 CPU cores
   python examples/train.py --dataset digits --epochs 10 --lr-step 5
-  python examples/train.py --nu 200 --lam 1 --couple all --out runs/ref
+  python examples/train.py --nu 20 --lam 1 --couple all --warmup 0 \
+      --out runs/ref                             # the reference's settings
 """
 
 import argparse
@@ -67,19 +68,35 @@ def check_args(p: argparse.ArgumentParser, args: argparse.Namespace) -> None:
   for name in ('epochs', 'batch_size', 'lr_step'):
     if getattr(args, name) < 1:
       p.error(f'--{name.replace("_", "-")} must be >= 1')
-  for name in ('lr', 'nu', 'kappa', 'lam'):
+  for name in ('lr', 'nu', 'kappa', 'lam', 'width', 'lr_decay'):
     if getattr(args, name) <= 0:
-      p.error(f'--{name} must be > 0')
+      p.error(f'--{name.replace("_", "-")} must be > 0')
+  for name in ('warmup', 'weight_decay'):
+    if getattr(args, name) < 0:
+      p.error(f'--{name.replace("_", "-")} must be >= 0')
+  if not 0 <= args.momentum < 1:
+    p.error('--momentum must lie in [0, 1)')
 
 
 def load_data(args) -> data_lib.Dataset:
   try:
     ds = data_lib.load(args.dataset, args.data_dir)
-  except data_lib.DatasetNotFoundError as e:
-    raise SystemExit(f'error: {e}') from None
+  except (data_lib.DatasetNotFoundError, ValueError) as e:
+    raise SystemExit(f'error: --dataset: {e}') from None
   if args.batch_size > len(ds.x_train):
     raise SystemExit(f'--batch-size must be <= {len(ds.x_train)}')
   return ds
+
+
+def check_layers(model, args, names) -> None:
+  """Exits naming the flag where a layer given is not a conv layer."""
+  convs = models_lib.kernel_layers(model)
+  for flag, name in names:
+    if name is not None and name not in convs:
+      raise SystemExit(
+        f'error: {flag}: {name!r} is not a conv layer of {args.model}; '
+        f'its conv layers: {", ".join(convs)}'
+      )
 
 
 def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
@@ -110,15 +127,18 @@ def build_model(args, ds, seed=None, widths=None):
   kw = {'norm': True} if args.norm else {}
   if args.norm and args.model != 'lenet5':
     raise SystemExit('--norm applies to lenet5 only (the others have BN)')
-  return models_lib.build(
-    args.model,
-    ds.image_shape,
-    ds.num_classes,
-    width=args.width,
-    widths=widths,
-    seed=args.seed if seed is None else seed,
-    **kw,
-  )
+  try:
+    return models_lib.build(
+      args.model,
+      ds.image_shape,
+      ds.num_classes,
+      width=args.width,
+      widths=widths,
+      seed=args.seed if seed is None else seed,
+      **kw,
+    )
+  except ValueError as e:
+    raise SystemExit(f'error: --model: {e}') from None
 
 
 def save_checkpoint(path: pathlib.Path, model, optimizer) -> str:
@@ -148,6 +168,11 @@ def main(argv: Optional[Sequence[str]] = None) -> dict[str, Any]:
   ds = load_data(args)
   model = build_model(args, ds)
   convs = models_lib.kernel_layers(model)
+  check_layers(
+    model,
+    args,
+    [('--norm-layer', args.norm_layer), ('--prune-layer', args.prune_layer)],
+  )
   spec = model.spec()
   norm_layer = (
     args.norm_layer or convs[min(1, len(convs) - 1)] if convs else None

@@ -2,6 +2,7 @@
 
 import json
 import pathlib
+import re
 import sys
 
 import numpy as np
@@ -9,7 +10,7 @@ import pytest
 
 sys.path.insert(0, str(pathlib.Path(__file__).parents[1]))
 
-from examples import train
+from examples import seeds, train
 from examples.workflows import grow, prune, tickets
 
 # Small batches, a strong coupling and a low threshold: the path starts
@@ -89,9 +90,32 @@ def test_missing_dataset_is_a_clear_error(tmp_path):
     )
 
 
-def test_bad_flags_are_rejected():
-  with pytest.raises(SystemExit):
-    train.main(['--dataset', 'digits', '--nu', '0'])
+@pytest.mark.parametrize(
+  'script, argv, message',
+  [
+    (train, ['--nu', '0'], '--nu must be > 0'),
+    (train, ['--width', '0'], '--width must be > 0'),
+    (train, ['--momentum', '1.5'], r'--momentum must lie in \[0, 1\)'),
+    (train, ['--couple', 'none'], "invalid choice: 'none'"),
+    (train, ['--dataset', 'foo'], "--dataset: unknown dataset 'foo'"),
+    (train, ['--model', 'vgg11'], r'at least 32×32, got 8×8'),
+    (train, ['--norm-layer', 'conv9'], "'conv9' is not a conv layer"),
+    (train, ['--prune-layer', 'fc9'], "'fc9' is not a conv layer"),
+    (prune, ['--fractions', '0.5,1.5'], r'--fractions: each in \[0, 1\]'),
+    (prune, ['--fractions', 'x'], '--fractions: numbers'),
+    (prune, ['--layers', 'conv9'], "--layers: 'conv9' is not"),
+    (grow, ['--round-epochs', '0'], '--round-epochs must be >= 1'),
+    (tickets, ['--at', 'x'], '--at: epochs'),
+    (seeds, ['--seeds', '3-1'], '--seeds: expected'),
+  ],
+)
+def test_bad_flags_are_rejected_before_training(script, argv, message, capsys):
+  # Before any training: each of these used to fail after it, or not at all.
+  digits = [] if script is seeds else ['--dataset', 'digits', '--no-progress']
+  with pytest.raises(SystemExit) as info:
+    script.main([*digits, *argv])
+  text = str(info.value.code) + capsys.readouterr().err
+  assert re.search(message, text), text
 
 
 def test_pruning_workflow(tmp_path):

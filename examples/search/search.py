@@ -6,10 +6,14 @@ and prints one JSON line per run: dense accuracy, and for DessiLBI the W*
 accuracy, the share of conv filters selected, the counts per layer and conv3
 pruned by selection order at 50/70/90 % (``p50``, ``p70``, ``p90``). The
 ``grid*.jsonl`` files here are its output (run on one H100, several
-processes in parallel; ``grid4`` ran before the ``--warmup`` flag existed, so
-without warm-up).
+processes in parallel; ``grid2`` to ``grid4`` ran before the ``--warmup`` flag
+existed, so without warm-up: add ``--warmup 0`` to re-run their lines).
 
-  echo "--nu 5 --lam 4.5 --seed 0" | python examples/search/search.py
+A line's flags default to the shared ones of ``examples/common.py`` (ν 20,
+λ 1, warm-up 1 epoch), not to the main job's (``train.DEFAULTS``: ν 5,
+λ 4.5, warm-up 2): the grids name what they change from those.
+
+  echo "--nu 5 --lam 4.5 --warmup 2 --seed 0" | python examples/search/search.py
 """
 
 import argparse
@@ -69,7 +73,11 @@ def run(ds, argv):
   print(json.dumps(out), flush=True)
 
 
-def main():
+def main(argv=None):
+  argparse.ArgumentParser(
+    description=__doc__.split('\n\n')[0],
+    epilog='Each line on stdin: the flags of one run, e.g. --nu 5 --lam 4.5.',
+  ).parse_args(argv)
   ds = data.load('mnist-subset')
   for line in sys.stdin:
     line = line.strip()

@@ -64,12 +64,18 @@ def parse_args(argv):
   g.add_argument('--no-progress', action='store_true')
   args = p.parse_args(argv)
   train.check_args(p, args)
+  for name in ('round_epochs', 'max_rounds', 'final_epochs'):
+    if getattr(args, name) < 1:
+      p.error(f'--{name.replace("_", "-")} must be >= 1')
   if args.model != 'lenet5':
     p.error('the growing workflow is written for --model lenet5')
   args.baselines = [b for b in args.baselines.split(',') if b]
   if not set(args.baselines) <= {'dessilbi', 'sgd'}:
     p.error('--baselines: dessilbi and/or sgd')
-  args.start = [int(w) for w in args.start.split(',')]
+  try:
+    args.start = [int(w) for w in args.start.split(',')]
+  except ValueError:
+    args.start = []
   if len(args.start) != 3 or min(args.start) < 1:
     p.error('--start: three positive widths (conv1,conv2,conv3)')
   if args.factor <= 1:

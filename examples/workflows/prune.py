@@ -52,7 +52,14 @@ def parse_args(argv):
   g.add_argument('--no-progress', action='store_true')
   args = p.parse_args(argv)
   train.check_args(p, args)
-  args.fractions = [float(f) for f in args.fractions.split(',')]
+  try:
+    args.fractions = [float(f) for f in args.fractions.split(',')]
+  except ValueError:
+    p.error(f'--fractions: numbers separated by commas, got {args.fractions!r}')
+  if not all(0 <= f <= 1 for f in args.fractions):
+    p.error(f'--fractions: each in [0, 1], got {args.fractions}')
+  if args.finetune_epochs < 0:
+    p.error('--finetune-epochs must be >= 0')
   return args
 
 
@@ -91,6 +98,7 @@ def main(argv: Optional[Sequence[str]] = None) -> dict[str, Any]:
     if args.layers
     else [common.models_lib.kernel_layers(model)[-1]]
   )
+  train.check_layers(model, args, [('--layers', name) for name in layers])
   steps = len(ds.x_train) // args.batch_size
   tx, rule, _ = common.setup_dessilbi(args, model, steps)
   bar = tqdm(total=2 * args.epochs, desc='training', disable=args.no_progress)

@@ -41,7 +41,10 @@ def parse_args(argv):
   g.add_argument('--no-progress', action='store_true')
   args = p.parse_args(argv)
   train.check_args(p, args)
-  args.at = sorted({int(e) for e in args.at.split(',')})
+  try:
+    args.at = sorted({int(e) for e in args.at.split(',')})
+  except ValueError:
+    p.error(f'--at: epochs separated by commas, got {args.at!r}')
   if args.at[0] < 1:
     p.error('--at: epochs start at 1')
   return args
