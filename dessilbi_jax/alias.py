@@ -41,8 +41,8 @@ def _check_gradients(mask: Any) -> optax.GradientTransformation:
       # would fail in the transformations after this one, unclearly.
       raise TypeError(
         'state must be the state that init returned (a tuple of Optax '
-        f"states, this check's first: optax.EmptyState()); got {state!r} "
-        f'in its place; {_checks.RESTORE_HINT}.'
+        f"states, this check's first: optax.EmptyState()); got "
+        f'{type(state).__name__} in its place; {_checks.RESTORE_HINT}.'
       )
     _checks.check_gradients(updates, params)
     return updates, state

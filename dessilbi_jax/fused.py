@@ -332,11 +332,12 @@ def fused_dessilbi(
         f'learning_rate: the schedule returned an array of shape '
         f'{jnp.shape(lr)}; expected a scalar.'
       )
+    step = kappa * lr
     scalars = jnp.stack(
       [
         jnp.asarray(v, jnp.float32).reshape(())
         for v in (
-          kappa * lr,
+          step,
           jnp.asarray(lr, jnp.float32) / jnp.asarray(nu, jnp.float32),
           kappa,
           nu,
@@ -350,7 +351,7 @@ def fused_dessilbi(
       for t in (grads, trace.trace, params, core.z, core.gamma)
     ]
     hyper = _Hyper(
-      momentum, weight_decay, state_dtype, store_gamma, lr, kappa, nu
+      momentum, weight_decay, state_dtype, store_gamma, lr, step, nu
     )
     leaves = _layout(columns, penalties, decay, tiles, hyper, leaves_per_kernel)
 
@@ -509,7 +510,7 @@ class _Hyper(NamedTuple):
   state_dtype: Any
   store_gamma: bool
   learning_rate: Any
-  kappa: Any
+  step: Any  # κ·α
   nu: Any
 
 
@@ -521,15 +522,14 @@ def _scalar_dtypes(hyper, d_dtype, m, w, z, choice) -> tuple:
   dtypes = [np.dtype(np.float32)] * 6
   dtypes[_DECAY] = jnp.result_type(hyper.weight_decay, w)
   dtypes[_MOMENTUM] = jnp.result_type(hyper.momentum, m)
-  step = hyper.kappa * hyper.learning_rate
   if choice is None:  # W's update -step·d
-    dtypes[_STEP] = jnp.result_type(step, d_dtype)
+    dtypes[_STEP] = jnp.result_type(hyper.step, d_dtype)
     return tuple(dtypes)
   # -step·(d + (W - Γ)/ν), z + (α/ν)·(W - Γ) with α/ν in z's precision at
   # least, Γ = κ·Prox(z) with κ in z's dtype.
   dtypes[_NU] = jnp.result_type(jnp.promote_types(w.dtype, z.dtype), hyper.nu)
   inner = jnp.promote_types(d_dtype, dtypes[_NU])
-  dtypes[_STEP] = jnp.result_type(step, inner)
+  dtypes[_STEP] = jnp.result_type(hyper.step, inner)
   dtypes[_Z_STEP] = jnp.promote_types(
     jnp.result_type(hyper.learning_rate, hyper.nu), z.dtype
   )
