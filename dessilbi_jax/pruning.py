@@ -73,7 +73,9 @@ def prune(
   ``scope='layer'``, ``floor(fraction · n)`` of the ``n`` groups of each
   leaf are pruned; with ``scope='global'``, ``floor(fraction · N)`` of the
   ``N`` groups of all leaves together. Exactly that many groups are zeroed
-  (ties are broken by norm, then by position).
+  (ties are broken by norm, then by position). Globally, every group of a
+  layer may go (no signal then passes it); prune per layer to keep a share
+  of each.
 
   Channel semantics: when a group is an output filter (a group-lasso leaf
   grouped over its last axis), the filter's bias and the per-channel
