@@ -17,7 +17,7 @@ import optax
 
 from dessilbi_jax import _checks, _trees
 from dessilbi_jax.penalties import GroupLasso, PenaltyRule, PenaltyTable
-from dessilbi_jax.topology import Spec, channel_masks
+from dessilbi_jax.topology import Spec, channel_masks, check_spec
 
 
 def get_gamma(opt_state: optax.OptState) -> Any:
@@ -200,6 +200,8 @@ def w_star(
   out = _w_star(params, gamma)
   if not channels:
     return out
+  if spec is not None:
+    check_spec(params, spec)  # a layer or norm misnamed: named, not skipped
   table = _trees.leaves_by_name(out)
   gammas = _trees.leaves_by_name(gamma)
   masks = {}

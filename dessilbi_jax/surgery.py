@@ -615,7 +615,10 @@ def widen(
   :func:`orthogonal_filters`; random directions if the filter space is
   full), with zero bias; the layer's norm gets unit scale and variance and
   zero shift and mean for them; its consumers get zero weights on the new
-  input channels, so the widened model computes the same function as before.
+  input channels, so the widened model computes the same function as before
+  where the norm is per channel (BatchNorm, or none: a LayerNorm, GroupNorm
+  or RMSNorm over the channels computes its statistics over the new
+  channels too, and the function changes).
   Optimizer buffers (z, Γ, momentum) of the old entries are carried over and
   start at 0 for the new ones; a first-selection record marks the new
   filters NOT_SELECTED. Grouped and depthwise convolutions cannot be

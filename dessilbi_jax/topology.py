@@ -22,6 +22,7 @@ import re
 from collections.abc import Mapping, Sequence
 from typing import Any, Optional
 
+import numpy as np
 import optax
 
 from dessilbi_jax import _trees
@@ -404,6 +405,22 @@ def link_of(spec: Optional[Spec], params: Any, layer: str) -> Link:
   )
 
 
+def _check_one_entry_per_filter(table, names, keep, kernel) -> None:
+  """Raises where a bias or norm leaf has one entry per filter along its
+  last axis but more axes (layers stacked for ``nnx.scan``/``nnx.vmap``):
+  a mask of one entry per filter would silently miss it."""
+  for name in names:
+    shape = tuple(np.shape(table[name])) if name in table else ()
+    if len(shape) > 1 and shape[-1] == np.shape(keep)[-1]:
+      raise ValueError(
+        f'layer {_trees.join(kernel[:-1])!r}: {_trees.join(name)!r} has shape '
+        f'{shape}, one entry per filter along its last axis and more axes '
+        '(layers stacked for nnx.scan or nnx.vmap?); zeroing whole filters '
+        'with their bias and norm needs one entry per filter. Read Γ '
+        'without channels (w_star(channels=False), support) for such layers.'
+      )
+
+
 def channel_masks(
   table: dict, kernel: _trees.Names, keep: Any, spec: Optional[Spec], params
 ) -> dict:
@@ -425,11 +442,18 @@ def channel_masks(
   """
   masks = {}
   bias = (*kernel[:-1], 'bias')
+  _check_one_entry_per_filter(table, [bias], keep, kernel)
   if bias in table and tuple(table[bias].shape) == tuple(keep.shape):
     masks[bias] = keep
   norm = link_of(spec, params, _trees.join(kernel[:-1])).norm
   if norm is not None:
     norm_names = _trees.split_name(norm)
+    _check_one_entry_per_filter(
+      table,
+      [other for other in table if other[:-1] == norm_names],
+      keep,
+      kernel,
+    )
     found = [
       other
       for other, v in table.items()

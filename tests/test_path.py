@@ -403,3 +403,29 @@ def test_a_stacked_ensemble_of_states_is_refused_unless_under_vmap():
     dl.support(ensemble, by_group=True)
   per_member = jax.vmap(lambda s: dl.support(s, by_group=True))(ensemble)
   assert per_member['conv']['kernel'].shape == (3, 4)
+
+
+def test_w_star_channels_checks_the_spec_and_refuses_stacked_layers():
+  # A misnamed layer in the spec is named (it used to fall back to naming
+  # and leave the norm's shift of unselected filters); a stacked bias (one
+  # entry per filter and per layer) is refused, where its mask missed it.
+  params = {
+    'conv1': {'kernel': jnp.ones((3, 3, 2, 4)), 'bias': jnp.ones(4)},
+    'bn1': {'scale': jnp.ones(4), 'bias': jnp.ones(4)},
+    'conv2': {'kernel': jnp.ones((3, 3, 4, 2))},
+  }
+  state = dl.scale_by_dessilbi(0.1).init(params)
+  spec = {'conv_1': dl.Link(norm='bn1', consumers=('conv2',))}
+  with pytest.raises(ValueError, match="layer 'conv_1' has no kernel"):
+    dl.w_star(params, state, channels=True, spec=spec)
+  stacked = {
+    'blocks': {
+      'conv': {'kernel': jnp.ones((2, 3, 3, 3, 3)), 'bias': jnp.ones((2, 3))}
+    }
+  }
+  rule = dl.penalty_rule(overrides={'kernel': dl.GroupLasso(axes=(0, -1))})
+  state = dl.scale_by_dessilbi(0.1, penalty=rule).init(stacked)
+  with pytest.raises(
+    ValueError, match=r"'blocks/conv/bias' has shape \(2, 3\)"
+  ):
+    dl.w_star(stacked, state, channels=True)
