@@ -449,8 +449,9 @@ def test_a_scalar_group_of_one_weight(store_gamma):
 def test_weakly_typed_hyper_parameters_round_to_the_state_dtype():
   # A Python float is weakly typed: optax.trace multiplies a bfloat16
   # momentum by β rounded to bfloat16 (0.9 -> 0.8984375), so the kernels
-  # do too. With β in float32 the float32 params were off by 15 % of their
-  # largest value after 10 steps here; now they agree to the last bit.
+  # do too. With β in float32, after 10 steps here, the momentum was off by
+  # 15 % of its largest value and the float32 params by 2 %; now they agree
+  # to the last bit.
   params = _params()
   params = {'fc': params['fc'], 'b': params['conv1']['bias']}
   kwargs = dict(
