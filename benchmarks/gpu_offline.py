@@ -71,10 +71,6 @@ def _count(text: str) -> int:
   return int(text)
 
 
-def parse_args(argv=None) -> argparse.Namespace:
-  return _parser().parse_args(argv)
-
-
 def main(argv=None) -> dict:
   parser = _parser()
   args = parser.parse_args(argv)

@@ -448,16 +448,12 @@ def channel_masks(
   norm = link_of(spec, params, _trees.join(kernel[:-1])).norm
   if norm is not None:
     norm_names = _trees.split_name(norm)
-    _check_one_entry_per_filter(
-      table,
-      [other for other in table if other[:-1] == norm_names],
-      keep,
-      kernel,
-    )
+    leaves = [other for other in table if other[:-1] == norm_names]
+    _check_one_entry_per_filter(table, leaves, keep, kernel)
     found = [
       other
-      for other, v in table.items()
-      if other[:-1] == norm_names and tuple(v.shape) == tuple(keep.shape)
+      for other in leaves
+      if tuple(table[other].shape) == tuple(keep.shape)
     ]
     # With a scale of 0 the norm outputs its shift; without one it outputs
     # shift - mean/σ, zero only if its running mean is zeroed with it.
