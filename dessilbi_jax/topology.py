@@ -136,7 +136,11 @@ def default_norm(
   replaced by ``bn``, ``norm``, ``batchnorm`` or ``batch_norm``, then
   ``<layer>_bn`` and ``<layer>_norm`` are tried (``shortcut`` ->
   ``shortcut_bn``); the first candidate that exists in ``params`` with
-  per-channel leaves of the layer's width wins.
+  per-channel leaves of the layer's width wins. Where none exists, a layer
+  beside it that could be its norm (per-channel leaves of its width, no
+  kernel, not the norm of another layer) is not guessed either: it is an
+  error (below), so that a norm named otherwise (``bn_conv1``) is not
+  silently left out of pruning and slimming.
 
   Args:
     params: the model's params.
@@ -149,13 +153,14 @@ def default_norm(
   Raises:
     ValueError: naming cannot tell: the candidate found is also the
       candidate of another layer of the same width (``conv1`` and ``fc1``
-      both name ``bn1``), or the layer is numbered by position (Flax Linen's
-      automatic ``Conv_0``, the items ``layers_0`` of a Linen list or
-      ``nn.Sequential``, the items ``layers/0`` of an NNX list or
-      ``nnx.Sequential``: numbers do not pair a layer with its norm) and a
-      numbered layer of per-channel leaves of its width, not claimed by
-      another layer, exists beside it. Pass a spec (:func:`chain_spec` with
-      ``norms=``) then.
+      both name ``bn1``); or no candidate exists and a layer beside it of
+      per-channel leaves of its width, not claimed by another layer, does
+      (``bn_conv1`` beside ``conv1``). For a layer numbered by position
+      (Flax Linen's automatic ``Conv_0``, the items ``layers_0`` of a Linen
+      list or ``nn.Sequential``, the items ``layers/0`` of an NNX list or
+      ``nnx.Sequential``: numbers do not pair a layer with its norm), the
+      layers beside it are its numbered siblings. Pass a spec
+      (:func:`chain_spec` with ``norms=``; None for no norm) then.
   """
   table = _trees.leaves_by_name(_trees.pure(params))
   parts = _trees.split_name(layer)
@@ -188,9 +193,8 @@ def default_norm(
         'Link(norm=..., consumers=()) for a layer whose width must stay).'
       )
     return _trees.join(found)
-  beside = _positional_siblings(parts)
-  if beside is None:
-    return None
+  numbered = _positional_siblings(parts)
+  beside = numbered or _siblings(parts)
   # Norms that naming gives other layers are theirs.
   taken |= {
     _norm_of(layers, n[:-1], v.shape[-1])
@@ -200,22 +204,34 @@ def default_norm(
   norms = sorted(
     _trees.join(n)
     for n, shapes in layers.items()
-    if beside(n)
+    if n
+    and beside(n)
     and n not in taken
     and (*n, 'kernel') not in table
     and all(shape == (width,) for shape in shapes)
   )
-  if norms:
-    raise ValueError(
-      f'naming cannot tell the norm layer of {layer!r}: its name numbers it '
-      f'by position ({", ".join(norms)} {"has" if len(norms) == 1 else "have"}'
-      f' its width, and numbers do not pair a layer with its norm); name the '
-      f'modules, or give the norm of {layer!r} '
-      'explicitly (chain_spec(..., norms={...}), or a Link in the spec; '
-      'None for no norm; Link(norm=..., consumers=()) for a layer whose '
-      'width must stay).'
+  if not norms:
+    return None
+  has = f'{", ".join(norms)} {"has" if len(norms) == 1 else "have"} its width'
+  if numbered is not None:
+    why = (
+      f'its name numbers it by position ({has}, and numbers do not pair a '
+      'layer with its norm); name the modules, or give'
     )
-  return None
+  else:
+    tried = ', '.join(_trees.join(c) for c in _norm_candidates(parts))
+    why = f'no layer is named as its norm ({tried}), but {has} beside it; give'
+  raise ValueError(
+    f'naming cannot tell the norm layer of {layer!r}: {why} the norm of '
+    f'{layer!r} explicitly (chain_spec(..., norms={{...}}), or a Link in the '
+    'spec; None for no norm; Link(norm=..., consumers=()) for a layer whose '
+    'width must stay).'
+  )
+
+
+def _siblings(parts: _trees.Names):
+  """A test of the layers beside a layer: those of the same parent."""
+  return lambda n: n[:-1] == parts[:-1]
 
 
 _LINEN_ITEM = re.compile(r'\w+_\d+')  # Conv_0, BatchNorm_1, layers_2

@@ -69,6 +69,47 @@ def test_a_norm_two_layers_could_own_is_not_guessed():
     )
 
 
+def test_a_norm_named_otherwise_is_not_left_out():
+  # Caffe-style names: naming finds no norm for conv1, and bn_conv1 used to
+  # be left out without a word: prune kept its shift on pruned filters.
+  params = {
+    'conv1': {'kernel': jnp.ones((3, 3, 1, 4)) * jnp.arange(4.0)},
+    'bn_conv1': {'scale': jnp.ones(4), 'bias': jnp.full(4, 0.5)},
+    'conv2': {'kernel': jnp.ones((3, 3, 4, 4))},
+    'bn2': {'scale': jnp.ones(4), 'bias': jnp.zeros(4)},
+    'conv3': {'kernel': jnp.ones((3, 3, 4, 4))},
+    'fc': {'kernel': jnp.ones((4, 3))},
+  }
+  order = ['conv1', 'conv2', 'conv3', 'fc']
+  record = dl.magnitude_record(params)
+  for call in (
+    lambda: dl.default_norm(params, 'conv1'),
+    lambda: dl.chain_spec(params, order),
+    lambda: dl.prune(params, record, 0.5, layers=['conv1']),
+  ):
+    with pytest.raises(ValueError, match=r'bn1, .*conv1_bn.*bn_conv1 has'):
+      call()
+  # conv3 has no norm: bn2 is conv2's by naming and bn_conv1 has conv1's
+  # width only as long as conv1 claims it; told, each layer gets its own.
+  spec = dl.chain_spec(params, order, norms={'conv1': 'bn_conv1'})
+  assert spec['conv2'].norm == 'bn2'
+  assert spec['conv3'].norm is None
+  pruned, masks = dl.prune(params, record, 0.5, layers=['conv1'], spec=spec)
+  gone = ~masks['conv1']['kernel'][0, 0, 0]
+  assert gone.sum() == 2
+  assert not pruned['bn_conv1']['bias'][gone].any()
+  assert pruned['bn_conv1']['bias'][~gone].all()
+  # None says there is no norm; the norm no layer claims stays in doubt for
+  # the next layer of its width, until that is told too.
+  with pytest.raises(ValueError, match="norm layer of 'conv3'"):
+    dl.chain_spec(params, order, norms={'conv1': None})
+  spec = dl.chain_spec(params, order, norms={'conv1': None, 'conv3': None})
+  assert spec['conv1'].norm is None
+  # A layer of another width is no rival.
+  wide = dict(params, bn_conv1={'scale': jnp.ones(5)})
+  assert dl.default_norm(wide, 'conv1') is None
+
+
 class _AutoNamed(nn.Module):
   norm: bool = True
 
