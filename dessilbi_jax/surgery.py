@@ -346,6 +346,15 @@ def _check_paths_line_up(edits, params, opt_state, batch_stats):
       ):
         continue
       if not any(names[k:] in table for k in range(len(names))):
+        inside = _param_above(names, table)
+        if inside is not None:  # per-axis statistics (SM3): not params-shaped
+          raise ValueError(
+            f'opt_state: leaf {_trees.join(names)!r} of shape '
+            f'{tuple(np.shape(x))} is kept below the name of parameter '
+            f'{_trees.join(inside)!r} (statistics per axis, as in SM3), '
+            'not as one leaf in its place; this optimizer state cannot '
+            'follow a channel edit.'
+          )
         raise ValueError(
           f'opt_state: leaf {_trees.join(names)!r} matches no parameter '
           f'(the params have e.g. {_trees.join(next(iter(table)))!r}), so a '
@@ -373,6 +382,16 @@ def _check_paths_line_up(edits, params, opt_state, batch_stats):
             f'edit of layer {_trees.join(edit.layer)!r} would not reach it; '
             f'{_LINE_UP_HINT}.'
           )
+
+
+def _param_above(names: _trees.Names, table: dict):
+  """The param whose name a state leaf's name holds before its own end
+  (``0/mu/conv1/bias/0`` holds ``conv1/bias``), or None."""
+  for j in range(len(names) - 1, 0, -1):
+    for k in range(j):
+      if names[k:j] in table:
+        return names[k:j]
+  return None
 
 
 def _pure_or_none(tree):
@@ -631,7 +650,9 @@ def widen(
     spec: the links of the model; ``layer`` must be in it.
     layer: the layer path to widen.
     add: the number of filters to add (> 0).
-    opt_state: the optimizer state to carry along, or None.
+    opt_state: the optimizer state to carry along, or None. Its leaves
+      must be params-shaped (DessiLBI's, SGD's, Adam's, ...); a state kept
+      per axis or factored (SM3, Adafactor) is refused.
     batch_stats: Linen's ``batch_stats`` collection, or None.
     scale: the norm of each new filter; None for the mean norm of the
       existing ones.
@@ -883,7 +904,9 @@ def slim(
       ``support(opt_state, by_group=True)`` or the masks of
       :func:`~dessilbi_jax.prune` (kernel entries of layers not in the spec
       are ignored).
-    opt_state: the optimizer state to carry along, or None.
+    opt_state: the optimizer state to carry along, or None. Its leaves
+      must be params-shaped (DessiLBI's, SGD's, Adam's, ...); a state kept
+      per axis or factored (SM3, Adafactor) is refused.
     batch_stats: Linen's ``batch_stats`` collection, or None.
 
   Returns:

@@ -405,3 +405,26 @@ def test_widen_from_one_input_stores_the_scale_as_the_optimizer_does():
       jax.random.key(1), p, spec, 'fc1', 2, opt_state=state
     ),
   )
+
+
+@pytest.mark.parametrize(
+  'tx, leaf',
+  [
+    (optax.sm3(0.1), "'0/mu/conv1/bias/0' of shape (4,)"),
+    (optax.adafactor(0.1, min_dim_size_to_factor=2), "'0/v_row/conv1/kernel'"),
+  ],
+  ids=['sm3', 'adafactor'],
+)
+def test_a_state_kept_per_axis_is_refused_by_name(tx, leaf):
+  # Factored or per-axis statistics are not params-shaped: the state cannot
+  # follow the edit. SM3's used to be blamed on the trees' layout.
+  params = {
+    'conv1': {'kernel': jnp.ones((3, 3, 1, 4)), 'bias': jnp.zeros(4)},
+    'conv2': {'kernel': jnp.ones((3, 3, 4, 8))},
+  }
+  spec = dl.chain_spec(params, ['conv1', 'conv2'])
+  keep = {'conv1': np.array([True, False, True, True])}
+  with pytest.raises(ValueError, match='cannot follow a channel edit') as err:
+    dl.slim(params, spec, keep, opt_state=tx.init(params))
+  assert leaf in str(err.value)
+  assert 'laid out alike' not in str(err.value)
