@@ -173,8 +173,12 @@ def w_star(
       filter's output is exactly zero: the network
       :func:`~dessilbi_jax.slim` builds from ``support(opt_state,
       by_group=True)``.
-    spec: with ``channels``, the model's spec (a ``Link`` per layer) to
-      find norm layers; None to find them by naming (``conv3`` → ``bn3``).
+    spec: with ``channels``, the model's spec (a ``Link`` per layer): only
+      its layers lose filters, as in ``slim`` (so the classifier, which no
+      spec lists, keeps its biases), and their norms are the spec's. None:
+      every coupled kernel, norms found by naming (``conv3`` → ``bn3``);
+      under the default rule that includes the classifier, whose outputs
+      with no selected weight then lose their bias too.
     penalty: leave it out: the groups are the penalties the state records
       (:func:`~dessilbi_jax.get_penalty`). A rule given must agree with them;
       it is used for a state that records none. Only used with
@@ -209,9 +213,11 @@ def w_star(
     g = gammas[names]
     if names[-1:] != ('kernel',) or g.ndim < 2:
       continue
+    if spec is not None and _trees.join(names[:-1]) not in spec:
+      continue  # slim leaves it whole: the classifier, a residual branch
     # A filter is out as a whole when none of its weights is selected,
     # whatever the groups (per filter, per weight, per input and filter).
-    keep = jnp.any(g.reshape(-1, g.shape[-1]) != 0, axis=0)
+    keep = jnp.any(g != 0, axis=tuple(range(g.ndim - 1)))
     masks.update(channel_masks(table, names, keep, spec, out))
   return _trees.map_with_names(
     lambda names, w: jnp.where(masks[names], w, 0) if names in masks else w,

@@ -82,7 +82,8 @@ def prune(
   parameters of the layer's normalisation (scale and shift; found by
   naming, e.g. ``conv3`` -> ``bn3``, or given by ``spec``) are zeroed too, so
   the channel's output is exactly zero whatever the input and the running
-  statistics.
+  statistics. A leaf pruned both ways (a bias or norm scale coupled to Γ
+  itself) keeps an entry only where both keep it.
 
   Args:
     params: the weights W (a pytree, or a Flax NNX ``State``).
@@ -157,11 +158,14 @@ def _prune(params, record, cuts, *, scope, spec_items, penalty):
     keep = r < n - cuts[names]
     w = table[names]
     choice = _trees.penalty_at(names, choices)
-    masks[names] = jnp.broadcast_to(
-      _trees.expand_groups(keep, choice, w.ndim), w.shape
-    )
+    own = jnp.broadcast_to(_trees.expand_groups(keep, choice, w.ndim), w.shape)
+    found = {names: own}
     if names[-1:] == ('kernel',) and _trees.is_output_grouped(choice, w.ndim):
-      masks.update(channel_masks(table, names, keep, spec, params))
+      found.update(channel_masks(table, names, keep, spec, params))
+    # A coupled bias or norm scale is pruned as a leaf of its own and with
+    # its layer's filters: it keeps an entry only where both keep it.
+    for other, m in found.items():
+      masks[other] = masks[other] & m if other in masks else m
 
   def mask_of(names, w):
     return masks.get(names, jnp.ones(w.shape, bool))

@@ -138,6 +138,11 @@ def update_selection(
   Returns:
     The new record.
 
+  Raises:
+    ValueError: ``penalty`` is not the optimizer's rule (see
+      :func:`~dessilbi_jax.support`), or the record has other groups than Γ.
+    TypeError: ``step`` is not a scalar step number.
+
   Example:
     >>> import jax, jax.numpy as jnp, optax
     >>> import dessilbi_jax as dl
@@ -156,14 +161,16 @@ def update_selection(
   """
   core = _trees.core_state(opt_state)
   _trees.check_record(_trees.pure(record))
-  penalties = _trees.penalties_by_name(
-    core.gamma, _trees.rule_of(core, penalty)
-  )
+  penalties = _trees.grouped_penalties(core, penalty)
   gamma = _trees.leaves_by_name(core.gamma)
   if step is not None:
     _check_step(step)
   stamp = core.count if step is None else step
   stamp = jnp.asarray(stamp, jnp.int32)
+
+  unrecorded = ''
+  if core.penalties is None:  # the groups came from penalty= or the default
+    unrecorded = ", or pass the optimizer's rule as penalty= (none recorded)"
 
   def one(names, r):
     g = _trees.lookup(gamma, names, 'the record', arg='opt_state')
@@ -172,7 +179,7 @@ def update_selection(
       raise ValueError(
         f'record: leaf {_trees.join(names)!r} has shape {tuple(r.shape)}, '
         f'but Γ has {tuple(now.shape)} groups there; make a new record with '
-        'init_selection after changing the model.'
+        f'init_selection after changing the model{unrecorded}.'
       )
     return jnp.where(now & (r == NOT_SELECTED), stamp, r)
 
@@ -271,6 +278,18 @@ def _check_step(step: Any) -> None:
       'step must be a whole number that fits the int32 record (below '
       f'NOT_SELECTED = {NOT_SELECTED}), got {step!r}.'
     )
+
+
+def _check_epoch(epoch: Any) -> None:
+  """An epoch is a real scalar (a JAX array's value is not read back)."""
+  value = epoch if isinstance(epoch, jax.Array) else np.asarray(epoch)
+  if (
+    value.shape != ()
+    or value.dtype == bool
+    or not jnp.issubdtype(value.dtype, jnp.number)
+    or jnp.issubdtype(value.dtype, jnp.complexfloating)
+  ):
+    raise TypeError(f'epoch must be a scalar epoch number, got {epoch!r}.')
 
 
 def rank_groups(
@@ -417,6 +436,11 @@ def reference_prune_order(
   Returns:
     A :class:`ReferenceOrder`.
 
+  Raises:
+    TypeError: ``epoch`` is not a real scalar.
+    ValueError: ``penalty`` is not the optimizer's rule, or ``previous``
+      has other shapes than Γ.
+
   Example:
     >>> import jax.numpy as jnp
     >>> import dessilbi_jax as dl
@@ -429,6 +453,7 @@ def reference_prune_order(
     >>> print(order.prune_order['w'])
     [[-1.9995e+03 -1.0000e+00]]
   """
+  _check_epoch(epoch)
   core = _trees.core_state(opt_state)
   penalties = _trees.grouped_penalties(core, penalty)
   table = _trees.leaves_by_name(_trees.pure(params))

@@ -332,6 +332,26 @@ def test_w_star_with_channels_zeroes_bias_and_norm_of_unselected_filters():
   # whole (slim drops it from the support): its bias goes too.
   np.testing.assert_array_equal(out['fc']['bias'], [1, 0])
   np.testing.assert_array_equal(out['fc']['kernel'], [[1, 0], [0, 0], [0, 0]])
+  # Given a spec, only its layers lose filters, as slim's: the classifier,
+  # which no spec lists, keeps its biases (all of them used to go).
+  spec = dl.chain_spec(params, ['conv1', 'fc'])
+  out = dl.w_star(params, state, channels=True, spec=spec)
+  np.testing.assert_array_equal(out['conv1']['bias'], [1, 0, 1])
+  np.testing.assert_array_equal(out['bn1']['bias'], [1, 0, 1])
+  np.testing.assert_array_equal(out['fc']['bias'], [1, 1])
+  np.testing.assert_array_equal(out['fc']['kernel'], [[1, 0], [0, 0], [0, 0]])
+  slim = dl.slim(out, spec, dl.support(state, by_group=True)).params
+  np.testing.assert_array_equal(slim['fc']['bias'], out['fc']['bias'])
+
+
+def test_w_star_with_channels_takes_a_kernel_without_filters():
+  params = {
+    'conv': {'kernel': jnp.ones((3, 3, 2, 0)), 'bias': jnp.ones(0)},
+    'fc': {'kernel': jnp.ones((4, 0))},
+  }
+  state = dl.dessilbi(0.1).init(params)
+  out = dl.w_star(params, state, channels=True)
+  assert jax.tree.map(jnp.shape, out) == jax.tree.map(jnp.shape, params)
 
 
 @pytest.mark.parametrize('axes', [-1, (2, -1), 2])

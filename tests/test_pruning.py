@@ -302,3 +302,36 @@ def test_params_as_a_single_array():
   np.testing.assert_array_equal(
     dl.w_star(w, state, channels=True), dl.w_star(w, state)
   )
+
+
+@pytest.mark.parametrize('norm', ['bn1', 'norm1'])
+def test_a_coupled_norm_scale_keeps_only_what_both_prunings_keep(norm):
+  # BatchNorm scales coupled with a lasso (network slimming) are pruned as a
+  # leaf of their own and with conv1's filters. One mask used to overwrite
+  # the other, by the names' order: a pruned filter kept its scale and
+  # output a non-zero value ('norm1' sorts after 'conv1'), or the scale's
+  # own pruning was lost ('bn1' sorts before).
+  params = {
+    'conv1': {'kernel': jnp.array([4.0, 1.0, 2.0, 3.0]).reshape(1, 1, 1, 4)},
+    norm: {
+      'scale': jnp.array([1.0, 2.0, 3.0, 4.0]),
+      'bias': jnp.full(4, 0.5),
+      'mean': jnp.full(4, 0.5),
+      'var': jnp.ones(4),
+    },
+  }
+  rule = dl.penalty_rule(overrides={f'{norm}/scale': dl.Lasso()})
+  record = dl.magnitude_record(params, rule)
+  spec = {'conv1': dl.Link(norm=norm)}
+  pruned, masks = dl.prune(params, record, 0.5, penalty=rule, spec=spec)
+  filters = np.array([True, False, False, True])  # the two largest kernels
+  scales = np.array([False, False, True, True])  # the two largest scales
+  np.testing.assert_array_equal(masks['conv1']['kernel'][0, 0, 0], filters)
+  np.testing.assert_array_equal(masks[norm]['scale'], filters & scales)
+  np.testing.assert_array_equal(masks[norm]['bias'], filters)
+  # The pruned filters output exactly zero through the norm.
+  n = pruned[norm]
+  x = jnp.linspace(-2.0, 2.0, 5).reshape(5, 1, 1, 1)
+  h = x * pruned['conv1']['kernel'][0, 0]
+  out = (h - n['mean']) / jnp.sqrt(n['var'] + 1e-5) * n['scale'] + n['bias']
+  assert not np.asarray(out)[..., ~filters].any()

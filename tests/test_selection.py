@@ -296,3 +296,66 @@ def test_reference_prune_order_takes_zero_size_leaves():
   np.testing.assert_array_equal(
     order.prune_order['conv']['kernel'], -dl.REFERENCE_NEVER
   )
+
+
+def _per_input_state():
+  """A conv grouped per input channel, trained until Γ selects input 0
+  only, with the penalties dropped from the state (as a state built by
+  hand has none)."""
+  target = jnp.full((1, 1, 3, 3), 0.05).at[0, 0, 0, :].set(5.0)
+  params = {'conv': {'kernel': jnp.zeros((1, 1, 3, 3))}}
+  rule = dl.penalty_rule(conv=dl.GroupLasso(axes=2))
+  tx = dl.dessilbi(0.5, nu=1.0, penalty=rule)
+  state = tx.init(params)
+  for _ in range(8):
+    grads = {'conv': {'kernel': 2 * (params['conv']['kernel'] - target)}}
+    updates, state = tx.update(grads, state, params)
+    params = optax.apply_updates(params, updates)
+  selected = dl.get_gamma(state)['conv']['kernel'][0, 0] != 0
+  np.testing.assert_array_equal(selected.any(axis=1), [True, False, False])
+  return optax.tree.set(state, penalties=None), rule
+
+
+def test_update_selection_checks_the_rule_against_gamma():
+  # The default rule (per filter) read this state's per-input groups as
+  # three filters all selected, without a word.
+  state, rule = _per_input_state()
+  record = dl.init_selection(state, penalty=rule)
+  with pytest.raises(ValueError, match="Γ of 'conv/kernel' is not grouped"):
+    dl.update_selection(record, state, step=1)
+  right = dl.update_selection(record, state, step=1, penalty=rule)
+  np.testing.assert_array_equal(
+    right['conv']['kernel'], [1, dl.NOT_SELECTED, dl.NOT_SELECTED]
+  )
+  # Under jit Γ cannot be read: a record of other groups is refused by
+  # shape, and the message names penalty= as a cause.
+  dense = {'fc': {'kernel': jnp.zeros((4, 3))}}
+  rule = dl.penalty_rule(dense=dl.GroupLasso(axes=-1))
+  state = optax.tree.set(
+    dl.dessilbi(0.1, penalty=rule).init(dense), penalties=None
+  )
+  record = dl.init_selection(state, penalty=rule)
+  with pytest.raises(ValueError, match="pass the optimizer's rule as penalty="):
+    jax.jit(dl.update_selection)(record, state)
+
+
+def test_float16_filters_are_ranked_by_their_norm():
+  # A float16 sum of squares passes 65504: every norm was inf, and the tie
+  # break by position ranked the filters.
+  kernel = jnp.ones((3, 3, 64, 3), jnp.float16) * jnp.array(
+    [20.0, 30.0, 40.0], jnp.float16
+  )
+  params = {'conv': {'kernel': kernel}}
+  ranks = dl.rank_groups(params, dl.magnitude_record(params))
+  np.testing.assert_array_equal(ranks['conv']['kernel'], [2, 1, 0])
+  state = dl.dessilbi(0.1).init(params)
+  order = dl.reference_prune_order(params, state, epoch=1)
+  assert np.isfinite(order.prune_order['conv']['kernel']).all()
+
+
+@pytest.mark.parametrize('epoch', [jnp.array([1, 2, 3]), [1, 2], 'x', True])
+def test_reference_prune_order_refuses_an_epoch_that_is_no_number(epoch):
+  params = {'conv': {'kernel': jnp.ones((1, 1, 2, 3))}}
+  state = dl.dessilbi(0.1).init(params)
+  with pytest.raises(TypeError, match='epoch must be a scalar epoch number'):
+    dl.reference_prune_order(params, state, epoch=epoch)
