@@ -7,19 +7,42 @@ and neither values nor gradients through them contain NaN or Inf there.
 import functools
 import numbers
 from collections.abc import Sequence
-from typing import Any, Union, cast
+from typing import Any, Optional, Union
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 from dessilbi_jax import _checks
 from dessilbi_jax.penalties import GroupLasso, Lasso, Penalty
 
 
-def _check_args(z: Any, lam: Any) -> None:
-  """z is floating-point; a concrete λ is finite and >= 0 (at trace time)."""
+def _check_args(z: Any, lam: Any, axes: Optional[tuple[int, ...]] = None):
+  """z is floating-point; a concrete λ is finite and >= 0; λ's shape
+  broadcasts to z's (elementwise) or to the groups' (z's shape with 1 along
+  ``axes``) without growing it (at trace time)."""
   _checks.check_floating('z', z)
   _checks.check_threshold('lam', lam)
+  shape = tuple(np.shape(z))
+  what = "z's shape"
+  if axes is not None:
+    for a in axes:
+      if not -len(shape) <= a < len(shape):
+        raise ValueError(
+          f'reduce_axes: axis {a} is out of range for z of shape {shape}.'
+        )
+    spanned = {a % len(shape) for a in axes}
+    shape = tuple(1 if i in spanned else n for i, n in enumerate(shape))
+    what = "the groups' shape (z's, with 1 along reduce_axes)"
+  try:
+    fits = np.broadcast_shapes(shape, np.shape(lam)) == shape
+  except ValueError:
+    fits = False
+  if not fits:
+    raise ValueError(
+      f'lam: shape {np.shape(lam)} does not broadcast to {what}, {shape}: '
+      'give a scalar, or one λ per entry in that shape.'
+    )
 
 
 def _as_axes(reduce_axes: Union[int, Sequence[int]]) -> tuple[int, ...]:
@@ -28,7 +51,15 @@ def _as_axes(reduce_axes: Union[int, Sequence[int]]) -> tuple[int, ...]:
     reduce_axes, bool
   ):
     return (int(reduce_axes),)
-  return tuple(cast(Sequence[int], reduce_axes))
+  if isinstance(reduce_axes, Sequence) and all(
+    isinstance(a, numbers.Integral) and not isinstance(a, bool)
+    for a in reduce_axes
+  ):
+    return tuple(int(a) for a in reduce_axes)
+  raise TypeError(
+    'reduce_axes must be an axis (int) or a sequence of axes, got '
+    f'{reduce_axes!r}.'
+  )
 
 
 def soft_threshold(z: jax.Array, lam: jax.typing.ArrayLike) -> jax.Array:
@@ -39,14 +70,16 @@ def soft_threshold(z: jax.Array, lam: jax.typing.ArrayLike) -> jax.Array:
 
   Args:
     z: input array (floating-point).
-    lam: threshold λ >= 0.
+    lam: threshold λ >= 0 (a scalar, or an array broadcastable to z's
+      shape).
 
   Returns:
     An array of z's shape and dtype.
 
   Raises:
     TypeError: z is not floating-point (λ would be truncated to its dtype).
-    ValueError: λ is concrete (not traced) and negative or not finite.
+    ValueError: λ is concrete (not traced) and negative or not finite, or
+      its shape does not broadcast to z's.
 
   Example:
     >>> import jax.numpy as jnp
@@ -79,15 +112,18 @@ def group_shrink(
 
   Args:
     z: input array (floating-point).
-    lam: threshold λ >= 0 (a scalar, or an array broadcastable to the groups).
+    lam: threshold λ >= 0: a scalar, or an array broadcastable to the
+      groups' shape (z's shape with 1 along ``reduce_axes``).
     reduce_axes: the axes each group spans, or a single axis (static).
 
   Returns:
     An array of z's shape and dtype; a group with ``‖z_g‖ <= λ`` is exactly 0.
 
   Raises:
-    TypeError: z is not floating-point (λ would be truncated to its dtype).
-    ValueError: λ is concrete (not traced) and negative or not finite.
+    TypeError: z is not floating-point (λ would be truncated to its dtype),
+      or ``reduce_axes`` is not an int or a sequence of ints.
+    ValueError: λ is concrete (not traced) and negative or not finite, or
+      its shape does not broadcast to the groups'; an axis is out of range.
 
   Example:
     >>> import jax.numpy as jnp
@@ -97,8 +133,9 @@ def group_shrink(
     Array([[2.4, 0. ],
            [3.2, 0. ]], dtype=float32)
   """
-  _check_args(z, lam)
-  return _group_shrink(z, lam, reduce_axes=_as_axes(reduce_axes))
+  axes = _as_axes(reduce_axes)
+  _check_args(z, lam, axes)
+  return _group_shrink(z, lam, reduce_axes=axes)
 
 
 @functools.partial(jax.jit, static_argnames=('reduce_axes',))
@@ -115,7 +152,7 @@ def group_factor(
 
   Args:
     z: input array (floating-point).
-    lam: threshold λ >= 0.
+    lam: threshold λ >= 0 (as in :func:`group_shrink`).
     reduce_axes: the axes each group spans, or a single axis (static).
 
   Returns:
@@ -124,11 +161,11 @@ def group_factor(
     exactly for groups with ``‖z_g‖ <= λ``, zero-norm groups included.
 
   Raises:
-    TypeError: z is not floating-point (λ would be truncated to its dtype).
-    ValueError: λ is concrete (not traced) and negative or not finite.
+    As :func:`group_shrink`.
   """
-  _check_args(z, lam)
-  return _group_factor(z, lam, reduce_axes=_as_axes(reduce_axes))
+  axes = _as_axes(reduce_axes)
+  _check_args(z, lam, axes)
+  return _group_factor(z, lam, reduce_axes=axes)
 
 
 @functools.partial(jax.jit, static_argnames=('reduce_axes',))

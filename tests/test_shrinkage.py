@@ -9,6 +9,7 @@ from hypothesis import assume, given, settings
 from hypothesis import strategies as st
 
 import dessilbi_jax as dl
+from dessilbi_jax.shrinkage import group_factor
 
 
 def np_soft(z, lam):
@@ -226,3 +227,35 @@ def test_a_bfloat16_lam_is_a_real_number():
   out = dl.group_shrink(z, lam, (0,))
   assert out.dtype == jnp.bfloat16 and bool(jnp.all(out > 0))
   dl.soft_threshold(z, jnp.bfloat16(0.5))
+
+
+def test_lam_per_group_is_one_per_group_or_refused():
+  # Rows are groups (norms 5 and 0.5). One λ per group in the groups' shape
+  # (2, 1) shrinks each row by its own λ; λ of shape (2,) used to broadcast
+  # against the (2, 1) norms into a (2, 2) factor, mixing two thresholds in
+  # one group (or failing deep in jit where z is not square).
+  z = jnp.array([[3.0, 4.0], [0.3, 0.4]])
+  per_row = jnp.array([[1.0], [0.1]])
+  np.testing.assert_allclose(
+    dl.group_shrink(z, per_row, reduce_axes=1),
+    [[2.4, 3.2], [0.24, 0.32]],
+    rtol=1e-6,
+  )
+  for bad, x in ((jnp.array([1.0, 0.1]), z), (jnp.ones(2), jnp.ones((2, 3)))):
+    for fn in (dl.group_shrink, group_factor):
+      with pytest.raises(ValueError, match=r'lam: shape \(2,\) .* \(2, 1\)'):
+        fn(x, bad, reduce_axes=1)
+  with pytest.raises(ValueError, match=r"lam: shape \(2, 1\) .*z's shape"):
+    dl.soft_threshold(jnp.array([1.0, -2.0, 3.0]), jnp.array([[0.5], [2.5]]))
+  np.testing.assert_allclose(
+    dl.soft_threshold(jnp.array([1.0, -2.0, 3.0]), jnp.array([0.5, 2.5, 1.0])),
+    [0.5, 0.0, 2.0],
+  )
+
+
+@pytest.mark.parametrize(
+  'axes, error', [(None, TypeError), (5, ValueError), ((0, True), TypeError)]
+)
+def test_reduce_axes_are_checked(axes, error):
+  with pytest.raises(error, match='reduce_axes'):
+    dl.group_shrink(jnp.ones((2, 2)), 1.0, reduce_axes=axes)
