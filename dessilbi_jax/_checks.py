@@ -166,7 +166,8 @@ def _describe(leaf: Any) -> str:
     return 'None'
   if hasattr(leaf, 'shape') and hasattr(leaf, 'dtype'):
     return f'an array of shape {tuple(leaf.shape)} and dtype {leaf.dtype}'
-  return f'a {type(leaf).__name__}'
+  kind = type(leaf).__name__
+  return f'{"an" if kind[:1].lower() in "aeiou" else "a"} {kind}'
 
 
 def _is_array(leaf: Any) -> bool:
@@ -288,6 +289,46 @@ def check_update_trees(
           f'state.{field}: leaf {name!r} has dtype {s.dtype}; z and Γ must '
           'be floating-point.'
         )
+
+
+def check_params_shaped(name: str, tree: Any, params: Any) -> None:
+  """A params-shaped state (a momentum buffer) has the params' structure
+  and shapes, at trace time.
+
+  Raises:
+    ValueError: a structure or a shape that does not match the params'.
+  """
+  treedef: Any = jax.tree.structure(params)
+  for leaf, w, s in zip(
+    _leaf_paths(params),
+    treedef.flatten_up_to(params),
+    _up_to(name, treedef, tree, params),
+    strict=True,
+  ):
+    if _is_array(w) and not (_is_array(s) and s.shape == w.shape):
+      raise ValueError(
+        f'{name}: leaf {leaf!r} is {_describe(s)}, its parameter has shape '
+        f'{tuple(w.shape)}: the state belongs to another model; '
+        f'{RESTORE_HINT}.'
+      )
+
+
+def check_param_arrays(params: Any) -> None:
+  """Every leaf of the params is an array, but for the one placeholder that
+  stands for the whole params under ``optax.tree.map_params``.
+
+  Raises:
+    TypeError: a Python number, a string or another object as a leaf.
+  """
+  check_param_leaves(params)
+  flat = jax.tree_util.tree_flatten_with_path(params)[0]
+  if len(flat) == 1 and not flat[0][0]:  # the params are a single leaf
+    return
+  for name, (_, leaf) in zip(_leaf_paths(params), flat, strict=True):
+    if not _is_array(leaf):
+      raise TypeError(
+        f'params: leaf {name!r} is {_describe(leaf)}, not an array.'
+      )
 
 
 def check_gradients(

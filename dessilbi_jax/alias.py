@@ -29,6 +29,7 @@ def _check_gradients(mask: Any) -> optax.GradientTransformation:
   """
 
   def init_fn(params):
+    _checks.check_param_arrays(params)  # before the mask reads them
     tree = mask(params) if callable(mask) else mask
     _checks.check_mask_tree(tree, params, from_function=callable(mask))
     return optax.EmptyState()
@@ -166,4 +167,18 @@ def dessilbi(
       )
     )
   parts.append(core)
-  return optax.chain(*parts)
+  chain = optax.chain(*parts)
+  if momentum is None:
+    return chain
+
+  def update_fn(updates, state, params=None, **extra_args):
+    # The momentum buffer, checked before optax.trace broadcasts against it
+    # (a buffer of another model would fail there with a pytree error).
+    trace = state[2] if isinstance(state, tuple) and len(state) == 4 else None
+    if params is not None and isinstance(trace, optax.TraceState):
+      _checks.check_params_shaped(
+        'state: the momentum (optax.trace)', trace.trace, params
+      )
+    return chain.update(updates, state, params, **extra_args)
+
+  return optax.GradientTransformationExtraArgs(chain.init, update_fn)

@@ -155,13 +155,14 @@ def _resolve(
   out: list[Optional[Penalty]] = []
   entries: list[tuple[tuple[str, ...], Penalty]] = []
   ranks: list[int] = []
+  _checks.check_param_arrays(params)
   for path, leaf in leaves:
     path = _normalise_path(tuple(path), variables)
+    name = path_str(path) or '<root>'
     if not hasattr(leaf, 'dtype'):
-      # Not an array: optax.tree.map_params initialises with placeholders.
+      # optax.tree.map_params initialises with one placeholder for params.
       out.append(None)
       continue
-    name = path_str(path) or '<root>'
     if not jnp.issubdtype(leaf.dtype, jnp.floating):
       raise TypeError(
         f'params: leaf {name!r} has dtype {leaf.dtype}; DessiLBI needs real '

@@ -236,6 +236,25 @@ def test_full_optimizer_reports_a_state_of_another_rule():
     dl.dessilbi(0.1).update(PARAMS, state, PARAMS)
 
 
+@pytest.mark.parametrize(
+  'params, match',
+  [
+    (OTHER_NAMES, r'\(optax.trace\) does not have the structure of params: '),
+    (
+      OTHER_WIDTHS,
+      r"\(optax.trace\): leaf 'conv/kernel' is an array of shape ",
+    ),
+  ],
+  ids=['other_names', 'other_widths'],
+)
+def test_full_optimizer_names_a_momentum_of_another_model(params, match):
+  # optax.trace used to fail first, with JAX's pytree or broadcasting error.
+  tx = dl.dessilbi(0.1)
+  grads = jax.tree.map(jnp.ones_like, params)
+  with pytest.raises(ValueError, match=r'state: the momentum ' + match):
+    jax.jit(tx.update)(grads, tx.init(PARAMS), params)
+
+
 def test_full_optimizer_rejects_a_broadcastable_gradient():
   bad = _with(PARAMS, 'dense/kernel', jnp.ones(3))
   tx = dl.dessilbi(0.1)
@@ -251,6 +270,24 @@ def test_full_optimizer_rejects_a_broadcastable_gradient():
       TypeError,
       r"params: leaf 'scale' is a Python float, not an array.*jnp.asarray",
       id='python_float_leaf',
+    ),
+    pytest.param(
+      lambda: dl.resolve_penalties({'w': jnp.ones((2, 2)), 'scale': 1.0}),
+      TypeError,
+      r"params: leaf 'scale' is a Python float",
+      id='python_float_leaf_resolved',
+    ),
+    pytest.param(
+      lambda: CORE.init({'w': jnp.ones((2, 2)), 'name': 'conv'}),
+      TypeError,
+      r"params: leaf 'name' is a str, not an array",
+      id='string_leaf',  # used to be copied into z
+    ),
+    pytest.param(
+      lambda: dl.dessilbi(0.1).init({'w': jnp.ones((2, 2)), 'f': object()}),
+      TypeError,
+      r"params: leaf 'f' is an object, not an array",
+      id='object_leaf_before_the_mask_reads_it',
     ),
     pytest.param(
       lambda: CORE.init({'w': [1.0, 2.0]}),
