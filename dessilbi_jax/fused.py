@@ -322,6 +322,9 @@ def fused_dessilbi(
     trace, core = _parts(state)
     penalties, treedef, table = _resolve(params, penalty)
     _checks.check_update_trees(grads, core, params, penalties, treedef)
+    _checks.check_params_shaped(
+      'state: the momentum (optax.trace)', trace.trace, params
+    )
     _check_recorded_penalties(core.penalties, table)
     _check_groupings(params, penalties)
     _check_dtypes((params, grads), state)

@@ -158,11 +158,11 @@ def _resolve(
   _checks.check_param_arrays(params)
   for path, leaf in leaves:
     path = _normalise_path(tuple(path), variables)
-    name = path_str(path) or '<root>'
     if not hasattr(leaf, 'dtype'):
       # optax.tree.map_params initialises with one placeholder for params.
       out.append(None)
       continue
+    name = path_str(path) or '<root>'
     if not jnp.issubdtype(leaf.dtype, jnp.floating):
       raise TypeError(
         f'params: leaf {name!r} has dtype {leaf.dtype}; DessiLBI needs real '

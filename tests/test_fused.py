@@ -326,6 +326,13 @@ def test_unsupported_inputs_raise_early():
   # A state of dessilbi without momentum has no momentum to update.
   with pytest.raises(TypeError, match='state must be the state'):
     opt.step(params, dl.dessilbi(0.1, momentum=None).init(params), params)
+  # A momentum buffer of another model is named, as by dessilbi.
+  trace = state[2]._replace(trace={**state[2].trace, 'extra': jnp.ones(3)})
+  other = (*state[:2], trace, state[3])
+  for implementation in ('pallas', 'xla'):
+    opt = dl.fused_dessilbi(0.1, implementation=implementation)
+    with pytest.raises(ValueError, match=r'momentum \(optax.trace\) does not'):
+      opt.step(params, other, params)
   # A traced weight-decay mask cannot choose the kernels' leaves.
   traced = dl.fused_dessilbi(
     0.1,
