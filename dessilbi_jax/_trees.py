@@ -299,6 +299,35 @@ def group_norm(w: jax.Array, choice: Penalty) -> jax.Array:
   return jnp.sqrt(jnp.sum(jnp.square(w), axis=axes))
 
 
+def _explicit_spec(x: Any) -> Any:
+  """The PartitionSpec of x's type where it shards x over explicit mesh
+  axes; None for an array whose type carries no sharding."""
+  typeof = getattr(jax, 'typeof', None)
+  if typeof is None or not hasattr(x, 'shape'):
+    return None
+  spec = getattr(getattr(typeof(x), 'sharding', None), 'spec', None)
+  if spec is None or all(s is None for s in spec):
+    return None
+  return spec
+
+
+def replicated(x: jax.Array) -> jax.Array:
+  """x whole on every device where its type shards it (explicit mesh
+  axes): a sort or a reshape across the sharded axis needs it whole."""
+  if _explicit_spec(x) is None:
+    return x
+  return jax.sharding.reshard(x, jax.sharding.PartitionSpec())
+
+
+def sharded_like(x: jax.Array, like: Any) -> jax.Array:
+  """x with the sharding of ``like``'s type (explicit mesh axes), so that
+  the two combine in ``jnp.where``; x itself otherwise."""
+  spec = _explicit_spec(like)
+  if spec is None or _explicit_spec(x) == spec:
+    return x
+  return jax.sharding.reshard(x, spec)
+
+
 def expand_groups(per_group: jax.Array, choice: Penalty, ndim: int):
   """Broadcasts a per-group array back to the leaf's rank."""
   axes = reduce_axes(choice, ndim)

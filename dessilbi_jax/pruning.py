@@ -168,7 +168,7 @@ def _prune(params, record, cuts, *, scope, spec_items, penalty):
       masks[other] = masks[other] & m if other in masks else m
 
   def mask_of(names, w):
-    return masks.get(names, jnp.ones(w.shape, bool))
+    return _trees.sharded_like(masks.get(names, jnp.ones(w.shape, bool)), w)
 
   mask_tree = _trees.map_with_names(mask_of, params)
   pruned = jax.tree.map(

@@ -66,9 +66,11 @@ def init_selection(
   core = _trees.core_state(opt_state)
   gamma = core.gamma
   penalties = _trees.grouped_penalties(core, penalty)
+  # Laid out like Γ's groups, sharding included, as update_selection's
+  # result is: its type stays the same along training (lax.scan, cond).
   return _trees.map_with_names(
-    lambda names, g: jnp.full(
-      _trees.group_any(g != 0, penalties[names]).shape, NOT_SELECTED, jnp.int32
+    lambda names, g: jnp.full_like(
+      _trees.group_any(g != 0, penalties[names]), NOT_SELECTED, jnp.int32
     ),
     gamma,
   )
@@ -109,9 +111,8 @@ def magnitude_record(
     if choice is None:
       out.append(optax.MaskedNode())
       continue
-    axes = _trees.reduce_axes(choice, w.ndim)
-    shape = tuple(n for a, n in enumerate(w.shape) if a not in axes)
-    out.append(jnp.full(shape, NOT_SELECTED, jnp.int32))
+    groups = _trees.group_any(w != 0, choice)  # sharded like the params
+    out.append(jnp.full_like(groups, NOT_SELECTED, jnp.int32))
   return treedef.unflatten(out)
 
 
@@ -374,7 +375,9 @@ def _group_keys(params, record, penalty):
         f'but the params have {tuple(norm.shape)} groups there under the '
         'penalty rule given; pass penalty= the rule the record was made with.'
       )
-    keys[names] = (r, norm)
+    # Ranking sorts across each leaf: whole arrays, also where the params
+    # are sharded over explicit mesh axes.
+    keys[names] = (_trees.replicated(r), _trees.replicated(norm))
   return keys
 
 

@@ -169,6 +169,13 @@ def types_stable():
         jnp.float32,
         dl.scale_by_dessilbi(1.0, store_gamma=False),
       ),
+      (
+        # Its record used to start replicated and take Γ's sharding at the
+        # first update: lax.scan and apply_if_finite refused the state.
+        'track_selection',
+        jnp.float32,
+        dl.track_selection(dl.dessilbi(1.0, nu=1.0)),
+      ),
     ):
       p = {
         'conv': jnp.ones(
@@ -184,6 +191,59 @@ def types_stable():
       s4 = jax.jit(tx.update)(p, s3, p)[1]
       t = [jax.tree.map(jax.typeof, s) for s in (s0, s1, s2, s3, s4)]
       out[f'{name}/{jnp.dtype(dtype).name}'] = all(ti == t[0] for ti in t)
+  return out
+
+
+def int_(a):
+  return np.asarray(a).astype(np.int32)
+
+
+def toolbox_sharded():
+  """rank_groups and prune on params sharded over an explicit mesh axis
+  (filters, rows, columns, input channels) give what they give on one
+  device, and prune's masks and params keep the params' sharding."""
+  mesh = jax.make_mesh((8,), ('x',), axis_types=(AxisType.Explicit,))
+  key = jax.random.split(jax.random.key(3), 2)
+  whole = {
+    'conv': {'kernel': jax.random.normal(key[0], (3, 3, 8, 16))},
+    'dense': {'kernel': jax.random.normal(key[1], (16, 8))},
+  }
+  record = dl.magnitude_record(whole)
+  want = {
+    scope: (
+      dl.rank_groups(whole, record, scope=scope),
+      dl.prune(whole, record, 0.5, scope=scope),
+    )
+    for scope in ('layer', 'global')
+  }
+  out = {}
+  with jax.set_mesh(mesh):
+    for name, conv, dense in (
+      ('filters_rows', P(None, None, None, 'x'), P('x', None)),
+      ('inputs_columns', P(None, None, 'x', None), P(None, 'x')),
+    ):
+      p = {
+        'conv': {'kernel': jax.sharding.reshard(whole['conv']['kernel'], conv)},
+        'dense': {
+          'kernel': jax.sharding.reshard(whole['dense']['kernel'], dense)
+        },
+      }
+      rec = dl.magnitude_record(p)
+      for scope, (ranks, (pruned, masks)) in want.items():
+        try:
+          got_ranks = dl.rank_groups(p, rec, scope=scope)
+          got_pruned, got_masks = dl.prune(p, rec, 0.5, scope=scope)
+        except Exception as e:  # reported, so that the other cases still run
+          out[f'{name}/{scope}'] = {'error': str(e)[:500]}
+          continue
+        out[f'{name}/{scope}'] = {
+          'same': max_diff(got_ranks, ranks) == 0
+          and max_diff(got_pruned, pruned) == 0
+          and max_diff(*(jax.tree.map(int_, m) for m in (got_masks, masks)))
+          == 0,
+          'keep_sharding': same_sharding(got_pruned, p)
+          and same_sharding(got_masks, p),
+        }
   return out
 
 
@@ -258,6 +318,7 @@ def main():
   out = trajectories()
   out['types_stable'] = types_stable()
   out['fused'] = fused()
+  out['toolbox'] = toolbox_sharded()
   json.dump(out, sys.stdout)
 
 

@@ -76,13 +76,21 @@ def test_state_follows_the_params_sharding(measured):
 
 def test_state_types_are_stable_under_sharding_in_types(measured):
   types = dict(measured['types_stable'])
-  assert len(types) == 4
+  assert len(types) == 5
   types.pop('core_compact_gamma/float32')
   assert all(types.values()), types
 
 
 def test_compact_gamma_state_types_are_stable(measured):
   assert measured['types_stable']['core_compact_gamma/float32']
+
+
+def test_ranking_and_pruning_take_params_sharded_in_types(measured):
+  # The sort across a sharded axis used to fail inside JAX.
+  toolbox = measured['toolbox']
+  assert len(toolbox) == 4
+  for name, case in toolbox.items():
+    assert case == {'same': True, 'keep_sharding': True}, name
 
 
 def test_fused_step_on_sharded_params(measured):
