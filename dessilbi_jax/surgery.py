@@ -520,8 +520,9 @@ def reinit_unselected(
     params: the weights W.
     opt_state: the optimizer state.
     layers: the layer paths (``'conv2'``) or kernel paths to re-initialise.
-    keep: per layer, a boolean vector of the filters to keep; None for the
-      filters with a weight in Γ's support (whatever the kernel's groups).
+    keep: per layer, a boolean vector of the filters to keep (or of 0 and
+      1, or kernel-shaped); None for the filters with a weight in Γ's
+      support (whatever the kernel's groups).
     scale: the norm of each new filter; None for the mean norm of the kept
       filters of the layer (1 if none is kept).
     penalty: leave it out; a rule given is checked as by
@@ -563,7 +564,7 @@ def reinit_unselected(
     if keep is not None:
       if layer not in keep:
         raise ValueError(f'keep: has no entry for layer {layer!r}.')
-      mask = np.asarray(keep[layer], bool)
+      mask = _layer_mask(keep[layer], layer)
     else:
       if kernel_names not in selected:
         raise ValueError(
@@ -653,7 +654,9 @@ def widen(
     opt_state: the optimizer state to carry along, or None. Its leaves
       must be params-shaped (DessiLBI's, SGD's, Adam's, ...); a state kept
       per axis or factored (SM3, Adafactor) is refused.
-    batch_stats: Linen's ``batch_stats`` collection, or None.
+    batch_stats: Linen's ``batch_stats`` collection, or None. Forgotten,
+      a Linen BatchNorm's running statistics keep the old width (the
+      model then refuses them); NNX's ``nnx.state(model)`` carries them.
     scale: the norm of each new filter; None for the mean norm of the
       existing ones.
 
@@ -746,6 +749,14 @@ def _layer_mask(mask, name: str, what: str = 'layer') -> np.ndarray:
     raise TypeError(
       f'keep: the mask of {what} {name!r} must hold bools or ints{per}, '
       f'got {type(mask).__name__} with dtype {arr.dtype}.'
+    )
+  other = arr[(arr != 0) & (arr != 1)]
+  if other.size:  # a selection record (NOT_SELECTED) or ranks, not a mask
+    raise ValueError(
+      f'keep: the mask of {what} {name!r} holds {other.flat[0]}, an int '
+      'other than 0 and 1: a selection record or ranks, not a mask. A mask '
+      "is True where kept: support(opt_state, by_group=True), prune's "
+      'masks, or record != dl.NOT_SELECTED.'
     )
   return arr.astype(bool)
 
@@ -899,15 +910,18 @@ def slim(
     spec: the links of the model (:func:`~dessilbi_jax.chain_spec` or by
       hand). Layers not in it are not slimmed.
     keep: which output channels to keep: a dict ``{layer: bool array}`` (per
-      channel, or kernel-shaped; a list or tuple of bools or ints works
-      too), or a tree such as
+      channel, or kernel-shaped; a list or tuple of bools, or of ints 0
+      and 1, works too), or a tree such as
       ``support(opt_state, by_group=True)`` or the masks of
       :func:`~dessilbi_jax.prune` (kernel entries of layers not in the spec
-      are ignored).
+      are ignored). A selection record or ranks are refused: they are not
+      masks (``record != dl.NOT_SELECTED`` is one).
     opt_state: the optimizer state to carry along, or None. Its leaves
       must be params-shaped (DessiLBI's, SGD's, Adam's, ...); a state kept
       per axis or factored (SM3, Adafactor) is refused.
-    batch_stats: Linen's ``batch_stats`` collection, or None.
+    batch_stats: Linen's ``batch_stats`` collection, or None. Forgotten,
+      a Linen BatchNorm's running statistics keep the old width (the
+      model then refuses them); NNX's ``nnx.state(model)`` carries them.
 
   Returns:
     A :class:`Surgery`; ``widths`` gives each slimmed layer's new width (to

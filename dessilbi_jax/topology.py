@@ -34,7 +34,9 @@ class Link:
 
   Attributes:
     norm: the path of the normalisation layer applied to this layer's output
-      (its per-channel leaves follow the channels), or None.
+      (its per-channel leaves follow the channels), or None for none; a
+      spec is refused where naming finds a norm of the layer's width that
+      no link claims (``conv3`` -> ``bn3``: name it here).
     consumers: the paths of the layers that read these channels as their
       inputs: a conv reads them on its kernel's axis -2; a Dense layer on its
       kernel's rows, either directly or as a feature map flattened
@@ -267,7 +269,8 @@ def chain_spec(
       ``conv2``, ``fc1``, ``fc2`` only if convs come first alphabetically;
       give the order when in doubt).
     norms: the norm layer of each layer; missing entries are found by naming
-      (:func:`default_norm`), None means no norm.
+      (:func:`default_norm`), None means no norm (refused where naming finds
+      one that no other layer claims, see :func:`check_spec`).
 
   Returns:
     A dict ``{layer: Link(norm, (next_layer,))}`` for every layer but the
@@ -326,8 +329,12 @@ def check_spec(params: optax.Params, spec: Spec) -> None:
   Raises:
     TypeError: a value of the spec is not a :class:`Link`.
     ValueError: a layer has no kernel, a norm layer has no per-channel
-      leaves of the producer's width or is the norm of two layers, or a
-      consumer's input width does not fit the producer's channels.
+      leaves of the producer's width or is the norm of two layers, a
+      consumer's input width does not fit the producer's channels, or a
+      link names no norm while a layer named as its norm (``conv3`` ->
+      ``bn3``, as :func:`default_norm`) has its width and is the norm of no
+      other layer of the spec (``Link(consumers=...)`` leaving ``norm`` out
+      would leave that norm out of pruning and slimming).
   """
   check_spec_table(_trees.leaves_by_name(_trees.pure(params)), spec)
 
@@ -335,12 +342,26 @@ def check_spec(params: optax.Params, spec: Spec) -> None:
 def check_spec_table(table: dict, spec: Spec) -> None:
   """:func:`check_spec` on leaves keyed by name."""
   owners: dict[str, str] = {}
+  claimed = {
+    link.norm for link in spec.values() if isinstance(link, Link) and link.norm
+  }
+  layers = _shapes_by_layer(table)
   for layer, link in spec.items():
     if not isinstance(link, Link):
       raise TypeError(
         f'spec[{layer!r}] must be a dessilbi_jax.Link, got {link!r}.'
       )
     width = producer_width(table, layer)
+    named = _norm_of(layers, _trees.split_name(layer), width)
+    if link.norm is None and named is not None:
+      if _trees.join(named) not in claimed:
+        raise ValueError(
+          f'spec[{layer!r}]: the link names no norm, but '
+          f'{_trees.join(named)!r}, named as its norm, has per-channel '
+          f'leaves of its width and is the norm of no layer of the spec; '
+          f'give Link(norm={_trees.join(named)!r}, ...), or give it to the '
+          'layer whose channels it follows.'
+        )
     if link.norm is not None:
       if link.norm in owners:
         raise ValueError(
@@ -478,8 +499,9 @@ def channel_masks(
         f'the norm {norm!r} of layer {_trees.join(kernel[:-1])!r} has no '
         'scale: zeroing its shift cannot make a filter output zero while its '
         'running mean is kept elsewhere; pass the params together with the '
-        "norm's statistics (in Flax NNX, nnx.state(model)), or give the norm "
-        'a scale.'
+        "norm's statistics (in Flax NNX, nnx.state(model); in Linen, the "
+        "params with the norm's mean and var from variables['batch_stats'] "
+        'added to its entry), or give the norm a scale.'
       )
     for other in found:
       masks[other] = keep

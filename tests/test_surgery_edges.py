@@ -271,6 +271,31 @@ def test_slim_refuses_a_keep_it_cannot_read():
   with pytest.raises(ValueError, match=r"keep: has a mask for 'conv2'.*mixed"):
     dl.slim(params, spec, mixed)
   assert dl.slim(params, spec, masks).widths['conv1'] == 2
+  # A selection record or ranks are ints too, but no mask: NOT_SELECTED
+  # read as True kept every unselected filter, and rank 0, the best
+  # filter, was the one dropped.
+  record = {'conv1': {'kernel': jnp.array([5, dl.NOT_SELECTED, 7, 0])}}
+  ranks = dl.rank_groups(params, record)
+  state = dl.dessilbi(0.1).init(params)
+  for call in (
+    lambda: dl.slim(params, spec, record),
+    lambda: dl.slim(params, spec, ranks),
+    lambda: dl.slim(params, spec, {'conv1': [3, 0, 2, 1]}),
+    lambda: dl.reinit_unselected(
+      jax.random.key(0),
+      params,
+      state,
+      ['conv1'],
+      keep={'conv1': ranks['conv1']['kernel']},
+    ),
+  ):
+    with pytest.raises(ValueError, match='a selection record or ranks'):
+      call()
+  with pytest.raises(TypeError, match="keep: the mask of layer 'conv1' must"):
+    dl.reinit_unselected(
+      jax.random.key(0), params, state, ['conv1'], keep={'conv1': [0.2, 0.9]}
+    )
+  assert dl.slim(params, spec, {'conv1': [1, 0, 1, 1]}).widths['conv1'] == 3
 
 
 def test_surgery_arguments_are_checked_early():

@@ -110,6 +110,34 @@ def test_a_norm_named_otherwise_is_not_left_out():
   assert dl.default_norm(wide, 'conv1') is None
 
 
+def test_a_hand_written_link_may_not_leave_out_the_norm_named_as_its():
+  # Link(consumers=...) leaves norm at None: bn1 was left out, so prune kept
+  # its shift on pruned channels and slim cut conv1 but not bn1.
+  params = {
+    'conv1': {'kernel': jnp.ones((3, 3, 1, 4))},
+    'bn1': {'scale': jnp.ones(4), 'bias': jnp.full(4, 0.5)},
+    'conv2': {'kernel': jnp.ones((3, 3, 4, 2))},
+  }
+  bad = {'conv1': dl.Link(consumers=('conv2',))}
+  record = dl.magnitude_record(params)
+  for call in (
+    lambda: dl.check_spec(params, bad),
+    lambda: dl.prune(params, record, 0.5, spec=bad),
+    lambda: dl.slim(params, bad, {'conv1': [1, 0, 1, 1]}),
+    lambda: dl.chain_spec(params, ['conv1', 'conv2'], norms={'conv1': None}),
+  ):
+    with pytest.raises(ValueError, match=r"spec\['conv1'\]: the link names no"):
+      call()
+  good = {'conv1': dl.Link(norm='bn1', consumers=('conv2',))}
+  out = dl.slim(params, good, {'conv1': [1, 0, 1, 1]})
+  assert out.params['bn1']['bias'].shape == (3,)
+  # A norm that another link claims is no rival: fc1 -> bn1 by naming too.
+  params['fc1'] = {'kernel': jnp.ones((4, 4))}
+  dl.check_spec(params, {'conv1': dl.Link(norm='bn1'), 'fc1': dl.Link()})
+  with pytest.raises(ValueError, match=r"spec\['fc1'\]: the link names no"):
+    dl.check_spec(params, {'fc1': dl.Link()})
+
+
 class _AutoNamed(nn.Module):
   norm: bool = True
 
