@@ -341,13 +341,26 @@ def is_output_grouped(choice: Penalty, ndim: int) -> bool:
   )
 
 
+def nesting_hint(names_in_tree: Iterable[Names], names: Names) -> str:
+  """Where a tree holds ``names`` one level or more down (Linen's
+  ``variables`` passed for ``variables['params']``), a hint saying so."""
+  for n in names_in_tree:
+    if len(n) > len(names) and n[len(n) - len(names) :] == names:
+      above = join(n[: len(n) - len(names)])
+      return (
+        f' (they hold it as {join(n)!r}: pass the subtree under {above!r}, '
+        "e.g. variables['params'] in Flax Linen)"
+      )
+  return ''
+
+
 def lookup(
   table: dict[Names, Any], names: Names, what: str, arg: str = 'params'
 ) -> Any:
   if names not in table:
     raise ValueError(
-      f'{arg}: has no leaf {join(names)!r}, which {what} holds; the trees do '
-      'not belong to the same model.'
+      f'{arg}: has no leaf {join(names)!r}{nesting_hint(table, names)}, which '
+      f'{what} holds; the trees do not belong to the same model.'
     )
   return table[names]
 

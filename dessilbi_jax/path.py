@@ -239,17 +239,15 @@ def _w_star(params, gamma):
     return jnp.where(g != 0, w, jnp.zeros_like(w))
 
   out = _trees.map_with_names(mask, params)
-  _check_all_seen(gamma, seen)
-  return out
-
-
-def _check_all_seen(gamma, seen):
   missing = [n for n in gamma if n not in seen]
   if missing:
+    hint = _trees.nesting_hint(_trees.leaves_by_name(params), missing[0])
     raise ValueError(
-      f'params: has no leaf {_trees.join(missing[0])!r}, which Γ holds; the '
-      'params and the optimizer state do not belong to the same model.'
+      f'params: has no leaf {_trees.join(missing[0])!r}{hint}, which Γ '
+      'holds; the params and the optimizer state do not belong to the same '
+      'model.'
     )
+  return out
 
 
 def _coupled_pairs(params, opt_state):

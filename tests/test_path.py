@@ -449,3 +449,19 @@ def test_w_star_channels_checks_the_spec_and_refuses_stacked_layers():
     ValueError, match=r"'blocks/conv/bias' has shape \(2, 3\)"
   ):
     dl.w_star(stacked, state, channels=True)
+
+
+def test_linen_variables_for_params_get_a_hint():
+  params = {'conv1': {'kernel': jnp.ones((3, 3, 1, 4))}}
+  variables = {'params': params, 'batch_stats': {}}
+  state = dl.dessilbi(0.1).init(params)
+  record = dl.magnitude_record(params)
+  for call in (
+    lambda: dl.w_star(variables, state),
+    lambda: dl.prune(variables, record, 0.5),
+    lambda: dl.rank_groups(variables, record),
+  ):
+    with pytest.raises(
+      ValueError, match=r"variables\['params'\] in Flax Linen"
+    ):
+      call()
