@@ -171,7 +171,7 @@ def types_stable():
       ),
       (
         # Its record used to start replicated and take Γ's sharding at the
-        # first update: lax.scan and apply_if_finite refused the state.
+        # first update: lax.scan refused the state as its carry.
         'track_selection',
         jnp.float32,
         dl.track_selection(dl.dessilbi(1.0, nu=1.0)),
