@@ -916,12 +916,7 @@ def slim(
       :func:`~dessilbi_jax.prune` (kernel entries of layers not in the spec
       are ignored). A selection record or ranks are refused: they are not
       masks (``record != dl.NOT_SELECTED`` is one).
-    opt_state: the optimizer state to carry along, or None. Its leaves
-      must be params-shaped (DessiLBI's, SGD's, Adam's, ...); a state kept
-      per axis or factored (SM3, Adafactor) is refused.
-    batch_stats: Linen's ``batch_stats`` collection, or None. Forgotten,
-      a Linen BatchNorm's running statistics keep the old width (the
-      model then refuses them); NNX's ``nnx.state(model)`` carries them.
+    opt_state, batch_stats: as in :func:`widen`.
 
   Returns:
     A :class:`Surgery`; ``widths`` gives each slimmed layer's new width (to
