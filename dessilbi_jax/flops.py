@@ -13,6 +13,10 @@ from dessilbi_jax import _trees
 def param_count(params: Any) -> int:
   """The number of scalar entries in a pytree (or a Flax NNX state).
 
+  Every leaf counts: for a model's parameters alone, pass those
+  (``nnx.state(model, nnx.Param)``, Linen's ``variables['params']``), not
+  a state that also holds batch statistics or RNG counters.
+
   Example:
     >>> import jax.numpy as jnp
     >>> import dessilbi_jax as dl

@@ -317,6 +317,8 @@ class LayerSummary:
     weights_selected: entries with Γ ≠ 0 (positive and negative alike).
     weights_total: number of entries.
     residue: ``‖W − Γ‖² / (2ν)`` for this leaf; None when ν was not given.
+    group_axes: the axes that index the groups (non-negative), e.g. ``(3,)``
+      for a conv kernel's output filters; None for an elementwise penalty.
   """
 
   name: str
@@ -327,6 +329,15 @@ class LayerSummary:
   weights_selected: int
   weights_total: int
   residue: Optional[float] = None
+  group_axes: Optional[tuple[int, ...]] = None
+
+  @property
+  def group_kind(self) -> str:
+    """What a group is: ``'filters'`` (a conv kernel's output channels),
+    ``'neurons'`` (a Dense kernel's outputs), or ``''`` for other groups."""
+    if self.group_axes != (len(self.shape) - 1,):
+      return ''
+    return 'filters' if len(self.shape) >= 3 else 'neurons'
 
   @property
   def group_fraction(self) -> float:
@@ -363,6 +374,8 @@ class PathSummary:
     out = dataclasses.asdict(self)
     for name, layer in self.layers.items():
       out['layers'][name]['shape'] = list(layer.shape)
+      if layer.group_axes is not None:
+        out['layers'][name]['group_axes'] = list(layer.group_axes)
     return out
 
   def table(self) -> str:
@@ -380,8 +393,9 @@ class PathSummary:
         (
           layer.name,
           'x'.join(str(s) for s in layer.shape),
-          frac(layer.groups_selected, layer.groups_total)
-          + (' filters' if layer.penalty == 'group' else ''),
+          ' '.join(
+            (frac(layer.groups_selected, layer.groups_total), layer.group_kind)
+          ).rstrip(),
           frac(layer.weights_selected, layer.weights_total),
           res(layer.residue),
         )
@@ -497,6 +511,9 @@ def path_summary(
       weights_selected=int(weights),
       weights_total=int(np.size(w)),
       residue=layer_res,
+      group_axes=(
+        choice.group_axes(w.ndim) if isinstance(choice, GroupLasso) else None
+      ),
     )
   coupled_total = sum(v.weights_total for v in layers.values())
   coupled_kept = sum(v.weights_selected for v in layers.values())

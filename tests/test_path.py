@@ -75,6 +75,19 @@ def test_support_per_weight_and_per_group():
   _, state = _trained(penalty=dl.penalty_rule(dense=dl.GroupLasso(axes=0)))
   rows = dl.support(state, by_group=True)['dense']['kernel']
   assert rows.shape == (6,)
+  # The summary names a Dense kernel's output groups neurons and leaves
+  # other groups (its input rows, a conv's weights) unnamed.
+  layers = dl.path_summary(
+    *_trained(
+      steps=1,
+      penalty=dl.penalty_rule(conv=dl.Lasso(), dense=dl.GroupLasso(axes=0)),
+    )
+  ).layers
+  assert [v.group_kind for v in layers.values()] == ['', '']
+  layers = dl.path_summary(
+    *_trained(steps=1, penalty=dl.penalty_rule(dense=dl.GroupLasso(axes=-1)))
+  ).layers
+  assert [v.group_kind for v in layers.values()] == ['filters', 'neurons']
 
 
 def test_the_toolbox_takes_the_groups_the_state_records():
@@ -241,8 +254,14 @@ def test_residue_and_summary_count_both_signs():
   assert 'conv/kernel' in text and 'dense/kernel' in text
   assert 'density of the whole model' in text
   assert f'{conv.groups_selected}/6' in text
+  # Groups are named by what they are: the conv's filters; a lasso's
+  # weights get no name.
+  assert (conv.group_axes, conv.group_kind) == ((3,), 'filters')
+  assert (dense.group_axes, dense.group_kind) == (None, '')
+  assert text.count(' filters') == 1
   data = json.loads(json.dumps(s.as_dict()))
   assert data['layers']['conv/kernel']['shape'] == [3, 3, 2, 6]
+  assert data['layers']['conv/kernel']['group_axes'] == [3]
   # Without ν there is no residue.
   assert dl.path_summary(params, state).residue is None
 
