@@ -313,6 +313,15 @@ def check_params_shaped(name: str, tree: Any, params: Any) -> None:
       )
 
 
+def is_map_params_placeholder(params: Any) -> bool:
+  """Whether ``init`` was given ``optax.tree.map_params``'s placeholder (a
+  leafless node of Optax's private type) rather than params."""
+  found = jax.tree.leaves(
+    params, is_leaf=lambda x: type(x).__name__ == '_ParamsPlaceholder'
+  )
+  return any(type(x).__name__ == '_ParamsPlaceholder' for x in found)
+
+
 def check_param_arrays(params: Any) -> None:
   """Every leaf of the params is an array, but for the one placeholder that
   stands for the whole params under ``optax.tree.map_params``.

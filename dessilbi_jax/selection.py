@@ -187,6 +187,16 @@ def update_selection(
   return _trees.map_with_names(one, _trees.pure(record))
 
 
+class _RecordUnderMapParams:
+  """The record of a state initialised by ``optax.tree.map_params``."""
+
+  def __repr__(self) -> str:
+    return '<first_step record>'
+
+
+_RECORD_UNDER_MAP_PARAMS = _RecordUnderMapParams()
+
+
 class SelectionState(NamedTuple):
   """State of :func:`track_selection`.
 
@@ -218,7 +228,9 @@ def track_selection(
 
   Returns:
     An :class:`optax.GradientTransformationExtraArgs` whose state is a
-    :class:`SelectionState`.
+    :class:`SelectionState`. ``optax.tree.map_params`` maps its function
+    over the inner state's params-shaped trees and hands the record, laid
+    out by groups, to ``transform_non_params`` whole.
 
   Example:
     >>> import jax, jax.numpy as jnp, optax
@@ -239,6 +251,11 @@ def track_selection(
 
   def init_fn(params):
     inner_state = inner.init(params)
+    if _checks.is_map_params_placeholder(params):
+      # optax.tree.map_params: the record is laid out like the groups, not
+      # like the params, so it is not a tree of params (a leaf here hands
+      # the whole record to map_params's transform_non_params).
+      return SelectionState(inner_state, _RECORD_UNDER_MAP_PARAMS)
     return SelectionState(inner_state, init_selection(inner_state, penalty))
 
   def update_fn(updates, state, params=None, **extra_args):

@@ -206,15 +206,6 @@ class _UnknownPenalties:
 _UNKNOWN_PENALTIES = _UnknownPenalties()
 
 
-def _is_map_params_placeholder(params: Any) -> bool:
-  """Whether ``init`` was given ``optax.tree.map_params``'s placeholder (a
-  leafless node of Optax's private type) rather than params."""
-  found = jax.tree.leaves(
-    params, is_leaf=lambda x: type(x).__name__ == '_ParamsPlaceholder'
-  )
-  return any(type(x).__name__ == '_ParamsPlaceholder' for x in found)
-
-
 def _check_recorded_penalties(recorded: Any, table: PenaltyTable) -> None:
   """A state records the penalties it was built under; an optimizer whose
   rule gives others must not silently step it with its own groups."""
@@ -343,7 +334,7 @@ def scale_by_dessilbi(
   def init_fn(params):
     _checks.check_param_leaves(params)
     penalties, treedef, table = _resolve(params, penalty)
-    if _is_map_params_placeholder(params):
+    if _checks.is_map_params_placeholder(params):
       # optax.tree.map_params initialises with a placeholder for the params,
       # and compares the state it gets with a real one: a leaf here matches
       # a real state's table whatever it holds (and is not params-shaped).

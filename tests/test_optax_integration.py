@@ -384,6 +384,35 @@ def test_tree_map_params_reaches_z_gamma_and_momentum():
   assert mapped[-1].count == -1
 
 
+def test_tree_map_params_leaves_the_selection_record_alone():
+  # track_selection's record has one entry per filter, not the params'
+  # shapes: map_params hands it to transform_non_params, not to the params'
+  # function (a cast meant for the float state would break the int32 record,
+  # a params-shaped sharding would not fit it).
+  params, loss = _problem()
+  tx = dl.track_selection(dl.dessilbi(0.05, nu=1.0))
+  _, state = _run(tx, params, loss, 3)
+  record = optax.tree.get(state, 'first_step')
+  assert record['conv']['kernel'].shape != params['conv']['kernel'].shape
+  cast = optax.tree.map_params(tx, lambda x: x.astype(jnp.bfloat16), state)
+  assert optax.tree.get(cast, 'gamma')['conv']['kernel'].dtype == jnp.bfloat16
+  jax.tree.map(
+    np.testing.assert_array_equal, optax.tree.get(cast, 'first_step'), record
+  )
+  specs = jax.tree.map(lambda x: x.ndim, params)
+  mapped = optax.tree.map_params(
+    tx,
+    lambda x, s: None if isinstance(x, optax.MaskedNode) else s,
+    state,
+    specs,
+    transform_non_params=lambda _: 'other',
+    is_leaf=lambda x: isinstance(x, optax.MaskedNode),
+  )
+  assert optax.tree.get(mapped, 'z')['conv']['kernel'] == 4
+  assert mapped.first_step == 'other'
+  tx.update(jax.grad(loss)(params), cast, params)  # still a valid record
+
+
 def test_multisteps_accumulates_then_applies_the_mean_gradient():
   params, loss = _problem()
   tx = optax.MultiSteps(dl.dessilbi(0.05, nu=1.0), every_k_schedule=3)
