@@ -347,6 +347,20 @@ def test_params_dtype_is_kept_and_state_is_cond_stable(dtype, state_dtype):
     assert {x.dtype for x in jax.tree.leaves(tree)} == {jnp.dtype(dtype)}
 
 
+def _map_ranks(tx, state, params, other):
+  """map_params with each leaf's rank beside the state (as sharding specs
+  would be), None at uncoupled leaves, and ``other`` for what is not
+  params-shaped."""
+  return optax.tree.map_params(
+    tx,
+    lambda x, s: None if isinstance(x, optax.MaskedNode) else s,
+    state,
+    jax.tree.map(lambda x: x.ndim, params),
+    transform_non_params=lambda _: other,
+    is_leaf=lambda x: isinstance(x, optax.MaskedNode),
+  )
+
+
 def test_tree_map_params_reaches_z_gamma_and_momentum():
   params, loss = _problem()
   # An override that matches: no warning about its spelling from the
@@ -368,15 +382,7 @@ def test_tree_map_params_reaches_z_gamma_and_momentum():
   )
   # With a tree per leaf beside the state (e.g. sharding specs), and a value
   # for everything that is not params-shaped.
-  specs = jax.tree.map(lambda x: x.ndim, params)
-  mapped = optax.tree.map_params(
-    tx,
-    lambda x, s: None if isinstance(x, optax.MaskedNode) else s,
-    state,
-    specs,
-    transform_non_params=lambda _: -1,
-    is_leaf=lambda x: isinstance(x, optax.MaskedNode),
-  )
+  mapped = _map_ranks(tx, state, params, -1)
   assert mapped[-1].z == {
     'conv': {'kernel': 4},
     'dense': {'bias': None, 'kernel': 2},
@@ -399,15 +405,7 @@ def test_tree_map_params_leaves_the_selection_record_alone():
   jax.tree.map(
     np.testing.assert_array_equal, optax.tree.get(cast, 'first_step'), record
   )
-  specs = jax.tree.map(lambda x: x.ndim, params)
-  mapped = optax.tree.map_params(
-    tx,
-    lambda x, s: None if isinstance(x, optax.MaskedNode) else s,
-    state,
-    specs,
-    transform_non_params=lambda _: 'other',
-    is_leaf=lambda x: isinstance(x, optax.MaskedNode),
-  )
+  mapped = _map_ranks(tx, state, params, 'other')
   assert optax.tree.get(mapped, 'z')['conv']['kernel'] == 4
   assert mapped.first_step == 'other'
   tx.update(jax.grad(loss)(params), cast, params)  # still a valid record
