@@ -63,11 +63,13 @@ class FusedDessilbi(NamedTuple):
 
   Attributes:
     init: ``init(params) -> state``, the state of :func:`dessilbi`.
-    update: ``update(grads, state, params) -> (updates, state)``, as an
-      Optax transformation (composes with ``optax.chain``); followed by
-      ``optax.apply_updates``, it is no faster than ``dessilbi``.
-    step: ``step(grads, state, params) -> (new_params, new_state)``: the
-      update applied in the kernel, the fast path.
+    update: ``update(grads, state, params, **extra_args) -> (updates,
+      state)``, as an Optax transformation (composes with ``optax.chain``;
+      extra keyword arguments, such as a loss, are ignored, as by
+      ``dessilbi``); followed by ``optax.apply_updates``, it is no faster
+      than ``dessilbi``.
+    step: ``step(grads, state, params, **extra_args) -> (new_params,
+      new_state)``: the update applied in the kernel, the fast path.
   """
 
   init: optax.TransformInitFn
@@ -380,14 +382,16 @@ def fused_dessilbi(
     )
     return new_w, new_state
 
-  def update_fn(updates, state, params=None):
+  # Extra keyword arguments (a loss as value=, which nnx.Optimizer passes
+  # on) are accepted and ignored, as by dessilbi.
+  def update_fn(updates, state, params=None, **extra_args):
     if not use_pallas(updates, state, params):
-      return reference.update(updates, state, params)
+      return reference.update(updates, state, params, **extra_args)
     return run(updates, state, params, apply=False)
 
-  def step_fn(grads, state, params):
+  def step_fn(grads, state, params, **extra_args):
     if not use_pallas(grads, state, params):
-      updates, state = reference.update(grads, state, params)
+      updates, state = reference.update(grads, state, params, **extra_args)
       return optax.apply_updates(params, updates), state
     return run(grads, state, params, apply=True)
 

@@ -567,3 +567,26 @@ def test_steps_the_params_of_an_nnx_model():
   nnx.update(model, new)
   assert jnp.allclose(model.fc.kernel[...], new['fc']['kernel'][...])
   assert not jnp.allclose(model.fc.kernel[...], before)
+
+
+@pytest.mark.parametrize('implementation', ['pallas', 'xla'])
+def test_extra_arguments_are_ignored_as_by_dessilbi(implementation):
+  # nnx.Optimizer.update passes its keyword arguments (a loss as value=) on
+  # to update; dessilbi ignores them, and a run can switch between the two.
+  from flax import nnx
+
+  params = _params()
+  fused = dl.fused_dessilbi(0.1, nu=10.0, implementation=implementation)
+  state, grads = fused.init(params), _grads(params, 0)
+  want = fused.update(grads, state, params)
+  _assert_close(fused.update(grads, state, params, value=jnp.float32(2)), want)
+  _assert_close(
+    fused.step(grads, state, params, value=jnp.float32(2)),
+    (optax.apply_updates(params, want[0]), want[1]),
+  )
+  model = nnx.Linear(3, 4, rngs=nnx.Rngs(0))
+  optimizer = nnx.Optimizer(model, fused, wrt=nnx.Param)
+  before = jnp.array(model.kernel[...])
+  grads = nnx.grad(lambda m: jnp.sum(m(jnp.ones((2, 3))) ** 2))(model)
+  optimizer.update(model, grads, value=jnp.float32(1))
+  assert not jnp.allclose(model.kernel[...], before)
