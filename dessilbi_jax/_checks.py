@@ -41,6 +41,24 @@ def concrete_scalar(name: str, value: Any) -> Optional[float]:
   return float(arr)
 
 
+def check_fits_dtype(name: str, value: Any, dtype: Any, where: str) -> None:
+  """A concrete hyper-parameter is finite in the dtype of ``where``, which
+  it is cast to.
+
+  Raises:
+    ValueError: it overflows that dtype (to inf, which would make ``where``
+      inf or NaN).
+  """
+  number = concrete_scalar(name, value)
+  largest = float(jnp.finfo(dtype).max)
+  if number is not None and abs(number) > largest:
+    raise ValueError(
+      f'{name}={number:g} overflows {jnp.dtype(dtype).name} (largest '
+      f'{largest:g}), the dtype of {where}; use a smaller {name} or a wider '
+      'state_dtype.'
+    )
+
+
 def check_rule_callable(penalty: Any) -> None:
   """A penalty rule is None (the default rule) or a callable.
 

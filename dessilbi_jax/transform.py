@@ -354,6 +354,7 @@ def scale_by_dessilbi(
         gamma.append(optax.MaskedNode())
       else:
         zeros = jnp.zeros_like(leaf, dtype=state_dtype)
+        _checks.check_fits_dtype('kappa', kappa, zeros.dtype, 'z and Γ')
         z.append(zeros)
         gamma.append(_new_gamma(zeros, choice))
     return DessiLBIState(

@@ -47,6 +47,23 @@ def test_core_checks_its_arguments_too():
     dl.scale_by_dessilbi(-0.1)
 
 
+def test_a_kappa_that_overflows_the_state_dtype_is_refused_at_init():
+  # Γ = κ·Prox(z) in z's dtype: an infinite κ would make Γ NaN where z = 0
+  # (and W NaN the step after), whatever the learning rate.
+  params16 = jax.tree.map(lambda x: x.astype(jnp.float16), PARAMS)
+  for tx, params in [
+    (dl.dessilbi(0.1, kappa=1e39), PARAMS),
+    (dl.dessilbi(0.1, kappa=7e4), params16),
+    (dl.fused_dessilbi(0.1, kappa=7e4, implementation='xla'), params16),
+  ]:
+    with pytest.raises(ValueError, match=r'kappa=.*overflows float'):
+      tx.init(params)
+  # In a float32 state, κ = 7e4 is finite: the path is the float32 one.
+  state = dl.dessilbi(0.1, kappa=7e4, state_dtype=jnp.float32).init(params16)
+  gamma = optax.tree.get(state, 'gamma')
+  assert all(bool(jnp.isfinite(x).all()) for x in jax.tree.leaves(gamma))
+
+
 @pytest.mark.parametrize(
   'make, match',
   [
