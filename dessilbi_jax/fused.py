@@ -290,6 +290,8 @@ def fused_dessilbi(
 
   def init_fn(params):
     state = reference.init(params)  # checks the params and the rule first
+    if _checks.is_map_params_placeholder(params):
+      return state  # optax.tree.map_params: no arrays to check
     _check_groupings(params, _resolve(params, penalty)[0])
     _check_dtypes(params, state)
     return state
@@ -321,6 +323,9 @@ def fused_dessilbi(
   def run(grads, state, params, apply):
     if params is None:
       raise ValueError(_checks.NO_PARAMS_MSG)
+    # As JAX types them (NumPy float64 is float32 without x64), as jit and
+    # dessilbi would: the kernels' outputs take these dtypes.
+    grads, state, params = jax.tree.map(jnp.asarray, (grads, state, params))
     trace, core = _parts(state)
     penalties, treedef, table = _resolve(params, penalty)
     _checks.check_update_trees(grads, core, params, penalties, treedef)
@@ -330,7 +335,7 @@ def fused_dessilbi(
     _check_recorded_penalties(core.penalties, table)
     _check_groupings(params, penalties)
     _check_dtypes((params, grads), state)
-    decay = _decay_flags(mask_fn, params, treedef)
+    decay = _decay_flags(mask_fn, grads, treedef)
     lr = learning_rate(core.count) if callable(learning_rate) else learning_rate
     if jnp.ndim(lr) != 0:
       raise ValueError(
@@ -483,12 +488,13 @@ def _check_dtypes(trees, state) -> None:
         )
 
 
-def _decay_flags(mask_fn, params, treedef) -> list[bool]:
+def _decay_flags(mask_fn, grads, treedef) -> list[bool]:
   """Per leaf: decayed or not, from the mask (function or tree) as
-  ``optax.add_decayed_weights`` reads it; it must be concrete."""
-  mask = mask_fn(params) if callable(mask_fn) else mask_fn
+  ``optax.add_decayed_weights`` reads it at an update (a function of the
+  gradients); it must be concrete."""
+  mask = mask_fn(grads) if callable(mask_fn) else mask_fn
   full = jax.tree.map(
-    lambda m, sub: jax.tree.map(lambda _: m, sub), mask, params
+    lambda m, sub: jax.tree.map(lambda _: m, sub), mask, grads
   )
   flags = []
   for m in treedef.flatten_up_to(full):
@@ -562,7 +568,9 @@ def _layout(columns, penalties, decay, tiles, hyper, per_call):
     d_dtype = jnp.result_type(
       decay_dtype if decayed else g.dtype, hyper.momentum, m
     )
-    m_dtype = m.dtype if hyper.state_dtype is not None else d_dtype
+    m_dtype = (
+      d_dtype if hyper.state_dtype is None else jnp.dtype(hyper.state_dtype)
+    )
     scalar_dtypes = _scalar_dtypes(hyper, d_dtype, m, w, z, choice)
     dtypes = (decay_dtype, d_dtype, m_dtype, scalar_dtypes)
     lam, storage = None, (True, True)

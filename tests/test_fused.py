@@ -590,3 +590,65 @@ def test_extra_arguments_are_ignored_as_by_dessilbi(implementation):
   grads = nnx.grad(lambda m: jnp.sum(m(jnp.ones((2, 3))) ** 2))(model)
   optimizer.update(model, grads, value=jnp.float32(1))
   assert not jnp.allclose(model.kernel[...], before)
+
+
+def test_a_mask_function_reads_the_gradients_as_in_optax():
+  # optax.add_decayed_weights calls a mask function on the updates (the
+  # gradients), not on the params: with bfloat16 params and float32
+  # gradients, a mask that reads dtypes decays every leaf.
+  params = {'w': jnp.ones((4, 3), jnp.bfloat16), 'b': jnp.ones(3, jnp.bfloat16)}
+  grads = jax.tree.map(lambda p: jnp.zeros(p.shape, jnp.float32), params)
+  kw = dict(
+    learning_rate=0.1,
+    weight_decay=0.5,
+    weight_decay_mask=lambda t: jax.tree.map(
+      lambda x: x.dtype == jnp.float32, t
+    ),
+    penalty=lambda path, leaf: None,
+  )
+  ref = dl.dessilbi(**kw)
+  want = ref.update(grads, ref.init(params), params)[1]
+  assert bool(jnp.all(want[2].trace['b'] != 0))
+  fused = dl.fused_dessilbi(**kw, implementation='pallas')
+  _assert_close(fused.step(grads, fused.init(params), params)[1], want)
+
+
+def test_the_momentum_is_kept_in_state_dtype_as_optax_trace_keeps_it():
+  # A state made with another state_dtype (bfloat16 momentum): the next
+  # step casts the new momentum to this optimizer's state_dtype.
+  params = _params()
+  state = dl.dessilbi(0.1, state_dtype=jnp.bfloat16).init(params)
+  grads = _grads(params, 0)
+  want = dl.dessilbi(0.1, state_dtype=jnp.float32).update(grads, state, params)
+  fused = dl.fused_dessilbi(
+    0.1, state_dtype=jnp.float32, implementation='pallas'
+  )
+  got = fused.step(grads, state, params)[1]
+  assert {x.dtype for x in jax.tree.leaves(got[2])} == {jnp.dtype(jnp.float32)}
+  _assert_close(got, want[1])
+
+
+# optax.apply_updates casts to the params' NumPy dtype, float64.
+@pytest.mark.filterwarnings('ignore:Explicitly requested dtype float64')
+def test_numpy_float64_params_are_stepped_as_jax_types_them():
+  # Without x64, JAX types NumPy float64 arrays as float32 (dessilbi and jit
+  # do): called eagerly, the kernels take them so, not as float64.
+  params = jax.tree.map(lambda p: np.asarray(p, np.float64), _params())
+  grads = _grads(jax.tree.map(jnp.asarray, params), 0)
+  ref = dl.dessilbi(0.1, nu=10.0)
+  updates, want = ref.update(grads, ref.init(params), params)
+  fused = dl.fused_dessilbi(0.1, nu=10.0, implementation='pallas')
+  _assert_close(
+    fused.step(grads, fused.init(params), params),
+    (optax.apply_updates(params, updates), want),
+  )
+
+
+def test_optax_tree_map_params_maps_its_state_as_dessilbi_s():
+  params = _params()
+  fused = dl.fused_dessilbi(0.1, implementation='pallas')
+  state = fused.init(params)
+  mapped = optax.tree.map_params(fused, lambda x: x.astype(jnp.bfloat16), state)
+  ref = dl.dessilbi(0.1)
+  want = optax.tree.map_params(ref, lambda x: x.astype(jnp.bfloat16), state)
+  _assert_close(mapped, want)
