@@ -31,7 +31,7 @@ def _check_fraction(fraction: float) -> float:
 
 def _select_leaves(record: Any, layers: Optional[Sequence[str]]) -> Any:
   """The record restricted to ``layers`` (layer or leaf paths)."""
-  record = _trees.pure(record)
+  record = _trees.pure(record, 'record')
   if layers is None:
     return record
   if isinstance(layers, str):
