@@ -14,6 +14,7 @@ other choices, or per-layer overrides, with :func:`penalty_rule`.
 
 import dataclasses
 import functools
+import json
 import math
 import numbers
 import re
@@ -236,6 +237,50 @@ class PenaltyTable:
 # target's own.
 serialization.register_serialization_state(
   PenaltyTable, lambda table: None, lambda target, state: target
+)
+
+
+def _table_to_json(table: PenaltyTable) -> bytes:
+  """The table as JSON: it is part of a state's tree structure, which
+  ``jax.export`` writes into a serialized function's calling convention."""
+
+  def penalty(p: Penalty) -> dict[str, Any]:
+    if isinstance(p, Lasso):
+      return {'lasso': {'lam': p.lam}}
+    return {
+      'group': {
+        'axes': list(cast(tuple[int, ...], p.axes)),
+        'lam': p.lam,
+        'scale_by_size': p.scale_by_size,
+      }
+    }
+
+  entries = [[list(names), penalty(p)] for names, p in table.entries]
+  data = {'entries': entries, 'ranks': list(table.ranks)}
+  return json.dumps(data).encode('utf-8')
+
+
+def _table_from_json(data: bytes) -> PenaltyTable:
+  def penalty(d: dict[str, Any]) -> Penalty:
+    if 'lasso' in d:
+      return Lasso(**d['lasso'])
+    return GroupLasso(**d['group'])
+
+  loaded = json.loads(data.decode('utf-8'))
+  return PenaltyTable(
+    tuple((tuple(names), penalty(p)) for names, p in loaded['entries']),
+    tuple(loaded['ranks']),
+  )
+
+
+# So that a jitted step taking or returning a DessiLBI state can be
+# serialized with jax.export (its NamedTuple states are registered as
+# Optax's are, with jax.export.register_namedtuple_serialization).
+jax.export.register_pytree_node_serialization(
+  PenaltyTable,
+  serialized_name='dessilbi_jax.PenaltyTable',
+  serialize_auxdata=_table_to_json,
+  deserialize_auxdata=_table_from_json,
 )
 
 

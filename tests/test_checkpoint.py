@@ -116,6 +116,43 @@ def test_flax_serialization_round_trip():
   assert dl.get_penalty(again) == dl.get_penalty(state)
 
 
+def test_a_step_serialized_with_jax_export_runs_after_loading():
+  # The state's tree structure is part of an exported function's calling
+  # convention; its NamedTuples are registered as Optax's are, and the
+  # penalties it records (static) by the library.
+  pytest.importorskip('flatbuffers')  # jax.export's serialization needs it
+  from jax import export
+
+  rule = dl.penalty_rule(conv=dl.GroupLasso(lam=0.5, scale_by_size=True))
+  tx = dl.track_selection(dl.dessilbi(0.05, nu=0.5, penalty=rule))
+  for cls in (
+    optax.EmptyState,
+    optax.MaskedState,
+    optax.TraceState,
+    optax.MaskedNode,
+    dl.DessiLBIState,
+    dl.SelectionState,
+  ):
+    try:
+      export.register_namedtuple_serialization(
+        cls, serialized_name=f'{cls.__module__}.{cls.__name__}'
+      )
+    except ValueError as e:  # registered by an earlier run in this process
+      assert 'Duplicate' in str(e)
+  params, loss = _problem()
+  state = tx.init(params)
+
+  def step(params, state):
+    updates, state = tx.update(jax.grad(loss)(params), state, params)
+    return optax.apply_updates(params, updates), state
+
+  exported = export.export(jax.jit(step))(params, state)
+  loaded = export.deserialize(exported.serialize())
+  got = loaded.call(params, state)
+  assert dl.get_penalty(got[1]) == dl.get_penalty(state)
+  jax.tree.map(np.testing.assert_array_equal, got, jax.jit(step)(params, state))
+
+
 def test_flax_nnx_optimizer_round_trip(tmp_path):
   nnx = pytest.importorskip('flax.nnx')
 
