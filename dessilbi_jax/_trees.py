@@ -53,20 +53,8 @@ def set_variable(var: nnx.Variable, value: Any) -> None:
     var.value = value
 
 
-def pure(tree: Any, arg: str = 'params') -> Any:
-  """The tree with Flax NNX variables replaced by their values.
-
-  Raises:
-    TypeError: ``tree`` is an NNX module rather than its state (the result
-      would be a module holding edited arrays that its attributes, such as
-      its widths, do not describe).
-  """
-  if isinstance(tree, nnx.Module):
-    raise TypeError(
-      f'{arg}: got the Flax NNX module {type(tree).__name__}; pass its '
-      'state, nnx.state(model) (or nnx.state(model, nnx.Param) for the '
-      'params alone).'
-    )
+def pure(tree: Any) -> Any:
+  """The tree with Flax NNX variables replaced by their values."""
   if hasattr(nnx, 'as_pure'):  # Flax 0.12.7 on
     return nnx.as_pure(tree)
   return jax.tree.map(
@@ -74,6 +62,24 @@ def pure(tree: Any, arg: str = 'params') -> Any:
     tree,
     is_leaf=lambda x: isinstance(x, nnx.Variable),
   )
+
+
+def editable(params: Any) -> Any:
+  """:func:`pure` for params that a function returns edited, laid out as
+  given.
+
+  Raises:
+    TypeError: ``params`` is an NNX module rather than its state (the
+      result would be a module holding arrays that its attributes, such as
+      its widths, do not describe).
+  """
+  if isinstance(params, nnx.Module):
+    raise TypeError(
+      f'params: got the Flax NNX module {type(params).__name__}; pass its '
+      'state, nnx.state(model) (or nnx.state(model, nnx.Param) for the '
+      'params alone), and load the result into a model with nnx.update.'
+    )
+  return pure(params)
 
 
 def is_empty(x: Any) -> bool:
@@ -124,7 +130,7 @@ def core_state(opt_state: Any, arg: str = 'opt_state') -> Core:
   Raises:
     ValueError: no DessiLBI core in the state, or more than one.
   """
-  state = pure(opt_state, arg)
+  state = pure(opt_state)
   fields = {}
   for field in ('count', 'z', 'gamma'):
     try:

@@ -31,7 +31,7 @@ def _check_fraction(fraction: float) -> float:
 
 def _select_leaves(record: Any, layers: Optional[Sequence[str]]) -> Any:
   """The record restricted to ``layers`` (layer or leaf paths)."""
-  record = _trees.pure(record, 'record')
+  record = _trees.pure(record)
   if layers is None:
     return record
   if isinstance(layers, str):
@@ -120,7 +120,7 @@ def prune(
   fraction = _check_fraction(fraction)
   if scope not in ('layer', 'global'):
     raise ValueError(f"scope must be 'layer' or 'global', got {scope!r}.")
-  params = _trees.pure(params)
+  params = _trees.editable(params)
   _trees.check_rule(penalty)
   record = _select_leaves(record, layers)  # pure
   _trees.check_record(record)

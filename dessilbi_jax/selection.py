@@ -104,7 +104,7 @@ def magnitude_record(
     >>> print(dl.rank_groups(params, record)['conv']['kernel'])
     [2 0 1]
   """
-  params = _trees.pure(params)
+  params = _trees.editable(params)
   choices, treedef = resolve_penalties(params, penalty)
   out = []
   for w, choice in zip(treedef.flatten_up_to(params), choices, strict=True):
@@ -161,7 +161,7 @@ def update_selection(
     [         2          4 2147483647]
   """
   core = _trees.core_state(opt_state)
-  _trees.check_record(_trees.pure(record, 'record'))
+  _trees.check_record(_trees.pure(record))
   penalties = _trees.grouped_penalties(core, penalty)
   gamma = _trees.leaves_by_name(core.gamma)
   if step is not None:
@@ -184,7 +184,7 @@ def update_selection(
       )
     return jnp.where(now & (r == NOT_SELECTED), stamp, r)
 
-  return _trees.map_with_names(one, _trees.pure(record, 'record'))
+  return _trees.map_with_names(one, _trees.pure(record))
 
 
 class _RecordUnderMapParams:
@@ -349,7 +349,7 @@ def rank_groups(
   """
   if scope not in ('layer', 'global'):
     raise ValueError(f"scope must be 'layer' or 'global', got {scope!r}.")
-  record = _trees.pure(record, 'record')
+  record = _trees.pure(record)
   _trees.check_record(record)
   _trees.check_rule(penalty)
   return _rank_groups(_trees.pure(params), record, scope=scope, penalty=penalty)
@@ -360,11 +360,11 @@ def _rank_groups(params, record, *, scope, penalty):
   keys = _group_keys(params, record, penalty)
   if scope == 'layer':
     return _trees.map_with_names(
-      lambda names, r: _ranks(*keys[names]), _trees.pure(record, 'record')
+      lambda names, r: _ranks(*keys[names]), _trees.pure(record)
     )
   order = list(keys)
   if not order:  # nothing recorded: nothing to rank
-    return _trees.pure(record, 'record')
+    return _trees.pure(record)
   steps = jnp.concatenate([keys[n][0].ravel() for n in order])
   norms = jnp.concatenate([keys[n][1].ravel() for n in order])
   ranks = _ranks(steps, norms)
@@ -373,14 +373,12 @@ def _rank_groups(params, record, *, scope, penalty):
     size = keys[n][0].size
     out[n] = ranks[start : start + size].reshape(keys[n][0].shape)
     start += size
-  return _trees.map_with_names(
-    lambda names, r: out[names], _trees.pure(record, 'record')
-  )
+  return _trees.map_with_names(lambda names, r: out[names], _trees.pure(record))
 
 
 def _group_keys(params, record, penalty):
   """names -> (first step, group norm), group-shaped, for recorded leaves."""
-  record = _trees.leaves_by_name(_trees.pure(record, 'record'))
+  record = _trees.leaves_by_name(_trees.pure(record))
   params = _trees.pure(params)
   table = _trees.leaves_by_name(params)
   choices = _trees.penalty_table(params, record, penalty)
@@ -482,7 +480,7 @@ def reference_prune_order(
   old = (
     None
     if previous is None
-    else _trees.leaves_by_name(_trees.pure(previous.epoch_record, 'previous'))
+    else _trees.leaves_by_name(_trees.pure(previous.epoch_record))
   )
 
   def record(names, g):

@@ -215,7 +215,7 @@ def _state_penalties(opt_state) -> dict:
   (one per branch of an ``optax.partition``; none in another optimizer's)."""
   out = {}
   for _, table in optax.tree.get_all_with_path(
-    _trees.pure(opt_state, 'opt_state'), 'penalties', filtering=_trees._is_core
+    _trees.pure(opt_state), 'penalties', filtering=_trees._is_core
   ):
     if isinstance(table, PenaltyTable):
       out.update(table.by_name)
@@ -394,42 +394,8 @@ def _param_above(names: _trees.Names, table: dict):
   return None
 
 
-def _nnx_params_only(tree: Any) -> bool:
-  """Whether ``tree`` is a Flax NNX state of ``nnx.Param`` variables alone
-  (``nnx.state(model, nnx.Param)``)."""
-  from flax import nnx
-
-  found = [
-    x
-    for x in jax.tree.leaves(
-      tree, is_leaf=lambda x: isinstance(x, nnx.Variable)
-    )
-    if isinstance(x, nnx.Variable)
-  ]
-  return bool(found) and all(isinstance(x, nnx.Param) for x in found)
-
-
-def _check_norm_statistics(params: Any, spec: Spec, layers) -> None:
-  """A norm edited in an NNX state of Params alone would lose its running
-  statistics (a BatchNorm's are ``nnx.BatchStat``, not Params): the model
-  built at the new widths would keep freshly initialised ones, silently.
-
-  Raises:
-    ValueError: naming the first such norm.
-  """
-  norms = [spec[k].norm for k in layers if spec[k].norm is not None]
-  if norms and _nnx_params_only(params):
-    raise ValueError(
-      f'params: a Flax NNX state of nnx.Param variables alone, but the edit '
-      f"reaches norm {norms[0]!r}, whose running statistics (a BatchNorm's "
-      'nnx.BatchStat) are not Params and would keep their initial values '
-      'in the model built at the new widths; pass nnx.state(model), which '
-      'holds them.'
-    )
-
-
-def _pure_or_none(tree, arg):
-  return None if tree is None else _trees.pure(tree, arg)
+def _pure_or_none(tree):
+  return None if tree is None else _trees.pure(tree)
 
 
 def _joint_table(params, batch_stats):
@@ -571,8 +537,8 @@ def reinit_unselected(
   """
   if scale is not None:
     _checks.check_positive('scale', scale)
-  params = _trees.pure(params)
-  opt_state = _trees.pure(opt_state, 'opt_state')
+  params = _trees.editable(params)
+  opt_state = _trees.pure(opt_state)
   table = _trees.leaves_by_name(params)
   if penalty is not None:
     _trees.check_rule(penalty)
@@ -681,8 +647,9 @@ def widen(
   Args:
     key: a JAX random key.
     params: the params (in Flax NNX, ``nnx.state(model)``, which also
-      carries the batch statistics; a state of ``nnx.Param`` variables
-      alone is refused where the edit reaches a norm).
+      carries the batch statistics: a state of ``nnx.Param`` variables
+      alone leaves a BatchNorm's running statistics out, and the model
+      built at the new widths would keep freshly initialised ones).
     spec: the links of the model; ``layer`` must be in it.
     layer: the layer path to widen.
     add: the number of filters to add (> 0).
@@ -700,8 +667,7 @@ def widen(
 
   Raises:
     ValueError: ``layer`` is not in the spec, the spec does not fit, its
-      kernel holds NaN or inf, the params are an NNX state of Params alone
-      and the layer has a norm, or the paths of ``opt_state`` or
+      kernel holds NaN or inf, or the paths of ``opt_state`` or
       ``batch_stats`` do not line up with the params' (an edit would miss
       their leaves).
     TypeError: an NNX module is given for its state.
@@ -724,9 +690,9 @@ def widen(
     )
   if scale is not None:
     _checks.check_positive('scale', scale)
-  raw_params, params = params, _trees.pure(params)
-  batch_stats = _pure_or_none(batch_stats, 'batch_stats')
-  opt_state = _pure_or_none(opt_state, 'opt_state')
+  params = _trees.editable(params)
+  batch_stats = _pure_or_none(batch_stats)
+  opt_state = _pure_or_none(opt_state)
   table = _joint_table(params, batch_stats)
   if layer not in spec:
     raise ValueError(
@@ -741,7 +707,6 @@ def widen(
       f'layer {layer!r} has no consumers in the spec (its outputs feed a '
       'residual addition or the model output), so it cannot be widened alone.'
     )
-  _check_norm_statistics(raw_params, spec, [layer])
   width = producer_width(table, layer)
   kernel_names = (*_trees.split_name(layer), 'kernel')
   filters = np.asarray(table[kernel_names]).reshape(-1, width)
@@ -834,7 +799,7 @@ def _keep_per_layer(keep, table, spec, penalties) -> dict[str, np.ndarray]:
       out[layer] = _channel_mask(_layer_mask(mask, layer), kernel.shape, layer)
     return out
   out = {}
-  flat = _trees.leaves_by_name(_trees.pure(keep, 'keep'))
+  flat = _trees.leaves_by_name(_trees.pure(keep))
   for names, mask in flat.items():
     if names not in table:
       raise ValueError(
@@ -968,10 +933,8 @@ def slim(
   Raises:
     ValueError: a layer named in ``keep`` is not a layer of the params or
       not in the spec, the spec does not fit the params, a layer would
-      lose every filter, the params are an NNX state of Params alone and
-      a slimmed layer has a norm, or the paths of ``opt_state`` or
-      ``batch_stats`` do not line up with the params' (an edit would miss
-      their leaves).
+      lose every filter, or the paths of ``opt_state`` or ``batch_stats``
+      do not line up with the params' (an edit would miss their leaves).
     TypeError: a mask given as a list or tuple holds neither bools nor
       ints, or an NNX module is given for its state.
 
@@ -985,9 +948,9 @@ def slim(
     >>> out.widths, out.params['fc2']['kernel'].shape
     ({'fc1': 2}, (2, 1))
   """
-  raw_params, params = params, _trees.pure(params)
-  batch_stats = _pure_or_none(batch_stats, 'batch_stats')
-  opt_state = _pure_or_none(opt_state, 'opt_state')
+  params = _trees.editable(params)
+  batch_stats = _pure_or_none(batch_stats)
+  opt_state = _pure_or_none(opt_state)
   table = _joint_table(params, batch_stats)
   check_spec_table(table, spec)
   penalties = {} if opt_state is None else _state_penalties(opt_state)
@@ -1009,7 +972,6 @@ def slim(
       )
     edits.append(_Edit(table, spec[layer], layer, np.flatnonzero(mask)))
     widths[layer] = int(mask.sum())
-  _check_norm_statistics(raw_params, spec, widths)
   params, opt_state, batch_stats = _apply_edits(
     edits, params, opt_state, batch_stats, penalties
   )
@@ -1037,7 +999,7 @@ def set_nnx_opt_state(optimizer: Any, opt_state: optax.OptState) -> None:
 
   pairs = _state_pairs(
     optimizer.opt_state,
-    _trees.pure(opt_state, 'opt_state'),
+    _trees.pure(opt_state),
     lambda x: isinstance(x, nnx.Variable),
   )
   for var, value in pairs:
