@@ -50,8 +50,12 @@ def check_fits_dtype(name: str, value: Any, dtype: Any, where: str) -> None:
       inf or NaN).
   """
   number = concrete_scalar(name, value)
-  largest = float(jnp.finfo(dtype).max)
-  if number is not None and abs(number) > largest:
+  if number is None:
+    return
+  with np.errstate(over='ignore'):
+    cast = np.asarray(number, np.float64).astype(jnp.dtype(dtype))
+  if not np.isfinite(cast):
+    largest = float(jnp.finfo(dtype).max)
     raise ValueError(
       f'{name}={number:g} overflows {jnp.dtype(dtype).name} (largest '
       f'{largest:g}), the dtype of {where}; use a smaller {name} or a wider '

@@ -23,8 +23,10 @@ at the default of 32).
 
 Its state is the state of ``dessilbi`` with the same arguments, leaf for
 leaf, so the whole toolbox reads it and a run may switch between the two.
-The values agree to float32 rounding, not always to the last bit: compiled
-by Triton, the kernels divide with ``div.full.f32`` (within 2 ulp) and take
+The values agree to the rounding of the arrays' dtype, not always to the
+last bit. The kernels compute in float32 and round once, where ``dessilbi``
+rounds bfloat16 and float16 intermediates too (a 16-bit last place apart);
+compiled by Triton, they divide with ``div.full.f32`` (within 2 ulp) and take
 square roots with ``sqrt.approx.ftz.f32``, where XLA's GPU code rounds both
 correctly. A filter whose squared norm is below float32's smallest normal
 number (about 1e-38) then has norm 0, so it stays out of Γ's support even

@@ -186,7 +186,8 @@ def w_star(
 
   Returns:
     A pytree laid out like the (pure) params. For Flax NNX, load it into a
-    copy of the model with ``nnx.update(nnx.clone(model), w_star(...))``.
+    copy of the model: ``sparse = nnx.clone(model)``, then
+    ``nnx.update(sparse, w_star(...))`` (which updates in place).
 
   Example:
     >>> import jax.numpy as jnp
@@ -198,7 +199,7 @@ def w_star(
     Array([[0., 2.],
            [0., 0.]], dtype=float32)
   """
-  params = _trees.pure(params)
+  params = _trees.editable(params)
   core = _trees.core_state(opt_state)
   gamma = core.gamma
   out = _w_star(params, gamma)
@@ -333,9 +334,11 @@ class LayerSummary:
 
   @property
   def group_kind(self) -> str:
-    """What a group is: ``'filters'`` (a conv kernel's output channels),
-    ``'neurons'`` (a Dense kernel's outputs), or ``''`` for other groups."""
-    if self.group_axes != (len(self.shape) - 1,):
+    """What a group is, told by the leaf's rank where the groups run along
+    its last axis: ``'filters'`` (rank 3 or more, a conv kernel's output
+    channels), ``'neurons'`` (rank 2, a Dense kernel's outputs), else
+    ``''``."""
+    if len(self.shape) < 2 or self.group_axes != (len(self.shape) - 1,):
       return ''
     return 'filters' if len(self.shape) >= 3 else 'neurons'
 
@@ -376,6 +379,7 @@ class PathSummary:
       out['layers'][name]['shape'] = list(layer.shape)
       if layer.group_axes is not None:
         out['layers'][name]['group_axes'] = list(layer.group_axes)
+      out['layers'][name]['group_kind'] = layer.group_kind
     return out
 
   def table(self) -> str:

@@ -230,8 +230,9 @@ def _check_recorded_penalties(recorded: Any, table: PenaltyTable) -> None:
     f"state: it was built under other penalties than this optimizer's rule "
     f'gives: the state records {entry(was)} where the rule gives '
     f'{entry(now)}. Build the optimizer with the rule the state was made '
-    "with; to change penalties mid-path on purpose, first drop the state's: "
-    'optax.tree.set(state, penalties=None).'
+    'with; to change penalties mid-path on purpose, give the state this '
+    "optimizer's: optax.tree.set(state, "
+    'penalties=dessilbi_jax.get_penalty(tx.init(params))).'
   )
 
 

@@ -170,10 +170,15 @@ def test_update_refuses_a_state_recorded_under_other_penalties(built, other):
   grads = jax.grad(loss)(params)
   with pytest.raises(ValueError, match=r'state: .*records .*the rule gives'):
     tx.update(grads, state, params)
-  # Dropping the record is how a run changes its penalties on purpose.
+  # Giving the state the new optimizer's penalties is how a run changes
+  # them on purpose; the state then records those.
+  changed = optax.tree.set(state, penalties=dl.get_penalty(tx.init(params)))
+  _, new = tx.update(grads, changed, params)
+  assert dl.get_penalty(new) == dl.get_penalty(tx.init(params))
+  assert int(optax.tree.get(new, 'count')) == 1
+  # A state without penalties is stepped too, and keeps none.
   _, new = tx.update(grads, optax.tree.set(state, penalties=None), params)
   assert new[-1].penalties is None
-  assert int(optax.tree.get(new, 'count')) == 1
 
 
 def test_update_matches_the_formula():

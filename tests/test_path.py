@@ -262,6 +262,7 @@ def test_residue_and_summary_count_both_signs():
   data = json.loads(json.dumps(s.as_dict()))
   assert data['layers']['conv/kernel']['shape'] == [3, 3, 2, 6]
   assert data['layers']['conv/kernel']['group_axes'] == [3]
+  assert data['layers']['conv/kernel']['group_kind'] == 'filters'
   # Without ν there is no residue.
   assert dl.path_summary(params, state).residue is None
 
