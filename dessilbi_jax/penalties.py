@@ -25,6 +25,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 from flax import serialization
+from jax import export
 
 KeyPath = tuple[Any, ...]
 
@@ -276,7 +277,7 @@ def _table_from_json(data: bytes) -> PenaltyTable:
 # So that a jitted step taking or returning a DessiLBI state can be
 # serialized with jax.export (its NamedTuple states are registered as
 # Optax's are, with jax.export.register_namedtuple_serialization).
-jax.export.register_pytree_node_serialization(
+export.register_pytree_node_serialization(
   PenaltyTable,
   serialized_name='dessilbi_jax.PenaltyTable',
   serialize_auxdata=_table_to_json,
