@@ -1,7 +1,11 @@
 """The key GPU measurements in one run (an estimated 6 minutes on an H100).
 
-The most telling runs come first, and the JSON is rewritten after each run,
-so a run cut short by the device budget still leaves the first results.
+The most telling runs come first, each in a fresh process killed at the
+budget (``--budget``, 470 s by default), and the JSON is rewritten after each
+run: a kernel that crashes its process or the GPU context costs its run
+alone, and a command cut short still leaves the first results. If the fused
+kernels fail the agreement check, the later runs time the other optimizers
+only.
 
 First, the multi-tensor Pallas step (``dl.fused_dessilbi`` through
 ``multitensor.py``) compiled for the GPU is checked against ``dessilbi`` on
@@ -19,7 +23,8 @@ measured on an H100 and is left out for time). It
 writes everything to one JSON file (a failing run is recorded with its error
 and the others go on) and the same as Markdown tables (``tables.md``, by
 ``report.py``), the compiled HLO of the ResNet-18 update and step to
-``hlo/``, for reading the kernels XLA made after the machine is gone, and the
+``hlo.tar.gz``, for reading the kernels XLA made after the machine is gone
+(four files in all, archived after each run), and the
 GPU's XLA target config (``gpu_target_config.pbtxt``), with which
 ``gpu_offline.py`` compiles for this GPU on machines without one.
 
@@ -29,7 +34,8 @@ Usage::
 
 On the lent device machine: ``PYTHONPATH=$PWD python3 benchmarks/gpu_check.py
 --out $OUT`` with a 500 s timeout, which leaves part of a 15-minute budget
-for the machine's start.
+for the machine's start (the runs stop at 470 s, so the files are complete
+when the command ends).
 """
 
 import argparse
@@ -51,21 +57,19 @@ except ImportError:  # run as a script from the repository root
   sys.path.insert(0, __file__.rsplit('/', 2)[0])
   from benchmarks import harness, multitensor, probes, report
 
-# (entry point, arguments); {hlo} is replaced by the HLO folder. The first
-# word names the run: the harness's mode, or the script of another entry.
+# The runs' command lines; {hlo} is replaced by the HLO folder. The first
+# word names the run: the harness's mode, or another script (entry_of).
 RUNS = [
   # Timings of a kernel only mean something if it computes the right thing:
   # the compiled Triton kernels against dessilbi, first.
-  (multitensor.main, 'multitensor --model resnet18 --steps 3'),
+  'multitensor --model resnet18 --steps 3',
   (
-    harness.main,
     'update --model resnet18 --repeats 15 --hlo-dir {hlo} --optimizers'
-    ' sgd dessilbi dessilbi_z adam dessilbi_mt dessilbi_mt_z dessilbi_mt_apply',
+    ' sgd dessilbi dessilbi_z adam dessilbi_mt dessilbi_mt_z dessilbi_mt_apply'
   ),
   (
-    harness.main,
     'step --model resnet18 --steps 50 --repeats 9 --hlo-dir {hlo}'
-    ' --optimizers sgd dessilbi dessilbi_z dessilbi_mt_apply',
+    ' --optimizers sgd dessilbi dessilbi_z dessilbi_mt_apply'
   ),
   # Tilings of the fused step around the default (64x16x4x256, flat block
   # 2048, 32 leaves per launch: the conv kernels in one launch at 72
@@ -73,39 +77,34 @@ RUNS = [
   # and launches of at most 1000 leaves (3 launches), or of 16 (7) or 8 (12),
   # which compile faster (benchmarks/README.md).
   (
-    harness.main,
     'update --model resnet18 --repeats 9 --optimizers sgd dessilbi_mt_apply'
     ' dessilbi_mt_apply:64x16x4x256x2048x1000'
     ' dessilbi_mt_apply:64x16x4x256x2048x16'
     ' dessilbi_mt_apply:64x16x4x256x2048x8 dessilbi_mt_apply:32x32x4x256'
     ' dessilbi_mt_apply:64x32x4x512 dessilbi_mt_apply:128x8x4x256'
-    ' dessilbi_mt_apply:64x16x8x256',
+    ' dessilbi_mt_apply:64x16x8x256'
   ),
-  (probes.main, 'probes --k 20 --repeats 15'),
+  'probes --k 20 --repeats 15',
   (
-    harness.main,
     'step --model lenet5 --steps 100 --repeats 9'
-    ' --optimizers sgd dessilbi dessilbi_z dessilbi_mt_apply',
+    ' --optimizers sgd dessilbi dessilbi_z dessilbi_mt_apply'
   ),
   (
-    harness.main,
     'step --model vgg16 --steps 30 --repeats 5'
-    ' --optimizers sgd dessilbi dessilbi_mt_apply',
+    ' --optimizers sgd dessilbi dessilbi_mt_apply'
   ),
   (
-    harness.main,
     'update --model resnet18 --dtype bfloat16 --repeats 9'
-    ' --optimizers sgd dessilbi dessilbi_f32 dessilbi_mt_apply',
+    ' --optimizers sgd dessilbi dessilbi_f32 dessilbi_mt_apply'
   ),
   (
-    harness.main,
     'scaling --sizes 1e5 1e6 1e7 1e8 --k 10 --repeats 7'
-    ' --optimizers sgd dessilbi dessilbi_z',
+    ' --optimizers sgd dessilbi dessilbi_z'
   ),
 ]
 
 
-def save_target_config(out: str) -> str:
+def save_target_config(out: str, timeout: float = 120) -> str:
   """Copies the GPU's XLA target config to ``out`` (for gpu_offline.py).
 
   XLA writes it beside the dumps of a compiled module; a throwaway process
@@ -122,7 +121,9 @@ def save_target_config(out: str) -> str:
       'def target_config_probe(x):\n  return x + 1\n'
       'jax.block_until_ready(jax.jit(target_config_probe)(jnp.ones(8)))\n'
     )
-    subprocess.run([sys.executable, '-c', code], env=env, check=True)
+    subprocess.run(
+      [sys.executable, '-c', code], env=env, check=True, timeout=timeout
+    )
     found = glob.glob(os.path.join(dump, '*gpu_target_config.pbtxt'))
     if not found:
       raise RuntimeError('XLA wrote no gpu_target_config.pbtxt')
@@ -131,41 +132,178 @@ def save_target_config(out: str) -> str:
   return path
 
 
+FUSED = 'dessilbi_mt'  # the fused step's names in the harness
+
+
+def without_fused(run: str):
+  """``run`` without the fused step's optimizers, or None when fewer than
+  two optimizers would be left to compare."""
+  words = run.split()
+  if '--optimizers' not in words:
+    return run
+  start = words.index('--optimizers') + 1
+  end = next(
+    (k for k in range(start, len(words)) if words[k].startswith('--')),
+    len(words),
+  )
+  kept = [w for w in words[start:end] if not w.startswith(FUSED)]
+  if len(kept) < 2:
+    return None
+  return ' '.join(words[:start] + kept + words[end:])
+
+
+def agreed(out: dict) -> bool:
+  """Whether the agreement run found the fused kernels computing
+  ``dessilbi``'s update."""
+  runs = out.get('results', {})
+  return (
+    'error' not in out and bool(runs) and all(r['ok'] for r in runs.values())
+  )
+
+
+def entry_of(run: str):
+  """The function a run's command line is for, and its arguments."""
+  argv = run.split()
+  scripts = {'multitensor': multitensor.main, 'probes': probes.main}
+  if argv[0] in scripts:
+    return scripts[argv[0]], argv[1:]
+  return harness.main, argv
+
+
+def run_here(run: str, hlo: str) -> dict:
+  """One run in this process; an error (an exception or an argparse exit)
+  is recorded in its result."""
+  entry, argv = entry_of(run.format(hlo=hlo))
+  try:
+    out = entry(argv)
+  except (Exception, SystemExit):  # record it: the other runs go on
+    out = {'error': traceback.format_exc()}
+    print(out['error'], flush=True)
+  out['devices'] = [str(d) for d in jax.devices()]
+  return out
+
+
+def run_in_child(run: str, hlo: str, timeout: float) -> dict:
+  """One run in a fresh process, killed at ``timeout`` seconds: a kernel
+  that crashes the process or the GPU context, or a run that overstays the
+  budget, costs that run alone."""
+  with tempfile.TemporaryDirectory() as tmp:
+    result = os.path.join(tmp, 'run.json')
+    command = [
+      sys.executable,
+      os.path.abspath(__file__),
+      '--child',
+      '--hlo-dir',
+      hlo,
+      '--result',
+      result,
+      '--run-argv',
+      run,
+    ]
+    try:
+      code = subprocess.run(command, timeout=timeout).returncode
+    except subprocess.TimeoutExpired:
+      return {'error': f'cut off at the budget, after {timeout:.1f} s'}
+    if not os.path.exists(result):
+      return {'error': f'the run exited with code {code} and no result'}
+    with open(result, encoding='utf-8') as f:
+      return json.load(f)
+
+
+def _write(results: dict, out: str) -> None:
+  """gpu_check.json and tables.md, each replaced whole (a kill leaves the
+  previous complete file)."""
+  try:  # the same as Markdown tables, for benchmarks/README.md
+    tables = report.report(results)
+  except Exception:  # the JSON is what counts
+    tables = traceback.format_exc()
+  for name, text in (
+    ('gpu_check.json', json.dumps(results, indent=2)),
+    ('tables.md', tables),
+  ):
+    tmp = os.path.join(out, name + '.tmp')
+    with open(tmp, 'w', encoding='utf-8') as f:
+      f.write(text)
+    os.replace(tmp, os.path.join(out, name))
+
+
+def _archive(hlo: str, out: str) -> None:
+  """The HLO texts so far as one file, ``hlo.tar.gz``: a command cut off
+  leaves few files in ``out`` (the device tool brings back a handful)."""
+  if not os.listdir(hlo):
+    return
+  tmp = shutil.make_archive(os.path.join(out, 'hlo-partial'), 'gztar', hlo)
+  os.replace(tmp, os.path.join(out, 'hlo.tar.gz'))
+
+
 def main(argv=None):
   parser = argparse.ArgumentParser(description=__doc__.split('\n\n')[0])
   parser.add_argument('--out', default='.', help='folder for gpu_check.json')
+  parser.add_argument(
+    '--budget',
+    type=float,
+    default=470.0,
+    help='seconds for all the runs: a run still going then is stopped and '
+    'recorded as cut off, and the runs after it as skipped (default 470, '
+    'for a 500 s command)',
+  )
+  # One run in this process, for run_in_child.
+  parser.add_argument('--child', action='store_true', help=argparse.SUPPRESS)
+  parser.add_argument('--hlo-dir', default=None, help=argparse.SUPPRESS)
+  parser.add_argument('--result', default=None, help=argparse.SUPPRESS)
+  parser.add_argument('--run-argv', default=None, help=argparse.SUPPRESS)
   args = parser.parse_args(argv)
+  if args.child:
+    out = run_here(args.run_argv, args.hlo_dir)
+    with open(args.result, 'w', encoding='utf-8') as f:
+      json.dump(out, f)
+    return
+
+  start = time.perf_counter()
   os.makedirs(args.out, exist_ok=True)
-  results = {'devices': [str(d) for d in jax.devices()], 'runs': []}
-  path = os.path.join(args.out, 'gpu_check.json')
-  hlo = os.path.join(args.out, 'hlo')
-  try:
-    results['target_config'] = save_target_config(args.out)
-  except Exception:  # record it and run the rest
-    results['target_config_error'] = traceback.format_exc()
-  for entry, run in RUNS:
-    run = run.format(hlo=hlo)
-    argv = run.split()
-    if entry is not harness.main:
-      argv = argv[1:]
+  # This process leaves the GPU to the runs (JAX would reserve most of its
+  # memory here): the devices come from the first run.
+  results = {'devices': None, 'budget_s': args.budget, 'runs': []}
+  _write(results, args.out)
+  hlo = tempfile.mkdtemp(prefix='gpu_check_hlo_')
+  fused_ok = True
+  for index, run in enumerate(RUNS):
+    if not fused_ok:
+      run = without_fused(run)
+      if run is None:
+        results['runs'].append(
+          {
+            'argv': RUNS[index].format(hlo='<hlo>'),
+            'error': 'skipped: the fused kernels '
+            'failed the agreement check, and no other optimizer is timed',
+          }
+        )
+        continue
+    left = args.budget - (time.perf_counter() - start)
+    if left < 15:
+      results['runs'].append({'argv': run, 'error': 'skipped: no budget left'})
+      _write(results, args.out)
+      continue
     t0 = time.perf_counter()
-    try:
-      out = entry(argv)
-    except Exception:  # record it and run the rest
-      out = {'error': traceback.format_exc()}
-      print(out['error'], flush=True)
+    out = run_in_child(run, hlo, left)
     out['wall_s'] = time.perf_counter() - t0
-    out['argv'] = run
+    out['argv'] = run.format(hlo='<hlo>')
+    results['devices'] = results['devices'] or out.pop('devices', None)
+    out.pop('devices', None)
     results['runs'].append(out)
-    with open(path, 'w', encoding='utf-8') as f:  # keep partial results
-      json.dump(results, f, indent=2)
-    try:  # the same as Markdown tables, for benchmarks/README.md
-      tables = report.report(results)
-    except Exception:  # the JSON is what counts
-      tables = traceback.format_exc()
-    with open(os.path.join(args.out, 'tables.md'), 'w', encoding='utf-8') as f:
-      f.write(tables)
+    if index == 0:
+      fused_ok = agreed(out)
+      left = args.budget - (time.perf_counter() - start)
+      try:  # after the most telling run, not before it
+        results['target_config'] = save_target_config(
+          args.out, timeout=max(1.0, min(120.0, left))
+        )
+      except Exception:  # record it and run the rest
+        results['target_config_error'] = traceback.format_exc()
+    _write(results, args.out)
+    _archive(hlo, args.out)
     print(f'  ({out["wall_s"]:.0f} s)', flush=True)
+  shutil.rmtree(hlo, ignore_errors=True)
 
 
 if __name__ == '__main__':

@@ -191,7 +191,7 @@ def report(data: dict) -> str:
   """Markdown for a ``gpu_check.json`` (all its runs) or a single run."""
   lines = []
   if 'runs' in data:
-    lines += [f'devices: {", ".join(data.get("devices", []))}', '']
+    lines += [f'devices: {", ".join(data.get("devices") or [])}', '']
     if 'target_config_error' in data:
       last = data['target_config_error'].strip().splitlines()[-1]
       lines += [f'target config not saved: `{last}`', '']

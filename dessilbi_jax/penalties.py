@@ -275,8 +275,9 @@ def _table_from_json(data: bytes) -> PenaltyTable:
 
 
 # So that a jitted step taking or returning a DessiLBI state can be
-# serialized with jax.export (its NamedTuple states are registered as
-# Optax's are, with jax.export.register_namedtuple_serialization).
+# serialized with jax.export. The program registers the NamedTuple states,
+# Optax's and this library's, with export.register_namedtuple_serialization
+# (registering a type twice is an error).
 export.register_pytree_node_serialization(
   PenaltyTable,
   serialized_name='dessilbi_jax.PenaltyTable',

@@ -1,6 +1,7 @@
 """The benchmark scripts' plumbing: command lines, result fields (no timings
 are asserted; those belong to the benchmarks themselves)."""
 
+import json
 import pathlib
 import sys
 
@@ -18,20 +19,70 @@ from tests._small_model import small_params
 
 def test_gpu_check_runs_parse():
   # A typo here would only show on a GPU machine, after minutes of others.
-  for entry, run in gpu_check.RUNS:
-    argv = run.format(hlo='hlo').split()
+  for run in gpu_check.RUNS:
+    entry, argv = gpu_check.entry_of(run.format(hlo='hlo'))
     if entry is probes.main:
-      assert argv[0] == 'probes'
+      assert run.startswith('probes ')
     elif entry is multitensor.main:
-      assert argv[0] == 'multitensor'
-      assert multitensor.parse_args(argv[1:]).model == 'resnet18'
+      assert multitensor.parse_args(argv).model == 'resnet18'
     else:
       names = harness.parse_args(argv).optimizers
       assert names
       for name in names:  # the tilings are valid: built, not traced
         harness.make_optimizer(name)
   # The kernel is checked before it is timed.
-  assert gpu_check.RUNS[0][0] is multitensor.main
+  assert gpu_check.entry_of(gpu_check.RUNS[0])[0] is multitensor.main
+
+
+def test_gpu_check_drops_the_fused_step_after_a_failed_agreement():
+  run = 'step --model x --optimizers sgd dessilbi dessilbi_mt_apply:8x8 --k 2'
+  assert gpu_check.without_fused(run) == (
+    'step --model x --optimizers sgd dessilbi --k 2'
+  )
+  assert gpu_check.without_fused('update --optimizers sgd dessilbi_mt') is None
+  assert gpu_check.without_fused('probes --k 2') == 'probes --k 2'
+  ok = {'results': {'a': {'ok': True}, 'b': {'ok': True}}}
+  assert gpu_check.agreed(ok)
+  assert not gpu_check.agreed(
+    {'results': {'a': {'ok': True}, 'b': {'ok': False}}}
+  )
+  assert not gpu_check.agreed({'error': 'Traceback ...'})
+
+
+def test_gpu_check_runs_each_run_in_its_own_process(tmp_path, monkeypatch):
+  # A failing agreement run (here: a refused argument, an argparse exit)
+  # is recorded, the fused step leaves the later runs (one of which then
+  # has nothing to compare), the others run in fresh processes, and the
+  # output folder holds four files at most: the JSON, its tables, the HLO
+  # archive and (on a GPU) the target config.
+  monkeypatch.setattr(
+    gpu_check,
+    'RUNS',
+    [
+      'multitensor --model no_such_model',
+      'update --model mlp --optimizers sgd dessilbi_mt_apply',
+      'update --model mlp --k 1 --repeats 1 --hlo-dir {hlo}'
+      ' --optimizers sgd dessilbi dessilbi_mt_apply',
+    ],
+  )
+  gpu_check.main(['--out', str(tmp_path)])
+  data = json.loads((tmp_path / 'gpu_check.json').read_text())
+  first, second, third = data['runs']
+  assert 'invalid choice' in first['error'] or 'SystemExit' in first['error']
+  assert second['error'].startswith('skipped: the fused kernels failed')
+  assert second['argv'] == gpu_check.RUNS[1]
+  assert 'error' not in third
+  assert set(third['results']) == {'sgd', 'dessilbi'}
+  assert data['devices']  # from the runs' processes
+  assert 'target_config_error' in data  # no GPU here
+  assert sorted(p.name for p in tmp_path.iterdir()) == [
+    'gpu_check.json',
+    'hlo.tar.gz',
+    'tables.md',
+  ]
+  # A run still going at the budget is stopped and recorded.
+  out = gpu_check.run_in_child('probes --k 1', str(tmp_path), timeout=0.5)
+  assert out == {'error': 'cut off at the budget, after 0.5 s'}
 
 
 def test_unknown_optimizer_is_refused_before_running(capsys):
