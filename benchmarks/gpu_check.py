@@ -288,8 +288,8 @@ def main(argv=None):
     out = run_in_child(run, hlo, left)
     out['wall_s'] = time.perf_counter() - t0
     out['argv'] = run.format(hlo='<hlo>')
-    results['devices'] = results['devices'] or out.pop('devices', None)
-    out.pop('devices', None)
+    devices = out.pop('devices', None)
+    results['devices'] = results['devices'] or devices
     results['runs'].append(out)
     if index == 0:
       fused_ok = agreed(out)
