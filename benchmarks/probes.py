@@ -1,15 +1,15 @@
 """Where the update's device time goes: per-leaf kernels against flat passes.
 
-Times, side by side and k passes inside one jit, elementwise passes over the
-CIFAR ResNet-18 params (62 leaves, 11.2 M numbers) laid out two ways: as the
-model's leaves (one pass per leaf, as any Optax update and
+Times, side by side and k passes inside one jit, elementwise passes over a
+model's params (by default the CIFAR ResNet-18's: 62 leaves, 11.2 M numbers)
+laid out two ways: as the model's leaves (one pass per leaf, as any Optax update and
 ``optax.apply_updates`` run) and as one flat buffer of the same size:
 
 - ``apply``: ``W + u`` (what ``optax.apply_updates`` does; 3 arrays moved);
 - ``sgd``: momentum and W in one pass (5 arrays);
 - ``dessilbi_elementwise``: momentum, W, z and an elementwise Γ in one pass
   (9 arrays: the bytes of a DessiLBI update, without the filter norms);
-- ``tiny``: ``W + u`` on 62 leaves of 64 numbers each (launch cost alone,
+- ``tiny``: ``W + u`` on as many leaves of 64 numbers each (launch cost alone,
   unless XLA fuses the passes horizontally: the fusion count says).
 
 Per layout it prints the median time, the fusions XLA compiled, and
@@ -21,6 +21,7 @@ and the fusion count drops below the leaf count.
 Usage::
 
   python benchmarks/probes.py --json probes.json
+  python benchmarks/probes.py --model lenet5 --k 1 --repeats 1   # a dry run
 """
 
 import argparse
@@ -82,10 +83,13 @@ def main(argv=None):
     '--k', type=harness.positive_int, default=20, help='passes per jit'
   )
   parser.add_argument('--repeats', type=harness.positive_int, default=15)
+  parser.add_argument(
+    '--model', choices=sorted(harness.MODELS), default='resnet18'
+  )
   parser.add_argument('--json', default=None, help='write results here')
   args = parser.parse_args(argv)
 
-  _, params, _, _, _ = harness.build('resnet18', 2)
+  _, params, _, _, _ = harness.build(args.model, 2)
   n = sum(p.size for p in jax.tree.leaves(params))
   leaves = jax.tree.leaves(params)
   layouts = {
@@ -130,11 +134,15 @@ def main(argv=None):
     'device': str(jax.devices()[0].device_kind),
     'backend': jax.default_backend(),
     'jax': jax.__version__,
+    'model': args.model,
     'params': n,
     'leaves': len(leaves),
     'results': {},
   }
-  print(f'probes on {out["device"]} ({out["backend"]}), {len(leaves)} leaves')
+  print(
+    f'probes on {out["device"]} ({out["backend"]}), {args.model}: '
+    f'{len(leaves)} leaves'
+  )
   for case, r in runners.items():
     out['results'][case] = {
       'ms': statistics.median(r['ms']),

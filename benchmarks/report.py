@@ -165,8 +165,10 @@ def run_table(run: dict) -> list[str]:
     name = run['argv']
   elif 'mode' in run:
     name = ' / '.join(str(run[k]) for k in ('mode', 'model') if k in run)
+  elif 'lams' in run:
+    name = 'agreement'
   else:
-    name = 'agreement' if 'lams' in run else 'probes'
+    name = ' / '.join(['probes', *([run['model']] if 'model' in run else [])])
   title = f'**{name}**'
   if 'wall_s' in run:
     title += f' ({run["wall_s"]:.0f} s)'

@@ -19,7 +19,7 @@ def test_every_kind_of_run_becomes_a_table():
     harness.main(['update', '--k', '1', *quick, 'sgd', 'dessilbi']),
     harness.main(['step', '--steps', '1', *quick, 'sgd', 'dessilbi']),
     harness.main([*scaling, '--optimizers', 'sgd', 'dessilbi']),
-    probes.main(['--k', '1', '--repeats', '1']),
+    probes.main(['--k', '1', '--repeats', '1', '--model', 'lenet5']),
     {
       'argv': 'step --model vgg16',
       'error': 'Traceback ...\nRuntimeError: out of memory\n',
@@ -58,7 +58,9 @@ def test_every_kind_of_run_becomes_a_table():
   # A single run's file, without the argv gpu_check adds: titled by what it
   # holds.
   for run, title in zip(
-    runs[:3], ['agreement', 'update / lenet5', 'step / lenet5'], strict=True
+    [*runs[:3], runs[4]],
+    ['agreement', 'update / lenet5', 'step / lenet5', 'probes / lenet5'],
+    strict=True,
   ):
     del run['argv']
     assert report.report(run).startswith(f'**{title}**')
