@@ -15,7 +15,11 @@ from dessilbi_jax.transform import scale_by_dessilbi
 def matrix_mask(params: optax.Params) -> Any:
   """Weight-decay mask of the reference: True for leaves of rank >= 2.
 
-  Biases and normalisation parameters (rank <= 1) are not decayed.
+  Biases and normalisation parameters (rank <= 1) are not decayed. The
+  reference reads names and ranks (it decays what is not of rank 1 and whose
+  name lacks ``'bn'``): the two agree on biases, norm parameters and kernels
+  whose path does not hold ``'bn'``; a scalar (rank 0), which the reference
+  decays, is left out here.
   """
   return jax.tree.map(lambda p: jnp.ndim(p) > 1, params)
 
@@ -102,8 +106,9 @@ def dessilbi(
       it to the gradients' dtype when that is wider, e.g. float32 gradients
       for bfloat16 params: pass ``state_dtype`` to keep it fixed, as
       ``lax.scan`` and ``optax.MultiSteps`` need).
-    freeze: stop selected filters (groups with ``Γ_g ≠ 0``) from moving, as
-      the reference's ``step_with_freeze``; see :func:`scale_by_dessilbi`.
+    freeze: stop the filters of W* (groups where ``Γ ≠ 0`` and ``W ≠ 0``)
+      from moving, as the reference's ``step_with_freeze`` does; see
+      :func:`scale_by_dessilbi`.
     store_gamma: keep Γ in the state (default), or rebuild it from z and a
       per-group factor (less memory, same path; read Γ with
       :func:`~dessilbi_jax.get_gamma`).

@@ -276,9 +276,11 @@ def scale_by_dessilbi(
     state_dtype: dtype of z and Γ; None for the params' dtype (e.g. float32
       z and Γ beside bfloat16 params).
     freeze: if true, groups of :class:`~dessilbi_jax.GroupLasso` leaves that
-      are already selected (``Γ_g ≠ 0`` before the step) stop moving: their W
-      update and their z step are zero. Elementwise (lasso) and uncoupled
-      leaves move as usual, as in the reference's ``step_with_freeze``. The
+      are in the sparse model W* before the step (W on Γ's support: ``Γ ≠ 0``
+      and ``W ≠ 0`` somewhere in the group) stop moving: their W update and
+      their z step are zero. A selected group whose W is zero there (a
+      pruned filter) moves on. Elementwise (lasso) and uncoupled leaves move
+      as usual, as in the reference's ``step_with_freeze``. The
       state's layout does not depend on it, so a run can switch to a frozen
       optimizer mid-path with the same state.
     store_gamma: if false, Γ of group-lasso leaves (conv filters) is not
@@ -447,7 +449,11 @@ def scale_by_dessilbi(
       z_next = z + z_step(z.dtype) * diff
       if freeze and isinstance(choice, GroupLasso):
         reduce_axes = choice.reduce_axes(w.ndim)
-        moving = ~jnp.any(gamma != 0, axis=reduce_axes, keepdims=True)
+        # A group of W* (W on Γ's support) that is not zero stops, as the
+        # reference's calculate_mask has it: a selected filter whose W is
+        # zero there (pruned, say) goes on moving.
+        in_w_star = (gamma != 0) & (w != 0)
+        moving = ~jnp.any(in_w_star, axis=reduce_axes, keepdims=True)
         update = jnp.where(moving, update, 0)
         z_next = jnp.where(moving, z_next, z)
       new_updates.append(update.astype(w.dtype))

@@ -469,6 +469,39 @@ def test_freeze_stops_selected_filters_only():
   assert bool(jnp.all(updates['dense']['bias'] != 0))
 
 
+@pytest.mark.parametrize('store_gamma', [True, False])
+def test_freeze_lets_a_selected_filter_whose_weights_are_zero_move(
+  store_gamma,
+):
+  # The reference freezes the filters of W* = W · 1[Γ ≠ 0] (its
+  # calculate_mask: ‖W*_g‖ ≠ 0): a selected filter whose W is zero on Γ's
+  # support (pruned, say) moves on.
+  kernel = jnp.zeros((1, 1, 2, 3)).at[0, 0, :, 1].set(0.3)
+  kernel = kernel.at[0, 0, 1, 2].set(0.3)  # W of filter 2 off Γ's support
+  z = jnp.zeros_like(kernel).at[0, 0, :, :2].set(5.0).at[0, 0, 0, 2].set(5.0)
+  params = {'k': kernel}
+  kw = dict(learning_rate=0.1, nu=1.0, store_gamma=store_gamma)
+  # One unfrozen step with W = z and no gradient: z -> 1.1 z, Γ = Prox(z).
+  core = dl.scale_by_dessilbi(**kw)
+  zero = {'k': jnp.zeros_like(kernel)}
+  state = core.update(zero, core.init(params)._replace(z={'k': z}), {'k': z})
+  state = state[1]
+  gamma = np.asarray(dl.get_gamma(state)['k'] != 0)[0, 0]
+  np.testing.assert_array_equal(gamma, [[1, 1, 1], [1, 1, 0]])
+  frozen = dl.scale_by_dessilbi(**kw, freeze=True)
+  updates, new_state = frozen.update(
+    {'k': jnp.ones_like(kernel)}, state, params
+  )
+  moved = np.asarray(jnp.any(updates['k'] != 0, axis=(0, 1, 2)))
+  z_moved = np.asarray(
+    jnp.any(new_state.z['k'] != state.z['k'], axis=(0, 1, 2))
+  )
+  # Filter 0: selected, W zero; filter 1: in W*; filter 2: selected, W zero
+  # where Γ is not.
+  np.testing.assert_array_equal(moved, [True, False, True])
+  np.testing.assert_array_equal(z_moved, [True, False, True])
+
+
 @pytest.mark.parametrize('freeze', [False, True])
 def test_store_gamma_false_gives_the_same_path_with_less_memory(freeze):
   params, loss = _problem()
