@@ -408,6 +408,20 @@ def _follows(kwargs, params, steps=2, state=None, rtol=1e-5, atol=1e-6):
   return runs
 
 
+def test_kappa_and_other_thresholds_follow_dessilbi():
+  # κ ≠ 1 scales Γ and W's step but not z's; thresholds λ·√(group size) and
+  # a lasso λ ≠ 1 shrink z; all read as dessilbi reads them.
+  rule = dl.penalty_rule(
+    conv=dl.GroupLasso(lam=0.15, scale_by_size=True), dense=dl.Lasso(0.4)
+  )
+  kwargs = dict(learning_rate=0.5, kappa=2.0, nu=3.0, penalty=rule)
+  runs = _follows(kwargs, _params(), steps=4)
+  gamma = runs[0][1][3].gamma
+  filters = jnp.any(gamma['conv2']['kernel'] != 0, axis=(0, 1, 2))
+  assert 0 < int(filters.sum()) < filters.size
+  assert 0 < float(jnp.mean(gamma['fc']['kernel'] != 0)) < 1
+
+
 @pytest.mark.parametrize('store_gamma', [True, False])
 def test_leaves_of_size_zero(store_gamma):
   # dessilbi takes them (a layer pruned to nothing); so does the fused step,
