@@ -278,7 +278,7 @@ def chain_spec(
 
   Raises:
     TypeError: ``layers`` is a single string.
-    ValueError: a layer is missing, ``norms`` names a layer that is not in
+    ValueError: a layer has no kernel, ``norms`` names a layer that is not in
       the chain, or the widths of consecutive layers do not fit (the message
       names both layers).
 
@@ -303,6 +303,9 @@ def chain_spec(
       f'string {layers!r}.'
     )
   order = list(kernel_layers(params) if layers is None else layers)
+  table = _trees.leaves_by_name(_trees.pure(params))
+  for layer in order:  # each one, also the last (it feeds no link)
+    producer_width(table, layer)
   norms = dict(norms or {})
   unknown = sorted(set(norms) - set(order))
   if unknown:

@@ -184,6 +184,11 @@ def test_chain_spec_refuses_a_string_and_unknown_norms():
     dl.chain_spec(
       params, ['conv1', 'fc1', 'fc2'], norms={'cnv1': None, 'fc1': None}
     )
+  # A layer that is not there, also alone (a chain of one layer has no
+  # links) or last.
+  for order in (['cnv1'], ['conv1', 'fc1', 'fc3']):
+    with pytest.raises(ValueError, match=f"layer '{order[-1]}' has no kernel"):
+      dl.chain_spec(params, order)
 
 
 def test_flops_keyword_arguments_are_fixed_flags():
