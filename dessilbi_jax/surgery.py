@@ -990,6 +990,7 @@ def set_nnx_opt_state(optimizer: Any, opt_state: optax.OptState) -> None:
     opt_state: a pure optimizer state (e.g. ``Surgery.opt_state``).
 
   Raises:
+    TypeError: ``optimizer`` is not an ``nnx.Optimizer``.
     ValueError: ``opt_state`` differs from the optimizer's state in its tree
       structure, at a leaf in its shape or dtype, or in the penalties it
       records (a state whose ``penalties`` are None takes the optimizer's);
@@ -997,6 +998,10 @@ def set_nnx_opt_state(optimizer: Any, opt_state: optax.OptState) -> None:
   """
   from flax import nnx
 
+  if not isinstance(optimizer, nnx.Optimizer):
+    raise TypeError(
+      f'optimizer must be an nnx.Optimizer, got {type(optimizer).__name__}.'
+    )
   pairs = _state_pairs(
     optimizer.opt_state,
     _trees.pure(opt_state),

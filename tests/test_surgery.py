@@ -533,6 +533,9 @@ def test_set_nnx_opt_state_checks_structure_shape_and_dtype():
   def load(state):
     dl.set_nnx_opt_state(optimizer, state)
 
+  with pytest.raises(TypeError, match=r'optimizer must be an nnx\.Optimizer'):
+    dl.set_nnx_opt_state(model, before)
+
   half = jax.tree.map(lambda a: a.astype(jnp.float16), params)
   with pytest.raises(
     ValueError, match=r"opt_state: leaf '2/trace/bias' has dtype float16"
