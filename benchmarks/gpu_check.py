@@ -24,7 +24,7 @@ writes everything to one JSON file (a failing run is recorded with its error
 and the others go on) and the same as Markdown tables (``tables.md``, by
 ``report.py``), the compiled HLO of the ResNet-18 update and step to
 ``hlo.tar.gz``, for reading the kernels XLA made after the machine is gone
-(four files in all, archived after each run), and the
+(up to four files in all, archived after each run), and the
 GPU's XLA target config (``gpu_target_config.pbtxt``), with which
 ``gpu_offline.py`` compiles for this GPU on machines without one.
 

@@ -34,6 +34,10 @@ def get_gamma(opt_state: optax.OptState) -> Any:
   Returns:
     Γ: arrays at coupled leaves, empty nodes at uncoupled ones.
 
+  Raises:
+    ValueError: the state holds no :class:`~dessilbi_jax.DessiLBIState`,
+      or more than one.
+
   Example:
     >>> import jax.numpy as jnp, optax
     >>> import dessilbi_jax as dl
@@ -188,6 +192,13 @@ def w_star(
     A pytree laid out like the (pure) params. For Flax NNX, load it into a
     copy of the model: ``sparse = nnx.clone(model)``, then
     ``nnx.update(sparse, w_star(...))`` (which updates in place).
+
+  Raises:
+    TypeError: ``params`` is an ``nnx.Module`` (pass its state), or a value
+      of ``spec`` is not a :class:`~dessilbi_jax.Link`.
+    ValueError: the state holds no :class:`~dessilbi_jax.DessiLBIState`, or
+      more than one; the params and the state do not belong to one model;
+      with ``channels``, a ``spec`` or ``penalty`` that does not fit them.
 
   Example:
     >>> import jax.numpy as jnp

@@ -64,6 +64,10 @@ class Lasso:
 
   Attributes:
     lam: the threshold λ (default 1, as in the reference implementation).
+
+  Raises:
+    TypeError: ``lam`` is not a real number.
+    ValueError: ``lam`` is negative or not finite.
   """
 
   lam: float = 1.0
@@ -86,6 +90,13 @@ class GroupLasso:
     lam: the threshold λ (default 1, as in the reference implementation).
     scale_by_size: if true, the threshold is ``λ·√|g|`` with ``|g|`` the
       number of entries in a group (the reference's lottery-ticket variant).
+
+  Raises:
+    TypeError: ``axes`` is not an int or a sequence of ints, ``lam`` is not
+      a real number, or ``scale_by_size`` is not a bool.
+    ValueError: ``lam`` is negative or not finite (axes that do not exist
+      for a leaf, or name one axis twice, are refused where the rule is
+      applied to it: at the optimizer's ``init``).
   """
 
   axes: Union[int, Sequence[int]] = (-1,)
@@ -305,6 +316,12 @@ def penalty_rule(
   Returns:
     A rule ``(path, leaf) -> Penalty | None``. Rank <= 1 leaves that no
     override names are uncoupled.
+
+  Raises:
+    TypeError: ``conv``, ``dense`` or a value of ``overrides`` is not a
+      ``Lasso``, a ``GroupLasso`` or None, or ``overrides`` is not a
+      mapping.
+    ValueError: a key of ``overrides`` is not a regular expression.
 
   Example:
     >>> import dessilbi_jax as dl

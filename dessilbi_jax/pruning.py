@@ -102,8 +102,14 @@ def prune(
     and boolean masks laid out like the params (True where kept).
 
   Raises:
-    TypeError: a leaf of the record is not an integer array (a boolean
-      support mask or a float epoch record would be read as steps).
+    TypeError: ``params`` is an ``nnx.Module`` (pass its state), or a leaf
+      of the record is not an integer array (a boolean support mask or a
+      float epoch record would be read as steps).
+    ValueError: ``fraction`` outside [0, 1], ``scope`` neither ``'layer'``
+      nor ``'global'``, ``layers`` naming a leaf or layer the record does not
+      hold; the record holds a leaf the params lack, or its groups do not
+      fit the params under ``penalty``; a ``spec`` that does not fit the
+      params.
 
   Example:
     >>> import jax.numpy as jnp

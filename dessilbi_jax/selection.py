@@ -217,8 +217,10 @@ def track_selection(
   """Wraps a DessiLBI optimizer so its state records the order of selection.
 
   After every update, each group that entered Γ's support for the first time
-  is stamped with the core's step count. Everything stays on the device; the
-  extra cost is discussed in the module docstring.
+  is stamped with the core's step count: the steps the core took, so under
+  ``optax.MultiSteps`` one per ``k`` calls, and under
+  ``optax.apply_if_finite`` skipped steps not counted. Everything stays on
+  the device; the extra cost is discussed in the module docstring.
 
   Args:
     inner: an optimizer containing a DessiLBI core (e.g.
@@ -231,6 +233,13 @@ def track_selection(
     :class:`SelectionState`. ``optax.tree.map_params`` maps its function
     over the inner state's params-shaped trees and hands the record, laid
     out by groups, to ``transform_non_params`` whole.
+
+  Raises:
+    TypeError: ``penalty`` is not a rule; ``update`` given a state that is
+      not the :class:`SelectionState` ``init`` made.
+    ValueError: at ``init``, the inner state holds no
+      :class:`~dessilbi_jax.DessiLBIState`, or more than one, or a
+      ``penalty`` that disagrees with the penalties it records.
 
   Example:
     >>> import jax, jax.numpy as jnp, optax
@@ -338,6 +347,9 @@ def rank_groups(
   Raises:
     TypeError: a leaf of the record is not an integer array (a boolean
       support mask or a float epoch record would be read as steps).
+    ValueError: ``scope`` is neither ``'layer'`` nor ``'global'``; the
+      record holds a leaf the params lack, or its groups do not fit the
+      params under ``penalty``.
 
   Example:
     >>> import jax.numpy as jnp

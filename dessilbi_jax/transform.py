@@ -301,6 +301,16 @@ def scale_by_dessilbi(
     A :class:`optax.GradientTransformation` whose state is a
     :class:`DessiLBIState`. Its ``update`` requires ``params``.
 
+  Raises:
+    ValueError: a hyper-parameter out of range (``learning_rate`` < 0,
+      ``kappa`` or ``nu`` not > 0) or not finite.
+    TypeError: a hyper-parameter that is not a real scalar (or, for
+      ``learning_rate``, a schedule), a ``penalty`` that is not a rule, a
+      ``state_dtype`` that is not floating-point, or a ``freeze`` or
+      ``store_gamma`` that is not a bool.
+    ``init`` and ``update`` raise where the params, gradients or state do
+    not fit (the message names the leaf).
+
   Example:
     >>> import jax, jax.numpy as jnp, optax
     >>> import dessilbi_jax as dl

@@ -61,7 +61,11 @@ def main(argv: Optional[Sequence[str]] = None) -> dict[str, Any]:
   if '--' in argv:
     i = argv.index('--')
     argv, rest = argv[:i], argv[i + 1 :]
-  p = argparse.ArgumentParser(description=__doc__.split('\n\n')[0])
+  p = argparse.ArgumentParser(
+    description=__doc__.split('\n\n')[0],
+    epilog='Flags after -- go to the main job (examples/train.py), e.g. '
+    'seeds.py --seeds 0-2 -- --nu 20 --lam 1.',
+  )
   p.add_argument('--seeds', default='0-9', help='e.g. 0-9 or 0,3,5')
   p.add_argument('--out', type=pathlib.Path, default=pathlib.Path('runs/seeds'))
   args = p.parse_args(argv)
