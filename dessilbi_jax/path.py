@@ -101,7 +101,8 @@ def support(
   Args:
     opt_state: an optimizer state containing a
       :class:`~dessilbi_jax.DessiLBIState` (plain or Flax NNX).
-    by_group: if False, one boolean per weight (``Γ != 0``); if True, one per
+    by_group: if False, one boolean per weight (``|Γ| > 0``: a NaN entry,
+      which a non-finite gradient leaves, is not selected); if True, one per
       group: per output filter for a group-lasso leaf (shape ``(out,)`` for a
       HWIO conv kernel), per weight for a lasso leaf.
     penalty: leave it out: the groups are the penalties the state records
@@ -142,10 +143,11 @@ def support(
 @functools.partial(jax.jit, static_argnames=('by_group', 'penalty'))
 def _support(gamma, by_group, penalty):
   if not by_group:
-    return jax.tree.map(lambda g: g != 0, gamma)
+    return jax.tree.map(_trees.in_support, gamma)
   penalties = _trees.penalties_by_name(gamma, penalty)
   return _trees.map_with_names(
-    lambda names, g: _trees.group_any(g != 0, penalties[names]), gamma
+    lambda names, g: _trees.group_any(_trees.in_support(g), penalties[names]),
+    gamma,
   )
 
 
@@ -229,7 +231,7 @@ def w_star(
       continue  # slim leaves it whole: the classifier, a residual branch
     # A filter is out as a whole when none of its weights is selected,
     # whatever the groups (per filter, per weight, per input and filter).
-    keep = jnp.any(g != 0, axis=tuple(range(g.ndim - 1)))
+    keep = jnp.any(_trees.in_support(g), axis=tuple(range(g.ndim - 1)))
     masks.update(channel_masks(table, names, keep, spec, out))
   return _trees.map_with_names(
     lambda names, w: jnp.where(masks[names], w, 0) if names in masks else w,
@@ -248,7 +250,7 @@ def _w_star(params, gamma):
     seen.add(names)
     g = gamma[names]
     _trees.check_same_shape(names, w, g, 'Γ')
-    return jnp.where(g != 0, w, jnp.zeros_like(w))
+    return jnp.where(_trees.in_support(g), w, jnp.zeros_like(w))
 
   out = _trees.map_with_names(mask, params)
   missing = [n for n in gamma if n not in seen]
@@ -439,7 +441,7 @@ def _layer_stats(arrays, choices):
   """Selected groups, selected weights and ‖W − Γ‖² of each coupled leaf."""
   out = []
   for (w, g), choice in zip(arrays, choices, strict=True):
-    nz = g != 0
+    nz = _trees.in_support(g)
     diff = (w - g).astype(jnp.promote_types(w.dtype, jnp.float32))
     out.append(
       (

@@ -14,7 +14,7 @@ Two ways to keep it, both on the device with no host synchronisation:
 * :func:`init_selection` / :func:`update_selection` are the same computation
   as pure functions, to call inside your own jitted step or once per epoch.
 
-Cost of recording every step: per coupled leaf one ``Γ != 0`` test reduced
+Cost of recording every step: per coupled leaf one ``|Γ| > 0`` test reduced
 over each group and a ``where`` on the record. Γ has just been written by the
 core in the same jitted step, so XLA reads it at most once more (4 bytes per
 coupled weight in float32, against the 36 bytes the core's update moves, and
@@ -70,7 +70,9 @@ def init_selection(
   # result is: its type stays the same along training (lax.scan, cond).
   return _trees.map_with_names(
     lambda names, g: jnp.full_like(
-      _trees.group_any(g != 0, penalties[names]), NOT_SELECTED, jnp.int32
+      _trees.group_any(_trees.in_support(g), penalties[names]),
+      NOT_SELECTED,
+      jnp.int32,
     ),
     gamma,
   )
@@ -175,7 +177,7 @@ def update_selection(
 
   def one(names, r):
     g = _trees.lookup(gamma, names, 'the record', arg='opt_state')
-    now = _trees.group_any(g != 0, penalties[names])
+    now = _trees.group_any(_trees.in_support(g), penalties[names])
     if now.shape != r.shape:
       raise ValueError(
         f'record: leaf {_trees.join(names)!r} has shape {tuple(r.shape)}, '

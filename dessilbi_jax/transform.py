@@ -462,7 +462,7 @@ def scale_by_dessilbi(
         # A group of W* (W on Γ's support) that is not zero stops, as the
         # reference's calculate_mask has it: a selected filter whose W is
         # zero there (pruned, say) goes on moving.
-        in_w_star = (gamma != 0) & (w != 0)
+        in_w_star = (jnp.abs(gamma) > 0) & (w != 0)  # NaN Γ: not selected
         moving = ~jnp.any(in_w_star, axis=reduce_axes, keepdims=True)
         update = jnp.where(moving, update, 0)
         z_next = jnp.where(moving, z_next, z)

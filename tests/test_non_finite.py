@@ -114,3 +114,35 @@ def test_without_apply_if_finite_nan_stays_where_it_entered():
   clean = step(*step(params, state, _grads()), _grads())
   np.testing.assert_array_equal(p2['clean'], clean[0]['clean'])
   np.testing.assert_array_equal(s2.gamma['clean'], clean[1].gamma['clean'])
+
+
+def test_the_toolbox_reads_a_nan_entry_of_gamma_as_unselected():
+  # The group whose z holds a NaN has a shrink factor of 0: it is out of the
+  # support, and every reader of Γ says so (|Γ| > 0, as the reference's
+  # epoch record reads it), though the NaN entry itself stays NaN in Γ.
+  tx = dl.track_selection(dl.scale_by_dessilbi(0.1, nu=0.5))
+  step = _step(tx)
+  params, state = _warm(tx)
+  assert int(optax.tree.get(state, 'first_step')['conv'][0]) != dl.NOT_SELECTED
+  params, state = step(params, state, _poison(_grads(), jnp.nan))
+  params, state = step(params, state, _grads())
+  gamma = dl.get_gamma(state)
+  assert bool(jnp.isnan(gamma['conv'][0, 0, 0, 0]))
+  assert bool(jnp.isnan(gamma['dense'][0, 0]))
+  by_group = dl.support(state, by_group=True)
+  np.testing.assert_array_equal(by_group['conv'], [False, True, True])
+  assert not bool(dl.support(state)['dense'][0, 0])
+  assert bool(jnp.all(dl.support(state)['dense'].ravel()[1:]))
+  # w_star zeroes the NaN entries of W with the rest of the unselected.
+  sparse = dl.w_star(params, state)
+  assert float(sparse['conv'][0, 0, 0, 0]) == 0.0
+  assert float(sparse['dense'][0, 0]) == 0.0
+  summary = dl.path_summary(params, state).layers['conv']
+  assert summary.groups_selected == 2
+  # A record made now (or a reference epoch record) leaves the group out;
+  # the running record keeps when it first entered.
+  fresh = dl.update_selection(dl.init_selection(state), state)
+  assert int(fresh['conv'][0]) == dl.NOT_SELECTED
+  assert int(fresh['dense'][0, 0]) == dl.NOT_SELECTED
+  epochs = dl.reference_prune_order(params, state, epoch=3).epoch_record
+  assert float(epochs['dense'][0, 0]) == dl.REFERENCE_NEVER
