@@ -415,7 +415,9 @@ def test_kappa_and_other_thresholds_follow_dessilbi():
     conv=dl.GroupLasso(lam=0.15, scale_by_size=True), dense=dl.Lasso(0.4)
   )
   kwargs = dict(learning_rate=0.5, kappa=2.0, nu=3.0, penalty=rule)
-  runs = _follows(kwargs, _params(), steps=4)
+  # Steps of 2·0.5 move W by up to ~4 in four steps: float32 roundings of
+  # a few 1e-6 (5e-6 at most with JAX 0.7.1, 2e-6 with 0.10).
+  runs = _follows(kwargs, _params(), steps=4, atol=2e-5)
   gamma = runs[0][1][3].gamma
   filters = jnp.any(gamma['conv2']['kernel'] != 0, axis=(0, 1, 2))
   assert 0 < int(filters.sum()) < filters.size
