@@ -121,14 +121,14 @@ def dessilbi(
   Raises:
     ValueError: a hyper-parameter out of range (``learning_rate`` or
       ``weight_decay`` < 0, ``kappa`` or ``nu`` not > 0, ``momentum``
-      outside [0, 1)) or not finite.
+      outside [0, 1)) or not finite. ``init`` and
+      ``update`` raise ValueError or TypeError for params, gradients or a
+      state that do not fit (the message names the leaf).
     TypeError: a hyper-parameter that is not a real scalar (or, for
       ``learning_rate``, a schedule), a ``penalty`` that is not a rule, a
       ``state_dtype`` that is not floating-point, a ``weight_decay_mask``
       that is not None, a function or a tree, or a ``nesterov``, ``freeze``
       or ``store_gamma`` that is not a bool.
-    ``init`` and ``update`` raise where the params, gradients or state do
-    not fit (the message names the leaf).
 
   Example:
     >>> import jax, jax.numpy as jnp, optax
