@@ -143,6 +143,8 @@ def test_the_toolbox_reads_a_nan_entry_of_gamma_as_unselected():
   # the running record keeps when it first entered.
   fresh = dl.update_selection(dl.init_selection(state), state)
   assert int(fresh['conv'][0]) == dl.NOT_SELECTED
+  running = optax.tree.get(state, 'first_step')['conv']
+  assert int(running[0]) != dl.NOT_SELECTED
   assert int(fresh['dense'][0, 0]) == dl.NOT_SELECTED
   epochs = dl.reference_prune_order(params, state, epoch=3).epoch_record
   assert float(epochs['dense'][0, 0]) == dl.REFERENCE_NEVER
