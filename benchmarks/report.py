@@ -168,7 +168,7 @@ def run_table(run: dict) -> list[str]:
   elif 'lams' in run:
     name = 'agreement'
   else:
-    name = ' / '.join(['probes', *([run['model']] if 'model' in run else [])])
+    name = f'probes / {run["model"]}' if 'model' in run else 'probes'
   title = f'**{name}**'
   if 'wall_s' in run:
     title += f' ({run["wall_s"]:.0f} s)'

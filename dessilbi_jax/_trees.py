@@ -300,13 +300,6 @@ def reduce_axes(choice: Penalty, ndim: int) -> tuple[int, ...]:
   return choice.reduce_axes(ndim)
 
 
-def in_support(gamma: jax.Array) -> jax.Array:
-  """Where Γ is in the support: ``|Γ| > 0``, as the reference reads it (a
-  NaN entry, left by a non-finite gradient, is not: its group's shrink is
-  zero)."""
-  return jnp.abs(gamma) > 0
-
-
 def group_any(mask: jax.Array, choice: Penalty) -> jax.Array:
   """Per group: whether any entry of the group is set."""
   axes = reduce_axes(choice, mask.ndim)

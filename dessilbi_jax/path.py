@@ -17,6 +17,7 @@ import optax
 
 from dessilbi_jax import _checks, _trees
 from dessilbi_jax.penalties import GroupLasso, PenaltyRule, PenaltyTable
+from dessilbi_jax.shrinkage import in_support
 from dessilbi_jax.topology import Spec, channel_masks, check_spec
 
 
@@ -143,10 +144,10 @@ def support(
 @functools.partial(jax.jit, static_argnames=('by_group', 'penalty'))
 def _support(gamma, by_group, penalty):
   if not by_group:
-    return jax.tree.map(_trees.in_support, gamma)
+    return jax.tree.map(in_support, gamma)
   penalties = _trees.penalties_by_name(gamma, penalty)
   return _trees.map_with_names(
-    lambda names, g: _trees.group_any(_trees.in_support(g), penalties[names]),
+    lambda names, g: _trees.group_any(in_support(g), penalties[names]),
     gamma,
   )
 
@@ -231,7 +232,7 @@ def w_star(
       continue  # slim leaves it whole: the classifier, a residual branch
     # A filter is out as a whole when none of its weights is selected,
     # whatever the groups (per filter, per weight, per input and filter).
-    keep = jnp.any(_trees.in_support(g), axis=tuple(range(g.ndim - 1)))
+    keep = jnp.any(in_support(g), axis=tuple(range(g.ndim - 1)))
     masks.update(channel_masks(table, names, keep, spec, out))
   return _trees.map_with_names(
     lambda names, w: jnp.where(masks[names], w, 0) if names in masks else w,
@@ -250,7 +251,7 @@ def _w_star(params, gamma):
     seen.add(names)
     g = gamma[names]
     _trees.check_same_shape(names, w, g, 'Γ')
-    return jnp.where(_trees.in_support(g), w, jnp.zeros_like(w))
+    return jnp.where(in_support(g), w, jnp.zeros_like(w))
 
   out = _trees.map_with_names(mask, params)
   missing = [n for n in gamma if n not in seen]
@@ -441,7 +442,7 @@ def _layer_stats(arrays, choices):
   """Selected groups, selected weights and ‖W − Γ‖² of each coupled leaf."""
   out = []
   for (w, g), choice in zip(arrays, choices, strict=True):
-    nz = _trees.in_support(g)
+    nz = in_support(g)
     diff = (w - g).astype(jnp.promote_types(w.dtype, jnp.float32))
     out.append(
       (

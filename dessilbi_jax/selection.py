@@ -35,6 +35,7 @@ import optax
 
 from dessilbi_jax import _checks, _trees
 from dessilbi_jax.penalties import PenaltyRule
+from dessilbi_jax.shrinkage import in_support
 from dessilbi_jax.transform import resolve_penalties
 
 NOT_SELECTED: int = int(jnp.iinfo(jnp.int32).max)
@@ -70,7 +71,7 @@ def init_selection(
   # result is: its type stays the same along training (lax.scan, cond).
   return _trees.map_with_names(
     lambda names, g: jnp.full_like(
-      _trees.group_any(_trees.in_support(g), penalties[names]),
+      _trees.group_any(in_support(g), penalties[names]),
       NOT_SELECTED,
       jnp.int32,
     ),
@@ -177,7 +178,7 @@ def update_selection(
 
   def one(names, r):
     g = _trees.lookup(gamma, names, 'the record', arg='opt_state')
-    now = _trees.group_any(_trees.in_support(g), penalties[names])
+    now = _trees.group_any(in_support(g), penalties[names])
     if now.shape != r.shape:
       raise ValueError(
         f'record: leaf {_trees.join(names)!r} has shape {tuple(r.shape)}, '

@@ -221,3 +221,10 @@ def prox(z: jax.Array, penalty: Penalty) -> jax.Array:
     group_threshold(penalty, z.shape),
     reduce_axes=penalty.reduce_axes(z.ndim),
   )
+
+
+def in_support(gamma: jax.Array) -> jax.Array:
+  """Where Γ is in the support: ``|Γ| > 0``, as the reference reads it (a
+  NaN entry, left by a non-finite gradient, is not: its group's shrink is
+  zero)."""
+  return jnp.abs(gamma) > 0

@@ -20,7 +20,12 @@ from dessilbi_jax.penalties import (
   path_str,
   resolved,
 )
-from dessilbi_jax.shrinkage import group_factor, group_threshold, soft_threshold
+from dessilbi_jax.shrinkage import (
+  group_factor,
+  group_threshold,
+  in_support,
+  soft_threshold,
+)
 
 
 class DessiLBIState(NamedTuple):
@@ -462,7 +467,7 @@ def scale_by_dessilbi(
         # A group of W* (W on Γ's support) that is not zero stops, as the
         # reference's calculate_mask has it: a selected filter whose W is
         # zero there (pruned, say) goes on moving.
-        in_w_star = (jnp.abs(gamma) > 0) & (w != 0)  # NaN Γ: not selected
+        in_w_star = in_support(gamma) & (w != 0)
         moving = ~jnp.any(in_w_star, axis=reduce_axes, keepdims=True)
         update = jnp.where(moving, update, 0)
         z_next = jnp.where(moving, z_next, z)
