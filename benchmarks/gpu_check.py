@@ -15,7 +15,7 @@ ResNet-18 params (device time with 20 updates per jit, per call, and the
 bandwidth floor) for ``dessilbi`` (Γ stored or rebuilt from z), the fused
 kernels (writing updates, without Γ, or writing the new params: the fused
 ``step``), ``optax.sgd(momentum=0.9)`` and ``optax.adam``; whole train steps
-(ResNet-18 batch 256); tilings of the fused step; the per-kernel probes
+(ResNet-18 batch 256, each compiled twice in turn, the faster kept); tilings of the fused step; the per-kernel probes
 (``probes.py``); train steps of LeNet-5 (batch 128) and VGG-16 (batch 256);
 the update with bfloat16 params; and the update's scaling from 1e5 to 1e8
 parameters (the peak memory of a train step, ``harness.py memory``, was
@@ -72,25 +72,25 @@ RUNS = [
     ' --optimizers sgd dessilbi dessilbi_z dessilbi_mt_apply'
   ),
   # Tilings of the fused step around the default (64x16x4x256, flat block
-  # 2048, 32 leaves per launch: the conv kernels in one launch at 72
-  # registers, 7 programs per SM, the other leaves in two; triton_compile.py)
-  # and launches of at most 1000 leaves (3 launches), or of 16 (7) or 8 (12),
-  # which compile faster (benchmarks/README.md).
+  # 2048, 16 leaves per launch: 7 launches on ResNet-18; triton_compile.py):
+  # 32 leaves (4 launches, 2 % faster and 25-40 % slower to compile on an
+  # H100, 2026-11-27) or 8 (12), and 8 warps, 5 % faster at 32 leaves in
+  # one sample (benchmarks/README.md).
   (
     'update --model resnet18 --repeats 9 --optimizers sgd dessilbi_mt_apply'
-    ' dessilbi_mt_apply:64x16x4x256x2048x1000'
-    ' dessilbi_mt_apply:64x16x4x256x2048x16'
-    ' dessilbi_mt_apply:64x16x4x256x2048x8 dessilbi_mt_apply:32x32x4x256'
-    ' dessilbi_mt_apply:64x32x4x512 dessilbi_mt_apply:128x8x4x256'
+    ' dessilbi_mt_apply:64x16x4x256x2048x32'
+    ' dessilbi_mt_apply:64x16x4x256x2048x8'
     ' dessilbi_mt_apply:64x16x8x256'
+    ' dessilbi_mt_apply:64x16x8x256x2048x32'
+    ' dessilbi_mt_apply:128x8x4x256'
   ),
   'probes --k 20 --repeats 15',
   (
-    'step --model lenet5 --steps 100 --repeats 9'
+    'step --model lenet5 --steps 100 --repeats 9 --compile-rounds 1'
     ' --optimizers sgd dessilbi dessilbi_z dessilbi_mt_apply'
   ),
   (
-    'step --model vgg16 --steps 30 --repeats 5'
+    'step --model vgg16 --steps 30 --repeats 5 --compile-rounds 1'
     ' --optimizers sgd dessilbi dessilbi_mt_apply'
   ),
   (

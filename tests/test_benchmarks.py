@@ -127,6 +127,29 @@ def test_update_mode_reports_floor_and_kernels(tmp_path):
   assert len(list(tmp_path.glob('update_lenet5_*.hlo.gz'))) == 3
 
 
+def test_step_mode_reports_the_fastest_of_its_compile_rounds():
+  out = harness.main(
+    [
+      'step',
+      '--model',
+      'mlp',
+      '--steps',
+      '1',
+      '--repeats',
+      '1',
+      '--compile-rounds',
+      '3',
+      '--optimizers',
+      'sgd',
+      'dessilbi',
+    ]
+  )
+  for row in out['results'].values():
+    samples = row['compile_s_samples']
+    assert len(samples) == 3 and all(t > 0 for t in samples)
+    assert row['compile_s'] == min(samples)
+
+
 def test_xla_options_are_parsed_and_checked(capsys):
   args = harness.parse_args(
     ['update', '--xla-option', 'a_flag=true', '--xla-option', 'a_count=3']
@@ -271,6 +294,7 @@ def test_agreement_check_reports_matches_and_mismatches():
   [
     ['update', '--repeats', '0'],
     ['step', '--steps', '0'],
+    ['step', '--compile-rounds', '0'],
     ['update', '--k', '-1'],
     ['update', '--optimizers', 'dessilbi_mt_apply:'],
   ],
