@@ -15,8 +15,8 @@ ResNet-18 params (device time with 20 updates per jit, per call, and the
 bandwidth floor) for ``dessilbi`` (Γ stored or rebuilt from z), the fused
 kernels (writing updates, without Γ, or writing the new params: the fused
 ``step``), ``optax.sgd(momentum=0.9)`` and ``optax.adam``; whole train steps
-(ResNet-18 batch 256, each compiled twice in turn, the faster kept); tilings of the fused step; the per-kernel probes
-(``probes.py``); train steps of LeNet-5 (batch 128) and VGG-16 (batch 256);
+(ResNet-18 batch 256, each compiled twice in turn, the faster kept); tilings
+of the fused step; the per-kernel probes (``probes.py``); train steps of LeNet-5 (batch 128) and VGG-16 (batch 256);
 the update with bfloat16 params; and the update's scaling from 1e5 to 1e8
 parameters (the peak memory of a train step, ``harness.py memory``, was
 measured on an H100 and is left out for time). It

@@ -187,9 +187,9 @@ def fused_dessilbi(
 
   On an H100, the step updates ResNet-18's params in 1.26× the time of
   one pass moving the same bytes (``dessilbi`` with
-  ``optax.apply_updates``: 2.1×), and a train step with it ran as fast as
-  SGD's (``dessilbi``'s: 1.02×). It compiles 1.7–2.9× slower than SGD's
-  step (``benchmarks/README.md``).
+  ``optax.apply_updates``: 2.1×), and a train step with it (at 32 leaves
+  per launch) ran as fast as SGD's (``dessilbi``'s: 1.02×). It compiles
+  1.7–2.9× slower than SGD's step (``benchmarks/README.md``).
 
   Args:
     learning_rate, kappa, nu, momentum, weight_decay, weight_decay_mask,
