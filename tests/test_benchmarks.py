@@ -138,7 +138,7 @@ def test_step_mode_reports_the_fastest_of_its_compile_rounds():
       '--repeats',
       '1',
       '--compile-rounds',
-      '3',
+      '2',
       '--optimizers',
       'sgd',
       'dessilbi',
@@ -146,7 +146,7 @@ def test_step_mode_reports_the_fastest_of_its_compile_rounds():
   )
   for row in out['results'].values():
     samples = row['compile_s_samples']
-    assert len(samples) == 3 and all(t > 0 for t in samples)
+    assert len(samples) == 2 and all(t > 0 for t in samples)
     assert row['compile_s'] == min(samples)
 
 
