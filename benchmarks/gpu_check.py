@@ -35,8 +35,8 @@ Usage::
 
 On the lent device machine: ``PYTHONPATH=$PWD python3 benchmarks/gpu_check.py
 --out $OUT`` with a 370 s timeout, which leaves part of a 15-minute budget
-for the machine's start and a rerun (the runs stop at 340 s, so the files are complete
-when the command ends).
+for the machine's start and a rerun (the runs stop at 340 s, so the files
+are complete when the command ends).
 """
 
 import argparse
@@ -87,7 +87,8 @@ RUNS = [
     'step --model vgg16 --steps 30 --repeats 5 --compile-rounds 1'
     ' --optimizers sgd dessilbi dessilbi_mt_apply'
   ),
-  # Measured on 2026-11-26 and 2026-11-27; run when the budget allows.
+  # Measured on an H100 before (all on 2026-11-26, the next two again on
+  # 2026-11-27); run as far as the budget allows.
   'probes --k 20 --repeats 15',
   (
     'step --model lenet5 --steps 100 --repeats 9 --compile-rounds 1'
