@@ -27,7 +27,9 @@ and the others go on) and the same as Markdown tables (``tables.md``, by
 ``hlo.tar.gz``, for reading the kernels XLA made after the machine is gone
 (up to four files in all, archived after each run), and the
 GPU's XLA target config (``gpu_target_config.pbtxt``), with which
-``gpu_offline.py`` compiles for this GPU on machines without one.
+``gpu_offline.py`` compiles for this GPU on machines without one. The
+runs' processes have XLA's compile timers on: each train step run records
+its compiles' phases (``xla_phases``, from ``compile_phases.py``).
 
 Usage::
 
@@ -43,6 +45,7 @@ import argparse
 import glob
 import json
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -53,10 +56,10 @@ import traceback
 import jax
 
 try:
-  from benchmarks import harness, multitensor, probes, report
+  from benchmarks import compile_phases, harness, multitensor, probes, report
 except ImportError:  # run as a script from the repository root
   sys.path.insert(0, __file__.rsplit('/', 2)[0])
-  from benchmarks import harness, multitensor, probes, report
+  from benchmarks import compile_phases, harness, multitensor, probes, report
 
 # The runs' command lines; {hlo} is replaced by the HLO folder. The first
 # word names the run: the harness's mode, or another script (entry_of).
@@ -187,9 +190,16 @@ def run_here(run: str, hlo: str) -> dict:
 def run_in_child(run: str, hlo: str, timeout: float) -> dict:
   """One run in a fresh process, killed at ``timeout`` seconds: a kernel
   that crashes the process or the GPU context, or a run that overstays the
-  budget, costs that run alone."""
+  budget, costs that run alone.
+
+  The process runs with XLA's compile timers on, its standard error kept in
+  a file: a train step's compile phases (``compile_phases.parse``) go into
+  the result as ``xla_phases``, and the end of that error output into the
+  error of a run that left no result.
+  """
   with tempfile.TemporaryDirectory() as tmp:
     result = os.path.join(tmp, 'run.json')
+    log = os.path.join(tmp, 'stderr.txt')
     command = [
       sys.executable,
       os.path.abspath(__file__),
@@ -201,14 +211,36 @@ def run_in_child(run: str, hlo: str, timeout: float) -> dict:
       '--run-argv',
       run,
     ]
+    env = {**os.environ, **compile_phases.ENV}
     try:
-      code = subprocess.run(command, timeout=timeout).returncode
+      with open(log, 'w', encoding='utf-8') as err:
+        code = subprocess.run(
+          command, timeout=timeout, env=env, stderr=err
+        ).returncode
     except subprocess.TimeoutExpired:
       return {'error': f'cut off at the budget, after {timeout:.1f} s'}
+    with open(log, encoding='utf-8', errors='replace') as f:
+      text = f.read()
     if not os.path.exists(result):
-      return {'error': f'the run exited with code {code} and no result'}
+      return {
+        'error': f'the run exited with code {code} and no result\n'
+        + error_tail(text)
+      }
     with open(result, encoding='utf-8') as f:
-      return json.load(f)
+      out = json.load(f)
+    phases = compile_phases.parse(text, prefix='jit_step_')
+    if phases:
+      out['xla_phases'] = phases
+    return out
+
+
+def error_tail(stderr: str, chars: int = 3000) -> str:
+  """The end of a run's standard error without XLA's info lines (``I1127
+  ...``, the compile timers among them): where a crash says what it was."""
+  lines = [
+    line for line in stderr.splitlines() if not re.match(r'I\d{4} ', line)
+  ]
+  return '\n'.join(lines)[-chars:]
 
 
 def _write(results: dict, out: str) -> None:

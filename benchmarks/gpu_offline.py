@@ -54,6 +54,12 @@ def _parser() -> argparse.ArgumentParser:
     '--repeats', type=_count, default=1, help='compiles per optimizer, in turn'
   )
   parser.add_argument(
+    '--phases',
+    action='store_true',
+    help="XLA's compile timers: the seconds of each phase (HLO passes, "
+    'backend, LLVM to PTX, ptxas), from the fastest compile',
+  )
+  parser.add_argument(
     '--devices',
     type=_count,
     default=1,
@@ -89,15 +95,18 @@ def main(argv=None) -> dict:
   os.environ['XLA_FLAGS'] = (
     os.environ.get('XLA_FLAGS', '') + f' --xla_dump_to={dump}'
   ).strip()
-
-  import jax
-
   try:
-    from benchmarks import harness
+    from benchmarks import compile_phases
   except ImportError:  # run as a script from the repository root
     sys.path.insert(0, __file__.rsplit('/', 2)[0])
-    from benchmarks import harness
+    from benchmarks import compile_phases
+  if args.phases:  # before JAX starts, which reads them once
+    os.environ.update(compile_phases.ENV)
+
+  import jax
   from jax.experimental import topologies
+
+  from benchmarks import harness
 
   options = harness.check_names(
     parser, args.model, args.optimizers, args.xla_option
@@ -157,22 +166,45 @@ def main(argv=None) -> dict:
 
   seconds = collections.defaultdict(list)
   results = {}
+  log = tempfile.TemporaryFile(mode='w+b')
   for _ in range(args.repeats):
     for name in args.optimizers:
       tag = 'offline_' + re.sub(r'\W', '_', name)
-      compiled, took = compile_one(name, tag)
+      with _stderr_to(log) if args.phases else contextlib.nullcontext():
+        compiled, took = compile_one(name, tag)
       seconds[name].append(took)
       row = harness.hlo_counts(compiled)
       row['kernels'] = _launches(dump, tag)
       if args.devices > 1:
         row['collectives'] = collectives(compiled.as_text())
       results[name] = row
+  log.seek(0)
+  phases = compile_phases.parse(log.read().decode(errors='replace'))
   for name, row in results.items():
     row['compile_s'] = round(statistics.median(seconds[name]), 2)
+    compiles = phases.get('jit_offline_' + re.sub(r'\W', '_', name))
+    if compiles:
+      row['phases'] = min(
+        compiles, key=lambda c: c.get('hlo_passes', 0) + c.get('backend', 0)
+      )
     print(f'{name:22s} ' + '  '.join(f'{k} {v}' for k, v in row.items()))
   device = topology.devices[0].device_kind
   print(f'({args.mode} / {args.model}, compiled for {device}; dumps: {dump})')
   return results
+
+
+@contextlib.contextmanager
+def _stderr_to(file):
+  """Standard error (file descriptor 2, where XLA logs) into ``file``."""
+  sys.stderr.flush()
+  saved = os.dup(2)
+  os.dup2(file.fileno(), 2)
+  try:
+    yield
+  finally:
+    sys.stderr.flush()
+    os.dup2(saved, 2)
+    os.close(saved)
 
 
 def split_spec(shape, devices: int, axis: int):

@@ -199,6 +199,12 @@ def make_train_step(module, tx, options=None, name='step'):
   return jax.jit(step, donate_argnums=(0, 1, 2), compiler_options=options)
 
 
+def step_name(optimizer: str) -> str:
+  """The train step's name for ``optimizer`` (its compiled module is
+  ``jit_`` + this, as XLA's compile timers name it)."""
+  return 'step_' + re.sub(r'\W', '_', optimizer)
+
+
 def make_update(tx, k: int, options=None):
   """k optimizer updates inside one jit (dispatch amortised)."""
 
@@ -250,7 +256,7 @@ def bench_step(args) -> dict:
   runners = {}
   for name in args.optimizers:
     tx = make_optimizer(name)
-    step = make_train_step(module, tx, args.xla_options)
+    step = make_train_step(module, tx, args.xla_options, step_name(name))
     p, s = copy_tree(params), copy_tree(stats)
     o = tx.init(p)
     t0 = time.perf_counter()
@@ -274,7 +280,7 @@ def bench_step(args) -> dict:
   for _ in range(args.compile_rounds - 1):
     for name, r in runners.items():
       tx = make_optimizer(name)
-      step = make_train_step(module, tx, args.xla_options)
+      step = make_train_step(module, tx, args.xla_options, step_name(name))
       o = tx.init(params)
       t0 = time.perf_counter()
       step.lower(params, stats, o, x, y).compile()

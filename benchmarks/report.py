@@ -159,6 +159,26 @@ def _agreement(run: dict) -> list[str]:
   return _table(header, rows)
 
 
+def _phases(run: dict) -> list[str]:
+  """XLA's compile phases of each train step (gpu_check's runs): the
+  fastest of its compiles, by HLO passes and backend together."""
+  columns = [
+    ('hlo_passes', 'HLO passes s'),
+    ('backend', 'backend s'),
+    ('llvm_to_ptx', 'LLVM to PTX s, all threads'),
+    ('ptxas', 'ptxas s, all threads'),
+  ]
+  rows = []
+  for module, compiles in run['xla_phases'].items():
+    best = min(
+      compiles, key=lambda c: c.get('hlo_passes', 0) + c.get('backend', 0)
+    )
+    rows.append(
+      [module, *(f'{best[k]:.2f}' if k in best else '' for k, _ in columns)]
+    )
+  return _table(['compile', *(title for _, title in columns)], rows)
+
+
 def run_table(run: dict) -> list[str]:
   """The lines (title, blank, table) of one run's results."""
   if 'argv' in run:
@@ -186,6 +206,8 @@ def run_table(run: dict) -> list[str]:
       'memory': _memory,
       'scaling': _scaling,
     }[run['mode']](run)
+  if 'xla_phases' in run:
+    body = [*body, '', *_phases(run)]
   return [title, '', *body]
 
 

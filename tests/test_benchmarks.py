@@ -2,8 +2,10 @@
 are asserted; those belong to the benchmarks themselves)."""
 
 import json
+import os
 import pathlib
 import sys
+import tempfile
 
 import jax
 import jax.numpy as jnp
@@ -13,7 +15,14 @@ import dessilbi_jax as dl
 
 sys.path.insert(0, str(pathlib.Path(__file__).parents[1]))
 
-from benchmarks import gpu_check, harness, multitensor, probes, triton_compile
+from benchmarks import (
+  compile_phases,
+  gpu_check,
+  harness,
+  multitensor,
+  probes,
+  triton_compile,
+)
 from tests._small_model import small_params
 
 
@@ -63,16 +72,26 @@ def test_gpu_check_runs_each_run_in_its_own_process(tmp_path, monkeypatch):
       'update --model mlp --optimizers sgd dessilbi_mt_apply',
       'update --model mlp --k 1 --repeats 1 --hlo-dir {hlo}'
       ' --optimizers sgd dessilbi dessilbi_mt_apply',
+      'step --model mlp --batch 8 --steps 1 --repeats 1 --optimizers sgd'
+      ' dessilbi',
     ],
   )
   gpu_check.main(['--out', str(tmp_path)])
   data = json.loads((tmp_path / 'gpu_check.json').read_text())
-  first, second, third = data['runs']
+  first, second, third, fourth = data['runs']
   assert 'invalid choice' in first['error'] or 'SystemExit' in first['error']
   assert second['error'].startswith('skipped: the fused kernels failed')
   assert second['argv'] == gpu_check.RUNS[1]
   assert 'error' not in third
   assert set(third['results']) == {'sgd', 'dessilbi'}
+  # XLA's timers give each train step's compile phases: two compiles each
+  # (the harness's default rounds), none of the throwaway step's.
+  phases = fourth['xla_phases']
+  assert set(phases) == {'jit_step_sgd', 'jit_step_dessilbi'}
+  for compiles in phases.values():
+    assert len(compiles) == 2
+    assert all(c['hlo_passes'] > 0 and c['backend'] > 0 for c in compiles)
+  assert '| jit_step_dessilbi | ' in (tmp_path / 'tables.md').read_text()
   assert data['devices']  # from the runs' processes
   assert 'target_config_error' in data  # no GPU here
   assert sorted(p.name for p in tmp_path.iterdir()) == [
@@ -83,6 +102,58 @@ def test_gpu_check_runs_each_run_in_its_own_process(tmp_path, monkeypatch):
   # A run still going at the budget is stopped and recorded.
   out = gpu_check.run_in_child('probes --k 1', str(tmp_path), timeout=0.5)
   assert out == {'error': 'cut off at the budget, after 0.5 s'}
+
+
+def test_compile_phases_are_summed_per_module_and_compile():
+  log = """\
+I1127 21:46:44.480845 29047 gpu_compiler.cc:2152] GpuCompiler::RunHloPasses \
+for jit_step_sgd time: 72.5 ms (72483 us) (cumulative: 72.5 ms)
+I1127 21:46:44.656852 29072 nvptx_compiler.cc:520] NVPTXCompiler::Compile\
+TargetBinary - CompileToPtx for jit_step_sgd time: 70.3 ms (70310 us) (c
+I1127 21:46:44.658369 29071 nvptx_compiler.cc:520] NVPTXCompiler::Compile\
+TargetBinary - CompileToPtx for jit_step_sgd time: 68.2 ms (68250 us) (c
+I1127 21:46:44.710959 29072 nvptx_compiler.cc:571] NVPTXCompiler::Compile\
+TargetBinary - PtxToCubin for jit_step_sgd time: 37.2 ms (37219 us) (c
+I1127 21:46:44.965824 29047 compile_module_to_llvm_ir.cc:256] GpuCompiler::\
+RunBackend - IR emission for jit_step_sgd time: 395 ms (395386 us) (c
+I1127 21:46:44.991119 29047 gpu_compiler.cc:2817] GpuCompiler::RunBackend \
+for jit_step_sgd time: 1.11 s (1106922 us) (cumulative: 510 ms)
+I1127 21:46:45.000000 29047 gpu_compiler.cc:2152] GpuCompiler::RunHloPasses \
+for jit_step_sgd time: 21 us (21 us) (cumulative: 72.5 ms)
+I1127 21:46:45.100000 29047 gpu_compiler.cc:2152] GpuCompiler::RunHloPasses \
+for jit_other time: 9 ms (9000 us) (cumulative: 81.5 ms)
+W1127 21:46:45.200000 29047 something.cc:1] not a timer
+I1127 23:19:23.135784 8982 cpu_compiler.cc:1269] Running HLO passes on \
+[jit_step_cpu] for CPU time: 2.06 ms (2062 us) (cumulative: 2.06 ms)
+I1127 23:19:23.144764 8982 cpu_compiler.cc:1215] CpuCompiler - Running LLVM \
+verifier time: 21 us (21 us) (cumulative: 21 us, max: 21 us, #called: 1)
+I1127 23:19:23.146631 8982 cpu_compiler.cc:2094] Compiling [jit_step_cpu] \
+for CPU using JIT time: 1.5 min (90000000 us) (cumulative: 10.8 ms)
+"""
+  assert compile_phases.parse(log, prefix='jit_step_') == {
+    'jit_step_sgd': [
+      {
+        'hlo_passes': 0.072,  # 72.5 ms, rounded to the millisecond
+        'llvm_to_ptx': 0.139,  # summed over two threads
+        'ptxas': 0.037,
+        'ir_emission': 0.395,
+        'backend': 1.11,
+      },
+      {'hlo_passes': 0.0},  # a second compile starts at its HLO passes
+    ],
+    'jit_step_cpu': [{'hlo_passes': 0.002, 'backend': 90.0}],
+  }
+  assert set(compile_phases.parse(log)) == {
+    'jit_step_sgd',
+    'jit_other',
+    'jit_step_cpu',
+  }
+  # A crashed run's error keeps what is not XLA's info output.
+  crash = 'I1127 21:46:44.4 1 x.cc:1] info\nFatal Python error: Aborted\n'
+  assert gpu_check.error_tail(crash + 'ImportError: x') == (
+    'Fatal Python error: Aborted\nImportError: x'
+  )
+  assert gpu_check.error_tail('x' * 50, chars=10) == 'x' * 10
 
 
 def test_unknown_optimizer_is_refused_before_running(capsys):
@@ -182,6 +253,17 @@ def test_gpu_offline_counts_launches_by_kind(tmp_path):
     'kCopy': 1,
   }
   assert gpu_offline._launches(str(tmp_path), 'offline_sgd') == {}
+
+
+def test_gpu_offline_keeps_what_xla_logs_while_it_compiles():
+  from benchmarks import gpu_offline
+
+  with tempfile.TemporaryFile(mode='w+b') as log:
+    with gpu_offline._stderr_to(log):
+      os.write(2, b'I1127 21:46:44 1 x.cc:1] timer\n')  # as XLA writes
+    os.write(2, b'after\n')  # file descriptor 2 is itself again
+    log.seek(0)
+    assert log.read() == b'I1127 21:46:44 1 x.cc:1] timer\n'
 
 
 def test_gpu_offline_splits_what_divides_and_counts_collectives():
