@@ -72,3 +72,11 @@ def parse(text: str, prefix: str = '') -> dict[str, list[dict[str, float]]]:
     name: [{k: round(v, 3) for k, v in c.items()} for c in compiles]
     for name, compiles in out.items()
   }
+
+
+def fastest(compiles: list[dict[str, float]]) -> dict[str, float]:
+  """The compile of ``compiles`` (one module's, from :func:`parse`) whose
+  HLO passes and backend took the least time together."""
+  return min(
+    compiles, key=lambda c: c.get('hlo_passes', 0) + c.get('backend', 0)
+  )

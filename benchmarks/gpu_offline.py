@@ -166,27 +166,25 @@ def main(argv=None) -> dict:
 
   seconds = collections.defaultdict(list)
   results = {}
-  log = tempfile.TemporaryFile(mode='w+b')
-  for _ in range(args.repeats):
-    for name in args.optimizers:
-      tag = 'offline_' + re.sub(r'\W', '_', name)
-      with _stderr_to(log) if args.phases else contextlib.nullcontext():
-        compiled, took = compile_one(name, tag)
-      seconds[name].append(took)
-      row = harness.hlo_counts(compiled)
-      row['kernels'] = _launches(dump, tag)
-      if args.devices > 1:
-        row['collectives'] = collectives(compiled.as_text())
-      results[name] = row
-  log.seek(0)
-  phases = compile_phases.parse(log.read().decode(errors='replace'))
+  with tempfile.TemporaryFile(mode='w+b') as log:
+    for _ in range(args.repeats):
+      for name in args.optimizers:
+        tag = 'offline_' + re.sub(r'\W', '_', name)
+        with _stderr_to(log) if args.phases else contextlib.nullcontext():
+          compiled, took = compile_one(name, tag)
+        seconds[name].append(took)
+        row = harness.hlo_counts(compiled)
+        row['kernels'] = _launches(dump, tag)
+        if args.devices > 1:
+          row['collectives'] = collectives(compiled.as_text())
+        results[name] = row
+    log.seek(0)
+    phases = compile_phases.parse(log.read().decode(errors='replace'))
   for name, row in results.items():
     row['compile_s'] = round(statistics.median(seconds[name]), 2)
     compiles = phases.get('jit_offline_' + re.sub(r'\W', '_', name))
     if compiles:
-      row['phases'] = min(
-        compiles, key=lambda c: c.get('hlo_passes', 0) + c.get('backend', 0)
-      )
+      row['phases'] = compile_phases.fastest(compiles)
     print(f'{name:22s} ' + '  '.join(f'{k} {v}' for k, v in row.items()))
   device = topology.devices[0].device_kind
   print(f'({args.mode} / {args.model}, compiled for {device}; dumps: {dump})')

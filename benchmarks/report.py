@@ -13,6 +13,13 @@ Usage::
 
 import argparse
 import json
+import sys
+
+try:
+  from benchmarks import compile_phases
+except ImportError:  # run as a script from the repository root
+  sys.path.insert(0, __file__.rsplit('/', 2)[0])
+  from benchmarks import compile_phases
 
 MIB = 2**20
 
@@ -170,9 +177,7 @@ def _phases(run: dict) -> list[str]:
   ]
   rows = []
   for module, compiles in run['xla_phases'].items():
-    best = min(
-      compiles, key=lambda c: c.get('hlo_passes', 0) + c.get('backend', 0)
-    )
+    best = compile_phases.fastest(compiles)
     rows.append(
       [module, *(f'{best[k]:.2f}' if k in best else '' for k, _ in columns)]
     )

@@ -148,6 +148,8 @@ for CPU using JIT time: 1.5 min (90000000 us) (cumulative: 10.8 ms)
     'jit_other',
     'jit_step_cpu',
   }
+  slow, fast = {'hlo_passes': 1.0, 'backend': 2.0}, {'backend': 2.5}
+  assert compile_phases.fastest([slow, fast]) is fast
   # A crashed run's error keeps what is not XLA's info output.
   crash = 'I1127 21:46:44.4 1 x.cc:1] info\nFatal Python error: Aborted\n'
   assert gpu_check.error_tail(crash + 'ImportError: x') == (
