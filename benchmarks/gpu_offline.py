@@ -166,10 +166,14 @@ def main(argv=None) -> dict:
 
   seconds = collections.defaultdict(list)
   results = {}
+  # Each optimizer's function name: its compiled module is 'jit_' + this.
+  tags = {
+    name: 'offline_' + re.sub(r'\W', '_', name) for name in args.optimizers
+  }
   with tempfile.TemporaryFile(mode='w+b') as log:
     for _ in range(args.repeats):
       for name in args.optimizers:
-        tag = 'offline_' + re.sub(r'\W', '_', name)
+        tag = tags[name]
         with _stderr_to(log) if args.phases else contextlib.nullcontext():
           compiled, took = compile_one(name, tag)
         seconds[name].append(took)
@@ -182,7 +186,7 @@ def main(argv=None) -> dict:
     phases = compile_phases.parse(log.read().decode(errors='replace'))
   for name, row in results.items():
     row['compile_s'] = round(statistics.median(seconds[name]), 2)
-    compiles = phases.get('jit_offline_' + re.sub(r'\W', '_', name))
+    compiles = phases.get('jit_' + tags[name])
     if compiles:
       row['phases'] = compile_phases.fastest(compiles)
     print(f'{name:22s} ' + '  '.join(f'{k} {v}' for k, v in row.items()))
