@@ -5,10 +5,12 @@ XLA can compile for a GPU it is only told about: a *target config* (the
 machine, or any XLA GPU target config) describes the device, and JAX's
 compile-only topology compiles against it. What comes out is what that GPU
 would run, exactly: the fusions, the copies and the kernels launched (read from
-XLA's thunk sequence), so the kernel structure of a change can be checked
+XLA's thunk sequence), and the bytes those kernels read and write
+(``hlo_traffic.py``), so the kernel structure of a change can be checked
 before a GPU is available. The one thing timed is the compile: seconds to
-trace, lower and compile each optimizer's function, the median of
-``--repeats`` compiles run in turn (A B A B ...), on this machine's CPU.
+trace, lower and compile each optimizer's function (``compile_s``; the trace
+and lowering alone, ``lower_s``), the median of ``--repeats`` compiles run in
+turn (A B A B ...), on this machine's CPU.
 
 Needs the CUDA build of JAX (``pip install "jax[cuda12]"``, about 6 GB of
 libraries; no GPU or driver is needed) in the environment that runs this.
@@ -106,7 +108,7 @@ def main(argv=None) -> dict:
   import jax
   from jax.experimental import topologies
 
-  from benchmarks import harness
+  from benchmarks import harness, hlo_traffic
 
   options = harness.check_names(
     parser, args.model, args.optimizers, args.xla_option
@@ -161,10 +163,12 @@ def main(argv=None) -> dict:
     with _abstract_gpu(jax, topology.devices[0].device_kind):
       traced = jitted.trace(*inputs)
       lowered = traced.lower(lowering_platforms=('cuda',))
+    lowered_at = time.perf_counter()
     compiled = lowered.compile()
-    return compiled, time.perf_counter() - start
+    return compiled, lowered_at - start, time.perf_counter() - start
 
   seconds = collections.defaultdict(list)
+  lower_seconds = collections.defaultdict(list)
   results = {}
   # Each optimizer's function name: its compiled module is 'jit_' + this.
   tags = {
@@ -175,9 +179,12 @@ def main(argv=None) -> dict:
       for name in args.optimizers:
         tag = tags[name]
         with _stderr_to(log) if args.phases else contextlib.nullcontext():
-          compiled, took = compile_one(name, tag)
+          compiled, lowering, took = compile_one(name, tag)
         seconds[name].append(took)
+        lower_seconds[name].append(lowering)
         row = harness.hlo_counts(compiled)
+        moved = hlo_traffic.traffic(compiled.as_text())
+        row['traffic_mb'] = round(sum(m['bytes'] for m in moved.values()) / 1e6)
         row['kernels'] = _launches(dump, tag)
         if args.devices > 1:
           row['collectives'] = collectives(compiled.as_text())
@@ -186,6 +193,7 @@ def main(argv=None) -> dict:
     phases = compile_phases.parse(log.read().decode(errors='replace'))
   for name, row in results.items():
     row['compile_s'] = round(statistics.median(seconds[name]), 2)
+    row['lower_s'] = round(statistics.median(lower_seconds[name]), 2)
     compiles = phases.get('jit_' + tags[name])
     if compiles:
       row['phases'] = compile_phases.fastest(compiles)

@@ -409,3 +409,43 @@ def test_gpu_offline_names_a_missing_target_config(tmp_path, capsys):
   with pytest.raises(SystemExit):
     gpu_offline.main(['--target-config', str(tmp_path / 'no'), 'update'])
   assert '--target-config: no file' in capsys.readouterr().err
+
+
+def test_hlo_traffic_adds_operands_and_results_of_kernels():
+  from benchmarks import hlo_traffic
+
+  hlo = (
+    'HloModule m\n\n%fused (p: f32[4]) -> f32[4] {\n'
+    '  %p = f32[4]{0} parameter(0)\n'
+    '  ROOT %n = f32[4]{0} negate(%p)\n}\n\n'
+    'ENTRY %main (w: f32[2,8], g: bf16[2,8]) -> (f32[2,8], f32[8,2]) {\n'
+    '  %w.1 = f32[2,8]{1,0} parameter(0)\n'
+    '  %g.1 = bf16[2,8]{1,0} parameter(1)\n'
+    '  %f = (f32[2,8]{1,0}, f32[8,2]{1,0}) fusion(%w.1, %g.1), kind=kInput\n'
+    '  %gte.0 = f32[2,8]{1,0} get-tuple-element(%f), index=0\n'
+    '  %gte.1 = f32[8,2]{1,0} get-tuple-element(%f), index=1\n'
+    '  %c = f32[8,2]{1,0} copy(%gte.1)\n'
+    '  %cc = f32[2,8]{1,0} custom-call(%gte.0), custom_call_target="x"\n'
+    '  ROOT %t = (f32[2,8]{1,0}, f32[8,2]{1,0}) tuple(%cc, %c)\n}\n'
+  )
+  # The fusion reads 64 + 32 bytes and writes 2 × 64; the copy 64 and 64.
+  # The fusion computation above the entry, and the custom call, do not count.
+  assert hlo_traffic.traffic(hlo) == {
+    'fusion': {'count': 1, 'bytes': 224},
+    'copy': {'count': 1, 'bytes': 128},
+  }
+  assert hlo_traffic.shape_bytes('(f32[3,5]{1,0}, (pred[7], s64[]))') == 75
+
+
+def test_hlo_traffic_reads_a_compiled_module():
+  from benchmarks import hlo_traffic
+
+  compiled = (
+    jax.jit(lambda x, y: (jnp.sin(x) + y, jnp.cos(x)))
+    .lower(jnp.ones((64, 32)), jnp.ones((64, 32)))
+    .compile()
+  )
+  moved = hlo_traffic.traffic(compiled.as_text())
+  assert moved['fusion']['count'] == harness.hlo_counts(compiled)['fusions']
+  # At least x and y read and both results written, 8 KiB each.
+  assert moved['fusion']['bytes'] + moved['copy']['bytes'] >= 4 * 8192
