@@ -4,6 +4,7 @@ precision, and a 100,000-step path."""
 import functools
 
 import jax
+import jax.extend as jex
 import jax.numpy as jnp
 import numpy as np
 import optax
@@ -238,6 +239,75 @@ def test_float64_matches_numpy_and_float32_stays_float32(x64):
     optax.tree.get(state, 'gamma'),
   ):
     assert all(x.dtype == jnp.float32 for x in jax.tree.leaves(tree))
+
+
+def _conv_run(steps):
+  """A conv kernel after ``steps`` DessiLBI steps (ν small, so Γ is non-zero
+  after a few), and the optimizer and its jitted update."""
+  rng = np.random.default_rng(0)
+  params = {'conv': jnp.asarray(rng.normal(size=(3, 3, 8, 16)), jnp.float32)}
+  grads = {'conv': jnp.asarray(rng.normal(size=(3, 3, 8, 16)), jnp.float32)}
+  tx = dl.scale_by_dessilbi(0.37, nu=0.33)
+  update = jax.jit(tx.update)
+  state = tx.init(params)
+  for _ in range(steps):
+    updates, state = update(grads, state, params)
+    params = optax.apply_updates(params, updates)
+  return params, grads, state, tx, update
+
+
+def test_z_step_is_z_plus_step_times_w_minus_gamma_exactly():
+  """z's step is written from Γ - W (below); its numbers are those of
+  z + (α/ν)(W - Γ) compiled the same way, bit for bit."""
+  params, grads, state, _, update = _conv_run(3)
+  assert bool(jnp.any(state.gamma['conv'] != 0))
+  _, new = update(grads, state, params)
+  expected = jax.jit(lambda z, w, g: z + (jnp.float32(0.37) / 0.33) * (w - g))(
+    state.z['conv'], params['conv'], state.gamma['conv']
+  )
+  np.testing.assert_array_equal(new.z['conv'], expected)
+
+
+def test_z_step_shares_no_w_minus_gamma_with_the_update():
+  """The update's W - Γ and z's difference are separate operations, so XLA
+  cannot share one between them (on a GPU it would then compute z's path
+  in cuDNN's filter layout: a kernel more per conv kernel, and a slower
+  compile; benchmarks/README.md)."""
+  params, grads, state, tx, _ = _conv_run(0)
+  args = (grads, state, params)
+  closed, out_shape = jax.make_jaxpr(tx.update, return_shape=True)(*args)
+  jaxpr = closed.jaxpr
+  leaves = jax.tree.leaves(args)
+  w_var = jaxpr.invars[
+    next(i for i, x in enumerate(leaves) if x is params['conv'])
+  ]
+  g_var = jaxpr.invars[
+    next(i for i, x in enumerate(leaves) if x is state.gamma['conv'])
+  ]
+  out_paths = [
+    jax.tree_util.keystr(path)
+    for path, _ in jax.tree_util.tree_flatten_with_path(out_shape)[0]
+  ]
+  z_out = jaxpr.outvars[out_paths.index("[1].z['conv']")]
+  update_out = jaxpr.outvars[out_paths.index("[0]['conv']")]
+  producer = {v: e for e in jaxpr.eqns for v in e.outvars}
+
+  def differences(var):
+    """The subtractions of W and Γ that ``var`` is computed from."""
+    found, todo, seen = set(), [var], set()
+    while todo:
+      v = todo.pop()
+      e = producer.get(v)
+      if e is None or id(e) in seen:
+        continue
+      seen.add(id(e))
+      if e.primitive.name == 'sub' and set(e.invars) == {w_var, g_var}:
+        found.add(id(e))
+      todo.extend(x for x in e.invars if not isinstance(x, jex.core.Literal))
+    return found
+
+  assert differences(z_out) and differences(update_out)
+  assert not differences(z_out) & differences(update_out)
 
 
 def test_a_100k_step_scan_stays_finite_with_a_sane_support_path():
