@@ -108,7 +108,7 @@ def main(argv=None) -> dict:
   import jax
   from jax.experimental import topologies
 
-  from benchmarks import harness, hlo_traffic
+  from benchmarks import harness
 
   options = harness.check_names(
     parser, args.model, args.optimizers, args.xla_option
@@ -183,8 +183,7 @@ def main(argv=None) -> dict:
         seconds[name].append(took)
         lower_seconds[name].append(lowering)
         row = harness.hlo_counts(compiled)
-        moved = hlo_traffic.traffic(compiled.as_text())
-        row['traffic_mb'] = round(sum(m['bytes'] for m in moved.values()) / 1e6)
+        row['traffic_mb'] = harness.traffic_mb(compiled)
         row['kernels'] = _launches(dump, tag)
         if args.devices > 1:
           row['collectives'] = collectives(compiled.as_text())

@@ -32,11 +32,11 @@ import optax
 import dessilbi_jax as dl
 
 try:
-  from benchmarks import multitensor
+  from benchmarks import hlo_traffic, multitensor
   from benchmarks.models import MODELS
 except ImportError:  # run as a script from the repository root
   sys.path.insert(0, __file__.rsplit('/', 2)[0])
-  from benchmarks import multitensor
+  from benchmarks import hlo_traffic, multitensor
   from benchmarks.models import MODELS
 
 OPTIMIZERS: dict[str, Callable[[], optax.GradientTransformation]] = {
@@ -136,6 +136,14 @@ def hlo_counts(compiled, entry_only: bool = True) -> dict[str, int]:
     'copies': ops.get('copy', 0),
     'custom_calls': ops.get('custom-call', 0),
   }
+
+
+def traffic_mb(compiled) -> float:
+  """Megabytes (to the kilobyte) that the compiled computation's kernels,
+  its fusions and copies, read and write, by their operands and results
+  (``hlo_traffic.py``)."""
+  moved = hlo_traffic.traffic(compiled.as_text())
+  return round(sum(m['bytes'] for m in moved.values()) / 1e6, 3)
 
 
 def save_hlo(args, name: str, compiled) -> None:
@@ -269,7 +277,7 @@ def bench_step(args) -> dict:
       'step': step,
       'carry': (p, s, o),
       'compile_s': [compile_s],
-      'hlo': hlo_counts(compiled),
+      'hlo': {**hlo_counts(compiled), 'traffic_mb': traffic_mb(compiled)},
       'memory': memory(compiled),
       'state_bytes': state_bytes(o),
       'loop_ms': [],
@@ -561,6 +569,8 @@ def print_table(out: dict) -> None:
         )
     hlo = row['hlo']
     cols.append(f'copies {hlo["copies"]} fusions {hlo["fusions"]}')
+    if 'traffic_mb' in hlo:
+      cols.append(f'moved {hlo["traffic_mb"]:.1f} MB')
     if hlo.get('custom_calls'):
       cols.append(f'custom calls {hlo["custom_calls"]}')
     if 'floor_ms' in row:

@@ -74,6 +74,7 @@ def _step(run: dict) -> list[str]:
         _ratio(r, 'call_ms'),
         f'{r.get("compile_s", float("nan")):.1f}',
         f'{hlo["fusions"]} / {hlo["copies"]}',
+        f'{hlo["traffic_mb"]:.1f}' if 'traffic_mb' in hlo else '—',
         f'{r["state_bytes"] / MIB:.1f}' if 'state_bytes' in r else '—',
         f'{r["memory"].get("temp", 0) / MIB:.1f}' if r.get('memory') else '—',
       ]
@@ -84,6 +85,7 @@ def _step(run: dict) -> list[str]:
     'call ms',
     'compile s',
     'fusions / copies',
+    'MB moved',
     'state MiB',
     'temp MiB',
   ]

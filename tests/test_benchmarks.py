@@ -221,6 +221,9 @@ def test_step_mode_reports_the_fastest_of_its_compile_rounds():
     samples = row['compile_s_samples']
     assert len(samples) == 2 and all(t > 0 for t in samples)
     assert row['compile_s'] == min(samples)
+  # DessiLBI's step also reads and writes z and Γ.
+  moved = {name: r['hlo']['traffic_mb'] for name, r in out['results'].items()}
+  assert moved['dessilbi'] > moved['sgd'] > 0
 
 
 def test_xla_options_are_parsed_and_checked(capsys):

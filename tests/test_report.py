@@ -55,6 +55,7 @@ def test_every_kind_of_run_becomes_a_table():
   assert 'failed: `RuntimeError: out of memory`' in tables[5]
   step = runs[2]['results']['dessilbi']
   assert f'| {step["state_bytes"] / 2**20:.1f} |' in tables[2]
+  assert f'| {step["hlo"]["traffic_mb"]:.1f} |' in tables[2]
   for table in tables[:5]:
     rows = [line for line in table.splitlines() if line.startswith('|')]
     assert len({line.count('|') for line in rows}) == 1  # no ragged rows
