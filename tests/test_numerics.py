@@ -257,8 +257,9 @@ def _conv_run(steps):
 
 
 def test_z_step_is_z_plus_step_times_w_minus_gamma_exactly():
-  """z's step is written from Γ - W (below); its numbers are those of
-  z + (α/ν)(W - Γ) compiled the same way, bit for bit."""
+  """scale_by_dessilbi writes z's step from Γ - W (see the next test); its
+  numbers are those of z + (α/ν)(W - Γ) compiled the same way, bit for
+  bit."""
   params, grads, state, _, update = _conv_run(3)
   assert bool(jnp.any(state.gamma['conv'] != 0))
   _, new = update(grads, state, params)
