@@ -33,6 +33,7 @@ _INSTRUCTION = re.compile(
   r'^\s*(?:ROOT )?%(\S+) = (\(.*?\)|\S+) ([\w-]+)\(([^)]*)\)', re.MULTILINE
 )
 _OPERAND = re.compile(r'%([\w.-]+)')
+_ENTRY = re.compile(r'^ENTRY .*?^}', re.MULTILINE | re.DOTALL)
 
 
 def shape_bytes(shape: str) -> int:
@@ -55,12 +56,19 @@ def traffic(hlo: str, ops: tuple[str, ...] = ('fusion', 'copy')) -> dict:
 
   Returns:
     ``{op: {'count': n, 'bytes': b}}`` for each of ``ops``.
+
+  Raises:
+    ValueError: the text has no entry computation.
   """
-  entry = hlo[hlo.index('\nENTRY') :]
-  entry = entry[: entry.index('\n}')]
+  entry = _ENTRY.search(hlo)
+  if entry is None:
+    raise ValueError(
+      'hlo: no ENTRY computation; expected the HLO text of a compiled '
+      'module (compiled.as_text()).'
+    )
   sizes: dict[str, int] = {}
   out = {op: {'count': 0, 'bytes': 0} for op in ops}
-  for name, shape, op, operands in _INSTRUCTION.findall(entry):
+  for name, shape, op, operands in _INSTRUCTION.findall(entry.group()):
     sizes[name] = shape_bytes(shape)
     if op in out:
       read = sum(sizes.get(o, 0) for o in _OPERAND.findall(operands))

@@ -438,6 +438,8 @@ def test_hlo_traffic_adds_operands_and_results_of_kernels():
     'copy': {'count': 1, 'bytes': 128},
   }
   assert hlo_traffic.shape_bytes('(f32[3,5]{1,0}, (pred[7], s64[]))') == 75
+  with pytest.raises(ValueError, match='no ENTRY computation'):
+    hlo_traffic.traffic('%p = f32[4]{0} parameter(0)')
 
 
 def test_hlo_traffic_reads_a_compiled_module():
