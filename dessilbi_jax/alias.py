@@ -33,6 +33,10 @@ def _check_gradients(mask: Any) -> optax.GradientTransformation:
   """
 
   def init_fn(params):
+    if _checks.is_map_params_placeholder(params):
+      # optax.tree.map_params initialises with a leafless placeholder for
+      # the params, which no mask tree is laid out like.
+      return optax.EmptyState()
     _checks.check_param_arrays(params)  # before the mask reads them
     tree = mask(params) if callable(mask) else mask
     _checks.check_mask_tree(tree, params, from_function=callable(mask))

@@ -213,32 +213,43 @@ _UNKNOWN_PENALTIES = _UnknownPenalties()
 
 def _check_recorded_penalties(recorded: Any, table: PenaltyTable) -> None:
   """A state records the penalties it was built under; an optimizer whose
-  rule gives others must not silently step it with its own groups."""
-  if not isinstance(recorded, PenaltyTable) or recorded == table:
+  rule gives others must not silently step it with its own groups, nor a
+  state built for leaves of another rank (its groups' axes are for those).
+  A table without ranks (built by hand) is checked on its entries alone."""
+  if not isinstance(recorded, PenaltyTable):
     return
   none = (None, None)
-  was, now = next(  # the first coupled leaf where they differ
-    (a, b)
-    for a, b in itertools.zip_longest(
-      recorded.entries, table.entries, fillvalue=none
-    )
-    if a != b
-  )
+  for was, now in itertools.zip_longest(
+    recorded.entries, table.entries, fillvalue=none
+  ):
+    if was != now:
+      raise ValueError(
+        "state: it was built under other penalties than this optimizer's "
+        f'rule gives: the state records {_entry(was)} where the rule gives '
+        f'{_entry(now)}. Build the optimizer with the rule the state was '
+        'made with; to change penalties mid-path on purpose, give the state '
+        "this optimizer's: optax.tree.set(state, "
+        'penalties=dessilbi_jax.get_penalty(tx.init(params))).'
+      )
+  for (names, _), was_rank, now_rank in zip(
+    table.entries, recorded.ranks, table.ranks, strict=False
+  ):
+    if was_rank != now_rank:
+      raise ValueError(
+        f'state: it was built for leaf {"/".join(names)!r} of rank '
+        f'{was_rank}, and the params give it rank {now_rank}. A state '
+        'initialised on stacked params (an ensemble) is stepped on stacked '
+        'params; to step each member under jax.vmap, initialise the state '
+        'under jax.vmap too.'
+      )
 
-  def entry(pair):
-    names, choice = pair
-    if names is None:
-      return 'no more coupled leaves'
-    return f'{"/".join(names)!r}: {choice!r}'
 
-  raise ValueError(
-    f"state: it was built under other penalties than this optimizer's rule "
-    f'gives: the state records {entry(was)} where the rule gives '
-    f'{entry(now)}. Build the optimizer with the rule the state was made '
-    'with; to change penalties mid-path on purpose, give the state this '
-    "optimizer's: optax.tree.set(state, "
-    'penalties=dessilbi_jax.get_penalty(tx.init(params))).'
-  )
+def _entry(pair: tuple[Any, Any]) -> str:
+  """A penalty table's entry as an error message names it."""
+  names, choice = pair
+  if names is None:
+    return 'no more coupled leaves'
+  return f'{"/".join(names)!r}: {choice!r}'
 
 
 def scale_by_dessilbi(
@@ -454,7 +465,7 @@ def scale_by_dessilbi(
       strict=True,
     ):
       if choice is None:
-        new_updates.append((-step * d).astype(w.dtype))
+        new_updates.append((-step * d).astype(jnp.result_type(w)))
         new_z.append(z)
         new_gamma.append(gamma)
         continue
@@ -476,7 +487,7 @@ def scale_by_dessilbi(
         moving = ~jnp.any(in_w_star, axis=reduce_axes, keepdims=True)
         update = jnp.where(moving, update, 0)
         z_next = jnp.where(moving, z_next, z)
-      new_updates.append(update.astype(w.dtype))
+      new_updates.append(update.astype(jnp.result_type(w)))
       z_next = z_next.astype(z.dtype)
       new_z.append(z_next)
       new_gamma.append(_new_gamma(z_next, choice))

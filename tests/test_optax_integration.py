@@ -181,6 +181,74 @@ def test_update_refuses_a_state_recorded_under_other_penalties(built, other):
   assert new[-1].penalties is None
 
 
+def test_a_table_without_ranks_is_checked_on_its_entries_alone():
+  params, loss = _problem()
+  tx = dl.dessilbi(0.1)
+  state = tx.init(params)
+  grads = jax.grad(loss)(params)
+  recorded = dl.get_penalty(state)
+  by_hand = optax.tree.set(
+    state, penalties=dl.PenaltyTable(recorded.entries)
+  )  # ranks=(): not checked
+  want, _ = tx.update(grads, state, params)
+  got, _ = tx.update(grads, by_hand, params)
+  _assert_trees_close(got, want, rtol=0)
+
+
+def test_a_state_built_for_stacked_params_names_the_leaf_of_another_rank():
+  # The penalties resolve the same at both ranks (a lasso), so only the
+  # ranks tell a state made for a stacked ensemble from a member's.
+  rule = lambda path, x: dl.Lasso() if x.ndim >= 2 else None  # noqa: E731
+  stacked = {'w': jnp.ones((3, 4, 2))}
+  tx = dl.scale_by_dessilbi(0.1, penalty=rule)
+  state = tx.init(stacked)
+  member = {'w': stacked['w'][0]}
+  state0 = state._replace(
+    z=jax.tree.map(lambda x: x[0], state.z),
+    gamma=jax.tree.map(lambda x: x[0], state.gamma),
+  )
+  with pytest.raises(
+    ValueError,
+    match=r"leaf 'w' of rank 3, and the params give it rank 2.*"
+    r'under jax\.vmap too',
+  ):
+    tx.update(member, state0, member)
+  # Initialised under jax.vmap, each member steps under jax.vmap.
+  states = jax.vmap(tx.init)(stacked)
+  updates, _ = jax.vmap(tx.update)(stacked, states, stacked)
+  np.testing.assert_allclose(updates['w'], -0.1 * (1 + 1 / 100), rtol=1e-6)
+
+
+def test_tree_map_params_takes_a_weight_decay_mask_tree():
+  params, loss = _problem()
+  mask = {'conv': {'kernel': True}, 'dense': {'kernel': True, 'bias': False}}
+  tx = dl.dessilbi(0.05, nu=1.0, weight_decay=1e-3, weight_decay_mask=mask)
+  _, state = _run(tx, params, loss, 3)
+  mapped = optax.tree.map_params(tx, lambda x: x + 1, state)
+  for key in ('z', 'gamma', 'trace'):
+    before, after = optax.tree.get(state, key), optax.tree.get(mapped, key)
+    _assert_trees_close(after, jax.tree.map(lambda x: x + 1, before), rtol=1e-6)
+  # The mask is still checked against real params.
+  with pytest.raises(ValueError, match='weight_decay_mask'):
+    dl.dessilbi(0.05, weight_decay=1e-3, weight_decay_mask={'conv': True}).init(
+      params
+    )
+
+
+def test_numpy_float64_params_step_as_float32_without_warnings():
+  # Without x64, JAX reads float64 NumPy arrays as float32, as optax does.
+  params = {
+    'conv': np.ones((3, 3, 2, 4)),
+    'dense': {'kernel': np.ones((4, 3)), 'bias': np.ones(3)},
+  }
+  tx = dl.dessilbi(0.1)
+  with warnings.catch_warnings():
+    warnings.simplefilter('error')
+    state = tx.init(params)
+    updates, state = tx.update(params, state, params)
+  assert {x.dtype for x in jax.tree.leaves(updates)} == {jnp.dtype('float32')}
+
+
 def test_update_matches_the_formula():
   params, loss = _problem()
   grads = jax.grad(loss)(params)
