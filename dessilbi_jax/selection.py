@@ -89,7 +89,9 @@ def magnitude_record(
   magnitude-pruning baseline, for DessiLBI's W or any other model's weights.
 
   Args:
-    params: the weights (a pytree, or a Flax NNX ``State``).
+    params: the weights (a pytree, or a Flax NNX ``State``, e.g.
+      ``nnx.state(model)``: leaves that are not floating-point, such as a
+      Dropout's RNG state, get no record).
     penalty: the rule choosing the leaves and their groups (for a DessiLBI
       run, ``dl.get_penalty(opt_state)``); None for the default (conv
       kernels per output filter, Dense kernels per weight).
@@ -108,10 +110,24 @@ def magnitude_record(
     [2 0 1]
   """
   params = _trees.editable(params)
-  choices, treedef = resolve_penalties(params, penalty)
+
+  def is_weight(x):
+    return hasattr(x, 'dtype') and jnp.issubdtype(x.dtype, jnp.floating)
+
+  # Leaves that are no weights (the RNG state of a Dropout in
+  # nnx.state(model), the state prune and slim take) are not ranked: the
+  # rule sees a float stand-in, so that it checks the rest as the optimizer
+  # would, and they get no record.
+  stand_in = jax.tree.map(
+    lambda x: x if is_weight(x) else jnp.zeros(np.shape(x)), params
+  )
+  choices, treedef = resolve_penalties(stand_in, penalty)
+  weights = treedef.flatten_up_to(jax.tree.map(is_weight, params))
   out = []
-  for w, choice in zip(treedef.flatten_up_to(params), choices, strict=True):
-    if choice is None:
+  for w, choice, weight in zip(
+    treedef.flatten_up_to(params), choices, weights, strict=True
+  ):
+    if choice is None or not weight:
       out.append(optax.MaskedNode())
       continue
     groups = _trees.group_any(w != 0, choice)  # sharded like the params

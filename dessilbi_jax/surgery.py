@@ -365,19 +365,28 @@ def _check_paths_line_up(edits, params, opt_state, batch_stats):
     for names in table
     if names[-1:] in (('mean',), ('var',), ('variance',))
   ]
+  # Statistics beside parameters of their own norm are that norm's, wherever
+  # another norm of that name sits (a LayerNorm 'stem/norm' beside a
+  # BatchNorm 'body/norm'); only statistics without them can be misplaced.
+  owners = {names[:-1] for names in table if names not in stats}
+  orphans = [names for names in stats if names[:-1] not in owners]
+  from_stats = (
+    set() if batch_stats is None else set(_trees.leaves_by_name(batch_stats))
+  )
   for edit in edits:
     for key in edit.ops:
       owner = key[:-1]
       if any(names[:-1] == owner for names in stats):
         continue
-      for names in stats:
+      for names in orphans:
         if (
           len(names) > 1
           and names[-2] == owner[-1]
           and table[names].shape[:1] == (edit.width,)
         ):
+          tree = 'batch_stats' if names in from_stats else 'params'
           raise ValueError(
-            f'batch_stats: {_trees.join(names)!r} looks like the statistics '
+            f'{tree}: {_trees.join(names)!r} looks like the statistics '
             f'of norm {_trees.join(owner)!r}, but its path differs, so the '
             f'edit of layer {_trees.join(edit.layer)!r} would not reach it; '
             f'{_LINE_UP_HINT}.'
@@ -701,7 +710,8 @@ def widen(
       '(layers whose outputs feed a residual addition cannot be widened '
       'alone).'
     )
-  check_spec_table(table, {layer: spec[layer]})
+  # The whole spec, as slim checks it: a norm another link claims is taken.
+  check_spec_table(table, spec)
   if not spec[layer].consumers:
     raise ValueError(
       f'layer {layer!r} has no consumers in the spec (its outputs feed a '

@@ -234,6 +234,35 @@ def test_magnitude_record_ranks_and_prunes_by_norm():
   np.testing.assert_array_equal(pruned['bn1']['scale'] != 0, kept)
 
 
+class _WithDropout(nnx.Module):
+  def __init__(self, *, rngs):
+    self.conv1 = nnx.Conv(1, 4, (3, 3), rngs=rngs)
+    self.bn1 = nnx.BatchNorm(4, rngs=rngs)
+    self.drop = nnx.Dropout(0.1, rngs=rngs)
+
+
+def test_magnitude_record_of_a_whole_nnx_state_skips_its_rng_state():
+  # nnx.state(model) is what prune and slim take; with a Dropout it holds
+  # integer RNG leaves, which are no weights to rank.
+  model = _WithDropout(rngs=nnx.Rngs(0))
+  kernel = jax.random.normal(jax.random.key(1), (3, 3, 1, 4))
+  model.conv1.kernel[...] = kernel
+  state = nnx.state(model)
+  record = dl.magnitude_record(state)
+  assert set(
+    dl.path_str(p) for p, _ in jax.tree_util.tree_leaves_with_path(pure(record))
+  ) == {'conv1/kernel'}
+  want = dl.magnitude_record(nnx.state(model, nnx.Param))
+  np.testing.assert_array_equal(
+    pure(dl.rank_groups(state, record))['conv1']['kernel'],
+    pure(dl.rank_groups(nnx.state(model, nnx.Param), want))['conv1']['kernel'],
+  )
+  _, masks = dl.prune(state, record, 0.5)
+  norms = jnp.linalg.norm(kernel.reshape(-1, 4), axis=0)
+  kept = norms >= jnp.median(norms)
+  np.testing.assert_array_equal(pure(masks)['bn1']['mean'], kept)
+
+
 def test_magnitude_record_follows_the_penalty_rule():
   params = {'conv': {'kernel': jnp.ones((3, 3, 2, 4))}, 'fc': jnp.ones((5, 2))}
   rule = dl.penalty_rule(conv=dl.GroupLasso(axes=(2,)), dense=None)

@@ -676,7 +676,7 @@ def test_trees_whose_paths_do_not_line_up_are_refused_before_any_edit():
   # The whole variables dict as params: the statistics sit under
   # 'batch_stats/', the norm under 'params/'.
   spec = dl.chain_spec(variables, ['params/conv1', 'params/conv2'])
-  with pytest.raises(ValueError, match=r"'batch_stats/bn1/mean'"):
+  with pytest.raises(ValueError, match=r"params: 'batch_stats/bn1/mean'"):
     dl.slim(variables, spec, keep)
   # A state built on params laid out otherwise matches no parameter.
   opt_state = dl.dessilbi(0.1).init(params)

@@ -496,3 +496,69 @@ def test_widen_refuses_a_kernel_holding_nan():
   spec = dl.chain_spec(params, ['fc1', 'fc2'])
   with pytest.raises(ValueError, match=r"params: the kernel of layer 'fc1'"):
     dl.widen(jax.random.key(0), params, spec, 'fc1', 1)
+
+
+class _NormBlock(nnx.Module):
+  def __init__(self, cin, cout, norm, *, rngs):
+    self.conv = nnx.Conv(cin, cout, (3, 3), rngs=rngs)
+    self.norm = norm(cout, rngs=rngs)
+
+  def __call__(self, x):
+    return nnx.relu(self.norm(self.conv(x)))
+
+
+class _TwoNorms(nnx.Module):
+  """A LayerNorm and a BatchNorm that share their leaf name ('norm')."""
+
+  def __init__(self, *, rngs):
+    self.stem = _NormBlock(1, 8, nnx.LayerNorm, rngs=rngs)
+    self.body = _NormBlock(8, 8, nnx.BatchNorm, rngs=rngs)
+
+  def __call__(self, x):
+    return self.body(self.stem(x))
+
+
+def test_a_norm_without_statistics_beside_one_of_its_name_is_edited():
+  # body/norm's statistics are body/norm's (it has its own scale and bias):
+  # they are no misplaced statistics of stem/norm, a LayerNorm.
+  model = _TwoNorms(rngs=nnx.Rngs(0))
+  model.eval()
+  state = nnx.state(model)
+  spec = {'stem/conv': dl.Link(norm='stem/norm', consumers=('body/conv',))}
+  keep = np.arange(8) % 2 == 0
+  out = dl.slim(state, spec, {'stem/conv': keep})
+  assert out.widths == {'stem/conv': 4}
+  assert out.params['stem']['norm']['scale'].shape == (4,)
+  assert out.params['body']['norm']['mean'].shape == (8,)  # untouched
+  small = _TwoNorms(rngs=nnx.Rngs(0))
+  small.stem = _NormBlock(1, 4, nnx.LayerNorm, rngs=nnx.Rngs(0))
+  small.body = _NormBlock(4, 8, nnx.BatchNorm, rngs=nnx.Rngs(0))
+  nnx.update(small, out.params)
+  small.eval()
+  assert small(jnp.ones((2, 6, 6, 1))).shape == (2, 6, 6, 8)
+  widened = dl.widen(jax.random.key(2), state, spec, 'stem/conv', 2)
+  assert widened.widths == {'stem/conv': 10}
+
+
+def test_widen_takes_a_spec_whose_other_link_claims_the_norm():
+  # 'bn1' is named as fc1's norm: conv1, which names none, does not want it.
+  params = {
+    'conv1': {'kernel': jnp.ones((3, 3, 1, 4)), 'bias': jnp.zeros(4)},
+    'fc1': {'kernel': jnp.ones((64, 4)), 'bias': jnp.zeros(4)},
+    'bn1': {'scale': jnp.ones(4), 'bias': jnp.zeros(4)},
+    'fc2': {'kernel': jnp.ones((4, 10))},
+  }
+  spec = {
+    'conv1': dl.Link(norm=None, consumers=('fc1',)),
+    'fc1': dl.Link(norm='bn1', consumers=('fc2',)),
+  }
+  dl.check_spec(params, spec)
+  assert dl.slim(params, spec, {'conv1': [1, 1, 0, 1]}).widths == {'conv1': 3}
+  out = dl.widen(jax.random.key(0), params, spec, 'conv1', 2)
+  assert out.widths == {'conv1': 6}
+  assert out.params['bn1']['scale'].shape == (4,)  # fc1's norm, untouched
+  assert out.params['fc1']['kernel'].shape == (96, 4)
+  # A spec wrong elsewhere is refused by widen too, as by slim.
+  bad = {**spec, 'fc1': dl.Link(norm='bn1', consumers=('fc3',))}
+  with pytest.raises(ValueError, match="'fc3'"):
+    dl.widen(jax.random.key(0), params, bad, 'conv1', 2)
