@@ -179,7 +179,11 @@ def w_star(
       layer's scale and shift, so that the
       filter's output is exactly zero: the network
       :func:`~dessilbi_jax.slim` builds from ``support(opt_state,
-      by_group=True)``.
+      by_group=True)``. A filter here is a last-axis slice ``kernel[..., j]``;
+      a bias (or norm leaf) with more axes before one entry per filter
+      (``nnx.MultiHeadAttention``'s ``(heads, head_dim)``) loses entry ``j``
+      in all of them, where the kernel is grouped over every axis but the
+      last (the default rule); under other groups it is refused.
     spec: with ``channels``, the model's spec (a ``Link`` per layer): only
       its layers lose filters, as in ``slim`` (so the classifier, which no
       spec lists, keeps its biases), and their norms are the spec's. None:
@@ -201,7 +205,10 @@ def w_star(
       of ``spec`` is not a :class:`~dessilbi_jax.Link`.
     ValueError: the state holds no :class:`~dessilbi_jax.DessiLBIState`, or
       more than one; the params and the state do not belong to one model;
-      with ``channels``, a ``spec`` or ``penalty`` that does not fit them.
+      with ``channels``, a ``spec`` or ``penalty`` that does not fit them,
+      or a bias or norm leaf with more axes than one entry per filter for a
+      kernel not grouped over every axis but the last (layers stacked for
+      ``nnx.scan`` and grouped per layer and filter).
 
   Example:
     >>> import jax.numpy as jnp
@@ -224,7 +231,8 @@ def w_star(
   table = _trees.leaves_by_name(out)
   gammas = _trees.leaves_by_name(gamma)
   masks = {}
-  for names in _trees.grouped_penalties(core, penalty):  # checks the rule
+  choices = _trees.grouped_penalties(core, penalty)  # checks the rule
+  for names, choice in choices.items():
     g = gammas[names]
     if names[-1:] != ('kernel',) or g.ndim < 2:
       continue
@@ -233,7 +241,16 @@ def w_star(
     # A filter is out as a whole when none of its weights is selected,
     # whatever the groups (per filter, per weight, per input and filter).
     keep = jnp.any(in_support(g), axis=tuple(range(g.ndim - 1)))
-    masks.update(channel_masks(table, names, keep, spec, out))
+    masks.update(
+      channel_masks(
+        table,
+        names,
+        keep,
+        spec,
+        out,
+        whole_slices=_trees.is_output_grouped(choice, g.ndim),
+      )
+    )
   return _trees.map_with_names(
     lambda names, w: jnp.where(masks[names], w, 0) if names in masks else w,
     out,

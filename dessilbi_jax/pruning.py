@@ -82,8 +82,13 @@ def prune(
   parameters of the layer's normalisation (scale and shift; found by
   naming, e.g. ``conv3`` -> ``bn3``, or given by ``spec``) are zeroed too, so
   the channel's output is exactly zero whatever the input and the running
-  statistics. A leaf pruned both ways (a bias or norm scale coupled to Γ
-  itself) keeps an entry only where both keep it.
+  statistics. A kernel of higher rank grouped over every axis but the last
+  (the default for ``nnx.MultiHeadAttention``'s query, key and value kernels
+  ``(in, heads, head_dim)``, or layers stacked for ``nnx.scan``) loses
+  ``kernel[..., j]`` as a whole, and its bias of shape ``(..., head_dim)``
+  loses ``bias[..., j]`` in every head (or layer). A leaf pruned both ways (a
+  bias or norm scale coupled to Γ itself) keeps an entry only where both
+  keep it.
 
   Args:
     params: the weights W (a pytree, or a Flax NNX ``State``).
@@ -167,7 +172,11 @@ def _prune(params, record, cuts, *, scope, spec_items, penalty):
     own = jnp.broadcast_to(_trees.expand_groups(keep, choice, w.ndim), w.shape)
     found = {names: own}
     if names[-1:] == ('kernel',) and _trees.is_output_grouped(choice, w.ndim):
-      found.update(channel_masks(table, names, keep, spec, params))
+      # Groups are whole last-axis slices: a companion of shape (..., width)
+      # (attention's (heads, head_dim) bias) loses entry j in every head.
+      found.update(
+        channel_masks(table, names, keep, spec, params, whole_slices=True)
+      )
     # A coupled bias or norm scale is pruned as a leaf of its own and with
     # its layer's filters: it keeps an entry only where both keep it.
     for other, m in found.items():

@@ -22,6 +22,8 @@ import re
 from collections.abc import Mapping, Sequence
 from typing import Any, Optional
 
+import jax
+import jax.numpy as jnp
 import numpy as np
 import optax
 
@@ -445,56 +447,90 @@ def link_of(spec: Optional[Spec], params: Any, layer: str) -> Link:
   )
 
 
-def _check_one_entry_per_filter(table, names, keep, kernel) -> None:
-  """Raises where a bias or norm leaf has one entry per filter along its
-  last axis but more axes (layers stacked for ``nnx.scan``/``nnx.vmap``):
-  a mask of one entry per filter would silently miss it."""
-  for name in names:
-    shape = tuple(np.shape(table[name])) if name in table else ()
-    if len(shape) > 1 and shape[-1] == np.shape(keep)[-1]:
-      raise ValueError(
-        f'layer {_trees.join(kernel[:-1])!r}: {_trees.join(name)!r} has shape '
-        f'{shape}, one entry per filter along its last axis and more axes '
-        '(layers stacked for nnx.scan or nnx.vmap?); zeroing whole filters '
-        'with their bias and norm needs one entry per filter. Read Γ '
-        'without channels (w_star(channels=False), support) for such layers.'
-      )
+def _companion_mask(
+  table, name, keep, kernel, whole_slices: bool
+) -> Optional[jax.Array]:
+  """The mask of a bias or norm leaf that goes with a kernel's filters.
+
+  ``keep`` itself where the leaf has one entry per filter; where it has more
+  axes before one entry per filter (attention's ``(heads, head_dim)`` bias,
+  layers stacked for ``nnx.scan``/``nnx.vmap``), ``keep`` broadcast along
+  them if the kernel's groups are whole last-axis slices (a dropped filter
+  ``j`` then zeroes every output ``(..., j)``); else this raises, since a
+  mask of one entry per filter would silently miss the filters dropped in
+  one head or layer only. None for any other leaf (or none at all).
+  """
+  if name not in table:
+    return None
+  shape = tuple(np.shape(table[name]))
+  if shape == tuple(np.shape(keep)):
+    return keep
+  if len(shape) <= 1 or shape[-1] != np.shape(keep)[-1]:
+    return None
+  if whole_slices:
+    return jnp.broadcast_to(keep, shape)
+  raise ValueError(
+    f'layer {_trees.join(kernel[:-1])!r}: {_trees.join(name)!r} has shape '
+    f'{shape}, one entry per filter along its last axis and more axes '
+    '(layers stacked for nnx.scan or nnx.vmap?), while the kernel is not '
+    'grouped by whole filters (every axis but the last): zeroing filters '
+    'with their bias and norm needs a filter to be out in all of them. Read '
+    'Γ without channels (w_star(channels=False), support) for such layers, '
+    'or leave them out of prune with its layers= argument.'
+  )
 
 
 def channel_masks(
-  table: dict, kernel: _trees.Names, keep: Any, spec: Optional[Spec], params
+  table: dict,
+  kernel: _trees.Names,
+  keep: Any,
+  spec: Optional[Spec],
+  params,
+  *,
+  whole_slices: bool = False,
 ) -> dict:
   """Masks of the leaves that go with a kernel's output filters.
 
   The layer's bias and its norm layer's per-channel parameters (scale,
   shift), when their shape is one entry per filter: zeroing a filter together
-  with them makes its output exactly zero.
+  with them makes its output exactly zero. With ``whole_slices``, so are
+  those whose last axis has one entry per filter after more axes (the
+  ``(heads, head_dim)`` bias of ``nnx.MultiHeadAttention``'s query, key and
+  value; layers stacked for ``nnx.scan``): they get ``keep`` broadcast to
+  their shape.
 
   Args:
     table: the params' leaves by name.
     kernel: the name of the kernel leaf (``(..., 'kernel')``).
-    keep: one boolean per output filter.
+    keep: one boolean per output filter (per last-axis index of the kernel).
     spec: the model's spec, or None to find the norm layer by naming.
     params: the params (for naming rules).
+    whole_slices: the kernel's groups are whole last-axis slices (a group
+      lasso over every axis but the last), so that ``keep[j]`` False means
+      ``kernel[..., j]`` is zero as a whole.
 
   Returns:
-    ``{leaf name: keep}`` for the bias and norm leaves found.
+    ``{leaf name: mask}`` for the bias and norm leaves found, each mask of
+    the leaf's shape.
+
+  Raises:
+    ValueError: a bias or norm leaf has one entry per filter along its last
+      axis and more axes, and not ``whole_slices``; the norm has no scale
+      (or running mean) among the leaves found.
   """
   masks = {}
   bias = (*kernel[:-1], 'bias')
-  _check_one_entry_per_filter(table, [bias], keep, kernel)
-  if bias in table and tuple(table[bias].shape) == tuple(keep.shape):
-    masks[bias] = keep
+  mask = _companion_mask(table, bias, keep, kernel, whole_slices)
+  if mask is not None:
+    masks[bias] = mask
   norm = link_of(spec, params, _trees.join(kernel[:-1])).norm
   if norm is not None:
     norm_names = _trees.split_name(norm)
-    leaves = [other for other in table if other[:-1] == norm_names]
-    _check_one_entry_per_filter(table, leaves, keep, kernel)
-    found = [
-      other
-      for other in leaves
-      if tuple(table[other].shape) == tuple(keep.shape)
-    ]
+    found = {}
+    for other in [other for other in table if other[:-1] == norm_names]:
+      mask = _companion_mask(table, other, keep, kernel, whole_slices)
+      if mask is not None:
+        found[other] = mask
     # With a scale of 0 the norm outputs its shift; without one it outputs
     # shift - mean/σ, zero only if its running mean is zeroed with it.
     if not {'scale', 'mean'} & {other[-1] for other in found}:
@@ -506,6 +542,5 @@ def channel_masks(
         "params with the norm's mean and var from variables['batch_stats'] "
         'added to its entry), or give the norm a scale.'
       )
-    for other in found:
-      masks[other] = keep
+    masks.update(found)
   return masks

@@ -485,3 +485,72 @@ def test_linen_variables_for_params_get_a_hint():
       ValueError, match=r"variables\['params'\] in Flax Linen"
     ):
       call()
+
+
+def _attention_params():
+  attn = nnx.MultiHeadAttention(
+    num_heads=2,
+    in_features=8,
+    qkv_features=8,
+    decode=False,
+    bias_init=nnx.initializers.normal(1.0),
+    rngs=nnx.Rngs(0),
+  )
+  return nnx.state(attn, nnx.Param)
+
+
+def test_w_star_channels_zeroes_an_attention_bias_in_every_head():
+  # The key kernel (in, heads, head_dim) is grouped per last-axis index j
+  # over every head (the default rule); with slices 1 and 3 out of Γ's
+  # support, W* with channels zeroes bias[:, 1] and bias[:, 3] in both
+  # heads (it used to refuse the (heads, head_dim) bias as stacked layers).
+  params = _attention_params()
+  state = dl.scale_by_dessilbi(0.1).init(params)
+  gamma = jax.tree.map(jnp.ones_like, state.gamma)
+  out_of_support = np.array([False, True, False, True])
+  gamma['key']['kernel'] = jnp.where(out_of_support, 0.0, 1.0) * jnp.ones(
+    (8, 2, 4)
+  )
+  state = state._replace(gamma=gamma)
+  before = pure(params)
+  out = dl.w_star(params, state, channels=True)
+  key = out['key']
+  assert not np.asarray(key['kernel'])[..., out_of_support].any()
+  assert not np.asarray(key['bias'])[:, out_of_support].any()
+  np.testing.assert_array_equal(
+    key['bias'][:, ~out_of_support], before['key']['bias'][:, ~out_of_support]
+  )
+  assert np.asarray(before['key']['bias'])[:, out_of_support].all()
+  for name in ('query', 'value', 'out'):  # all in the support: untouched
+    np.testing.assert_array_equal(out[name]['bias'], before[name]['bias'])
+  # Each output (h, j) of the key projection is then exactly zero.
+  x = jax.random.normal(jax.random.key(1), (3, 8))
+  y = np.asarray(jnp.einsum('bi,ihd->bhd', x, key['kernel']) + key['bias'])
+  assert not y[..., out_of_support].any() and y[..., ~out_of_support].all()
+
+
+def test_w_star_channels_refuses_a_stacked_bias_unless_filters_are_whole():
+  # A stacked kernel (layers, h, w, in, out) grouped per layer and filter
+  # loses filter j of one layer alone: a bias (layers, out) masked by one
+  # entry per filter would miss it, so it is refused, naming the ways out.
+  stacked = {
+    'blocks': {
+      'conv': {'kernel': jnp.ones((2, 3, 3, 3, 3)), 'bias': jnp.ones((2, 3))}
+    }
+  }
+  rule = dl.penalty_rule(overrides={'kernel': dl.GroupLasso(axes=(0, -1))})
+  state = dl.scale_by_dessilbi(0.1, penalty=rule).init(stacked)
+  with pytest.raises(ValueError, match=r'w_star\(channels=False\).*layers='):
+    dl.w_star(stacked, state, channels=True)
+  # Under the default rule, one group per filter j of every layer together:
+  # an unselected filter is out of every layer, and so is its bias.
+  state = dl.scale_by_dessilbi(0.1).init(stacked)
+  gamma = state.gamma
+  gamma['blocks']['conv']['kernel'] = jnp.ones((2, 3, 3, 3, 3)) * jnp.array(
+    [1.0, 0.0, 1.0]
+  )
+  gamma['blocks']['conv']['bias'] = jnp.ones((2, 3))
+  out = dl.w_star(stacked, state._replace(gamma=gamma), channels=True)
+  np.testing.assert_array_equal(
+    out['blocks']['conv']['bias'], [[1.0, 0.0, 1.0], [1.0, 0.0, 1.0]]
+  )

@@ -11,6 +11,7 @@ import pytest
 from flax import nnx
 
 import dessilbi_jax as dl
+from dessilbi_jax._trees import pure
 
 NS = dl.NOT_SELECTED
 
@@ -337,3 +338,65 @@ def test_a_coupled_norm_scale_keeps_only_what_both_prunings_keep(norm):
   h = x * pruned['conv1']['kernel'][0, 0]
   out = (h - n['mean']) / jnp.sqrt(n['var'] + 1e-5) * n['scale'] + n['bias']
   assert not np.asarray(out)[..., ~filters].any()
+
+
+class _Attention(nnx.Module):
+  def __init__(self, rngs):
+    # Random biases: the default zeros would hide a bias left unpruned.
+    self.attn = nnx.MultiHeadAttention(
+      num_heads=2,
+      in_features=8,
+      qkv_features=8,
+      decode=False,
+      bias_init=nnx.initializers.normal(1.0),
+      rngs=rngs,
+    )
+    self.fc = nnx.Linear(8, 3, rngs=rngs)
+
+  def __call__(self, x):
+    return self.fc(self.attn(x).mean(1))
+
+
+def test_attention_kernels_are_pruned_with_their_bias_in_every_head():
+  # The default rule groups a query/key/value kernel (in, heads, head_dim)
+  # per last-axis index j, over every head; its bias (heads, head_dim) used
+  # to be refused as if layers were stacked. Pruning j zeroes the slice
+  # kernel[..., j] and bias[:, j] in every head: each output (h, j) is zero.
+  model = _Attention(nnx.Rngs(0))
+  x = jax.random.normal(jax.random.key(1), (2, 5, 8))
+  params = nnx.state(model, nnx.Param)
+  before = pure(params)
+  record = dl.magnitude_record(params)
+  pruned, masks = dl.prune(params, record, 0.5)
+  after, masks = pure(pruned), pure(masks)
+  for name in ('query', 'key', 'value'):
+    kernel, bias = after['attn'][name]['kernel'], after['attn'][name]['bias']
+    assert kernel.shape == (8, 2, 4) and bias.shape == (2, 4)
+    keep = np.asarray(masks['attn'][name]['kernel'][0, 0])
+    assert keep.sum() == 2  # floor(0.5 · 4) of the 4 groups
+    np.testing.assert_array_equal(
+      masks['attn'][name]['kernel'], np.broadcast_to(keep, (8, 2, 4))
+    )
+    # The default rule couples a rank-2 bias too (a lasso): it keeps an
+    # entry where its own pruning and its kernel's filter both keep it.
+    _, own = dl.prune(params, record, 0.5, layers=[f'attn/{name}/bias'])
+    np.testing.assert_array_equal(
+      masks['attn'][name]['bias'],
+      np.broadcast_to(keep, (2, 4))
+      & np.asarray(pure(own)['attn'][name]['bias']),
+    )
+    assert not np.asarray(kernel)[..., ~keep].any()
+    assert not np.asarray(bias)[:, ~keep].any()
+    for leaf in ('kernel', 'bias'):
+      m = np.asarray(masks['attn'][name][leaf])
+      np.testing.assert_array_equal(
+        np.asarray(after['attn'][name][leaf])[m],
+        np.asarray(before['attn'][name][leaf])[m],
+      )
+    y = np.asarray(jnp.einsum('bti,ihd->bthd', x, kernel) + bias)
+    assert not y[..., ~keep].any() and y[..., keep].all()
+  nnx.update(model, pruned)
+  for name in ('query', 'key', 'value'):  # the model's own projections
+    keep = np.asarray(masks['attn'][name]['kernel'][0, 0])
+    assert not np.asarray(getattr(model.attn, name)(x))[..., ~keep].any()
+  assert np.isfinite(np.asarray(model(x))).all()
