@@ -348,7 +348,9 @@ def rank_groups(
   """Ranks groups for pruning: earliest selected first, ties by larger norm.
 
   Rank 0 is the most important group. Groups never selected come last, among
-  themselves by decreasing ``‖W_g‖₂`` (``|W|`` for a weight).
+  themselves by decreasing ``‖W_g‖₂`` (``|W|`` for a weight). Groups equal in
+  both come in the order of their position (flattened, leaf by leaf in the
+  record's order with ``scope='global'``), on every backend.
 
   Args:
     params: the weights W.
@@ -430,9 +432,15 @@ def _group_keys(params, record, penalty):
 
 
 def _ranks(steps: jax.Array, norms: jax.Array) -> jax.Array:
-  """Rank of each entry: by step ascending, then norm descending."""
+  """Rank of each entry: by step ascending, then norm descending, then
+  position. The position is a key of the sort, so that ties go the same
+  way on every backend (XLA's sort need not be stable, jnp.lexsort's is
+  not asked to be)."""
   shape = steps.shape
-  order = jnp.lexsort((-norms.ravel(), steps.ravel()))
+  position = jnp.arange(steps.size, dtype=jnp.int32)
+  *_, order = jax.lax.sort(
+    (steps.ravel(), -norms.ravel(), position), num_keys=3
+  )
   ranks = (
     jnp.zeros(order.shape, jnp.int32)
     .at[order]

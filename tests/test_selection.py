@@ -8,6 +8,7 @@ import pytest
 from flax import nnx
 
 import dessilbi_jax as dl
+from dessilbi_jax import selection
 from dessilbi_jax._trees import pure
 from tests._golden import (
   GOLDEN,
@@ -189,6 +190,20 @@ def test_ranking_earliest_first_ties_by_norm():
     dl.rank_groups(
       params, {**record, 'conv': {'kernel': jnp.zeros(3, jnp.int32)}}
     )
+
+
+def test_ties_in_step_and_norm_go_by_position_on_every_backend():
+  ns = dl.NOT_SELECTED
+  params = {'conv': {'kernel': jnp.ones((1, 1, 1, 6))}}  # equal norms
+  record = {'conv': {'kernel': jnp.array([3, 1, 3, 1, ns, ns], jnp.int32)}}
+  ranks = dl.rank_groups(params, record)
+  np.testing.assert_array_equal(ranks['conv']['kernel'], [2, 0, 3, 1, 4, 5])
+  # The position is a key of the sort: XLA's sort need not be stable (on a
+  # GPU it is not for several keys), so stability cannot order the ties.
+  steps, norms = jnp.zeros(6, jnp.int32), jnp.ones(6)
+  jaxpr = jax.make_jaxpr(selection._ranks)(steps, norms).jaxpr
+  sorts = [e for e in jaxpr.eqns if e.primitive.name == 'sort']
+  assert [e.params['num_keys'] for e in sorts] == [3]
 
 
 def test_reference_epochs_stay_exact_beside_bfloat16_gamma():
