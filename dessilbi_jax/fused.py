@@ -161,12 +161,12 @@ def fused_dessilbi(
   kappa: jax.typing.ArrayLike = 1.0,
   nu: jax.typing.ArrayLike = 100.0,
   momentum: jax.typing.ArrayLike = 0.9,
+  *,
   weight_decay: jax.typing.ArrayLike = 0.0,
   weight_decay_mask: Optional[Union[Any, Callable[[optax.Params], Any]]] = None,
   penalty: Optional[PenaltyRule] = None,
   state_dtype: Optional[jax.typing.DTypeLike] = None,
   store_gamma: bool = True,
-  *,
   implementation: Optional[str] = None,
   interpret: Optional[bool] = None,
   block: int = 2048,
@@ -181,7 +181,8 @@ def fused_dessilbi(
 
   The arguments before ``implementation`` are those of ``dessilbi`` (which
   checks them); Nesterov momentum and ``freeze`` are not offered, and a
-  momentum is required. The penalty rule's group lassos must group each
+  momentum is required. Those after ``momentum`` are keyword-only, since
+  ``dessilbi`` has ``nesterov`` in the next place. The penalty rule's group lassos must group each
   leaf along its last axis (a filter per output channel, the default
   rule's conv kernels); other groupings are refused at ``init``.
 
@@ -571,7 +572,10 @@ def _layout(columns, penalties, decay, tiles, hyper, per_call):
       decay_dtype if decayed else g.dtype, hyper.momentum, m
     )
     m_dtype = (
-      d_dtype if hyper.state_dtype is None else jnp.dtype(hyper.state_dtype)
+      # As JAX types it: float64 is float32 without x64, as in dessilbi.
+      d_dtype
+      if hyper.state_dtype is None
+      else jax.dtypes.canonicalize_dtype(hyper.state_dtype)
     )
     scalar_dtypes = _scalar_dtypes(hyper, d_dtype, m, w, z, choice)
     dtypes = (decay_dtype, d_dtype, m_dtype, scalar_dtypes)

@@ -269,6 +269,29 @@ def test_bad_settings_raise_at_construction():
     dl.fused_dessilbi(0.1, nu=-1.0)
 
 
+def test_arguments_after_momentum_are_keyword_only():
+  # dessilbi has nesterov after momentum: a positional call copied from it
+  # would bind its weight decay to another argument.
+  with pytest.raises(TypeError, match='positional'):
+    dl.fused_dessilbi(0.1, 1.0, 100.0, 0.9, 5e-4)
+  dl.fused_dessilbi(0.1, 1.0, 100.0, 0.9, weight_decay=5e-4)
+
+
+def test_float64_state_dtype_without_x64_is_float32_as_in_dessilbi():
+  params = _params()
+  grads = _grads(params, 0)
+  ref = dl.dessilbi(0.1, state_dtype=jnp.float64)
+  want_updates, want = ref.update(grads, ref.init(params), params)
+  fused = dl.fused_dessilbi(
+    0.1, state_dtype=jnp.float64, implementation='pallas'
+  )
+  new_params, got = fused.step(grads, fused.init(params), params)
+  _assert_close(new_params, optax.apply_updates(params, want_updates))
+  _assert_close(got, want)
+  for a, b in zip(jax.tree.leaves(got), jax.tree.leaves(want), strict=True):
+    assert a.dtype == b.dtype
+
+
 def test_under_inject_hyperparams():
   params = _params()
   grads = jax.tree.map(jnp.ones_like, params)
