@@ -182,9 +182,10 @@ def fused_dessilbi(
   The arguments before ``implementation`` are those of ``dessilbi`` (which
   checks them); Nesterov momentum and ``freeze`` are not offered, and a
   momentum is required. Those after ``momentum`` are keyword-only, since
-  ``dessilbi`` has ``nesterov`` in the next place. The penalty rule's group lassos must group each
-  leaf along its last axis (a filter per output channel, the default
-  rule's conv kernels); other groupings are refused at ``init``.
+  ``dessilbi`` has ``nesterov`` in the next place. The penalty rule's group
+  lassos must group each leaf along its last axis (a filter per output
+  channel, the default rule's conv kernels); other groupings are refused at
+  ``init``.
 
   On an H100, the step updates ResNet-18's params in 1.26× the time of
   one pass moving the same bytes (``dessilbi`` with
