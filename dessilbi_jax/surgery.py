@@ -370,9 +370,6 @@ def _check_paths_line_up(edits, params, opt_state, batch_stats):
   # BatchNorm 'body/norm'); only statistics without them can be misplaced.
   owners = {names[:-1] for names in table if names not in stats}
   orphans = [names for names in stats if names[:-1] not in owners]
-  from_stats = (
-    set() if batch_stats is None else set(_trees.leaves_by_name(batch_stats))
-  )
   for edit in edits:
     for key in edit.ops:
       owner = key[:-1]
@@ -384,7 +381,10 @@ def _check_paths_line_up(edits, params, opt_state, batch_stats):
           and names[-2] == owner[-1]
           and table[names].shape[:1] == (edit.width,)
         ):
-          tree = 'batch_stats' if names in from_stats else 'params'
+          from_stats = batch_stats is not None and names in (
+            _trees.leaves_by_name(batch_stats)
+          )
+          tree = 'batch_stats' if from_stats else 'params'
           raise ValueError(
             f'{tree}: {_trees.join(names)!r} looks like the statistics '
             f'of norm {_trees.join(owner)!r}, but its path differs, so the '
