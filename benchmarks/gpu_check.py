@@ -314,7 +314,9 @@ def main(argv=None):
         continue
     left = args.budget - (time.perf_counter() - start)
     if left < 15:
-      results['runs'].append({'argv': run, 'error': 'skipped: no budget left'})
+      results['runs'].append(
+        {'argv': run.format(hlo='<hlo>'), 'error': 'skipped: no budget left'}
+      )
       _write(results, args.out)
       continue
     t0 = time.perf_counter()

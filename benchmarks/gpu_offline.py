@@ -42,7 +42,7 @@ def _parser() -> argparse.ArgumentParser:
   )
   parser.add_argument('mode', choices=('update', 'step'))
   parser.add_argument('--model', default='resnet18')
-  parser.add_argument('--batch', type=int, default=None)
+  parser.add_argument('--batch', type=_count, default=None)
   parser.add_argument(
     '--optimizers', nargs='+', default=['sgd', 'dessilbi', 'dessilbi_z']
   )
@@ -237,6 +237,8 @@ _COLLECTIVE = re.compile(
 def collectives(hlo: str) -> dict[str, int]:
   """Collective operations in compiled HLO text, by kind (an asynchronous
   one counted once, at its start)."""
+  # A long tuple shape has `/*index=5*/` marks (harness.INDEX_COMMENT).
+  hlo = re.sub(r'/\*index=\d+\*/', '', hlo)
   return dict(collections.Counter(_COLLECTIVE.findall(hlo)))
 
 

@@ -122,12 +122,14 @@ def apply_step(tx, grads, opt_state, params):
 _INSTRUCTION = re.compile(
   r'^\s*(?:ROOT )?%[\w.\-]+ = (?:\([^=]*?\)|\S+) ([\w-]+)\(', re.M
 )
+# XLA marks every fifth element of a long tuple shape: `/*index=5*/f32[8]`.
+INDEX_COMMENT = re.compile(r'/\*index=\d+\*/')
 
 
 def hlo_counts(compiled, entry_only: bool = True) -> dict[str, int]:
   """Fusions, copies and custom calls in a compiled computation's entry (or
   in all its computations)."""
-  text = compiled.as_text()
+  text = INDEX_COMMENT.sub('', compiled.as_text())
   if entry_only:
     text = text[text.index('ENTRY') :]
   ops = collections.Counter(_INSTRUCTION.findall(text))
@@ -527,9 +529,9 @@ def bench_memory(args) -> dict:
     print(
       f'{name:10s} state {row["state_bytes"] / mib:7.1f} MiB'
       f'  compiled peak {row["compiled_peak_bytes"] / mib:8.1f} MiB'
-      f' (+{row["compiled_peak_over_baseline_bytes"] / mib:.1f})'
+      f' ({row["compiled_peak_over_baseline_bytes"] / mib:+.1f})'
       f'  {row["source"]} {row["peak_bytes"] / mib:8.1f} MiB'
-      f' (+{row["peak_over_baseline_bytes"] / mib:.1f})'
+      f' ({row["peak_over_baseline_bytes"] / mib:+.1f})'
     )
   return out
 
@@ -622,6 +624,19 @@ def positive_int(text: str) -> int:
   return value
 
 
+def positive_size(text: str) -> float:
+  """An argparse type: a finite number above 0 (a parameter count)."""
+  try:
+    value = float(text)
+  except ValueError:
+    raise argparse.ArgumentTypeError(
+      f'expected a number, got {text!r}'
+    ) from None
+  if not 0 < value < float('inf'):
+    raise argparse.ArgumentTypeError(f'expected a number above 0, got {text}')
+  return value
+
+
 def check_names(parser, model: str, optimizers, xla_option) -> dict:
   """Exits through ``parser`` with the reason where the model, an optimizer
   name or an XLA option is unknown or malformed; else the XLA options."""
@@ -646,7 +661,12 @@ def parse_args(argv=None) -> argparse.Namespace:
   parser = argparse.ArgumentParser(description=__doc__.split('\n\n')[0])
   parser.add_argument('mode', choices=('step', 'update', 'scaling', 'memory'))
   parser.add_argument('--model', choices=sorted(MODELS), default='lenet5')
-  parser.add_argument('--batch', type=int, default=None)
+  parser.add_argument(
+    '--batch',
+    type=positive_int,
+    default=None,
+    help="batch size (default: the model's, models.py)",
+  )
   parser.add_argument(
     '--dtype',
     choices=('float32', 'bfloat16'),
@@ -671,7 +691,7 @@ def parse_args(argv=None) -> argparse.Namespace:
   )
   parser.add_argument(
     '--sizes',
-    type=float,
+    type=positive_size,
     nargs='+',
     default=[1e5, 1e6, 1e7],
     help='parameter counts for the scaling mode',

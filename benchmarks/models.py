@@ -1,8 +1,9 @@
 """Benchmark models (Flax Linen, NHWC): MLP, LeNet-5, CIFAR ResNet-18, VGG-16.
 
-Each entry gives a module, an input batch shape and the number of classes. The
-models use BatchNorm where the originals do, with batch statistics updated in
-the train step, as a real training loop would.
+Each entry gives a module, its input shape without the batch axis and its
+default batch size (all have 10 classes). The models use BatchNorm where the
+originals do, with batch statistics updated in the train step, as a real
+training loop would.
 """
 
 from collections.abc import Sequence

@@ -15,6 +15,7 @@ before timing them.
 
 import argparse
 import json
+import math
 import sys
 from typing import Any
 
@@ -144,11 +145,16 @@ def agreement(
 
 
 def _compare(got, want, penalties, treedef) -> dict:
+  def worst(value) -> float:
+    # A NaN is the largest difference: Python's max would pass over it.
+    value = float(value)
+    return math.inf if math.isnan(value) else value
+
   def errors(a, b):
     pairs = list(zip(jax.tree.leaves(a), jax.tree.leaves(b), strict=True))
-    absolute = max(float(jnp.max(jnp.abs(x - y))) for x, y in pairs)
+    absolute = max(worst(jnp.max(jnp.abs(x - y))) for x, y in pairs)
     relative = max(
-      float(jnp.max(jnp.abs(x - y)) / jnp.maximum(jnp.max(jnp.abs(y)), 1e-30))
+      worst(jnp.max(jnp.abs(x - y)) / jnp.maximum(jnp.max(jnp.abs(y)), 1e-30))
       for x, y in pairs
     )
     return absolute, relative
@@ -196,11 +202,13 @@ def _compare(got, want, penalties, treedef) -> dict:
 
 def parse_args(argv=None) -> argparse.Namespace:
   """The command line of :func:`main`."""
-  from benchmarks.models import MODELS
+  from benchmarks import harness
 
   parser = argparse.ArgumentParser(description=main.__doc__.split('\n\n')[0])
-  parser.add_argument('--model', choices=sorted(MODELS), default='lenet5')
-  parser.add_argument('--steps', type=int, default=4)
+  parser.add_argument(
+    '--model', choices=sorted(harness.MODELS), default='lenet5'
+  )
+  parser.add_argument('--steps', type=harness.positive_int, default=4)
   parser.add_argument(
     '--variants', nargs='+', choices=sorted(VARIANTS), default=list(VARIANTS)
   )

@@ -98,8 +98,8 @@ def _memory(run: dict) -> list[str]:
       name,
       f'{r["state_bytes"] / MIB:.1f}',
       f'{r["compiled_peak_bytes"] / MIB:.1f}'
-      f' (+{r["compiled_peak_over_baseline_bytes"] / MIB:.1f})',
-      f'{r["peak_bytes"] / MIB:.1f} (+{r["peak_over_baseline_bytes"] / MIB:.1f})',
+      f' ({r["compiled_peak_over_baseline_bytes"] / MIB:+.1f})',
+      f'{r["peak_bytes"] / MIB:.1f} ({r["peak_over_baseline_bytes"] / MIB:+.1f})',
     ]
     for name, r in run['results'].items()
   ]

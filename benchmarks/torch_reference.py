@@ -75,9 +75,9 @@ def main(argv=None):
     required=True,
     help="folder holding the reference's slbi_opt.py (DessiLBI/code)",
   )
-  parser.add_argument('--batch', type=int, default=128)
-  parser.add_argument('--steps', type=int, default=30)
-  parser.add_argument('--repeats', type=int, default=7)
+  parser.add_argument('--batch', type=harness.positive_int, default=128)
+  parser.add_argument('--steps', type=harness.positive_int, default=30)
+  parser.add_argument('--repeats', type=harness.positive_int, default=7)
   args = parser.parse_args(argv)
   try:
     import torch

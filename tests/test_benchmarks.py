@@ -1,6 +1,7 @@
 """The benchmark scripts' plumbing: command lines, result fields (no timings
 are asserted; those belong to the benchmarks themselves)."""
 
+import importlib
 import json
 import os
 import pathlib
@@ -19,6 +20,7 @@ from benchmarks import (
   compile_phases,
   gpu_check,
   harness,
+  hlo_traffic,
   multitensor,
   probes,
   triton_compile,
@@ -102,6 +104,20 @@ def test_gpu_check_runs_each_run_in_its_own_process(tmp_path, monkeypatch):
   # A run still going at the budget is stopped and recorded.
   out = gpu_check.run_in_child('probes --k 1', str(tmp_path), timeout=0.5)
   assert out == {'error': 'cut off at the budget, after 0.5 s'}
+
+
+def test_gpu_check_records_a_skipped_run_without_its_placeholder(
+  tmp_path, monkeypatch
+):
+  # Recorded as the runs it ran are: the HLO folder shown as <hlo>.
+  runs = ['update --hlo-dir {hlo} --optimizers sgd dessilbi']
+  monkeypatch.setattr(gpu_check, 'RUNS', runs)
+  gpu_check.main(['--out', str(tmp_path), '--budget', '0'])
+  (run,) = json.loads((tmp_path / 'gpu_check.json').read_text())['runs']
+  assert run == {
+    'argv': 'update --hlo-dir <hlo> --optimizers sgd dessilbi',
+    'error': 'skipped: no budget left',
+  }
 
 
 def test_compile_phases_are_summed_per_module_and_compile():
@@ -384,12 +400,97 @@ def test_agreement_check_reports_matches_and_mismatches():
     ['step', '--compile-rounds', '0'],
     ['update', '--k', '-1'],
     ['update', '--optimizers', 'dessilbi_mt_apply:'],
+    # Not the model's default batch, nor a traceback from jax.random.
+    ['step', '--batch', '0'],
+    ['memory', '--batch', '-2'],
+    # Not a traceback from a complex square root, nor from round(nan).
+    ['scaling', '--sizes', '1e5', '-5'],
+    ['scaling', '--sizes', '0'],
+    ['scaling', '--sizes', 'nan'],
+    ['scaling', '--sizes', 'inf'],
   ],
 )
 def test_counts_and_names_are_checked_before_compiling(argv, capsys):
   with pytest.raises(SystemExit):
     harness.parse_args(argv)
   assert 'error:' in capsys.readouterr().err
+
+
+@pytest.mark.parametrize(
+  'main, argv, flag',
+  [
+    # Zero steps would compare two untouched starts and report agreement.
+    (multitensor.main, ['--steps', '0'], '--steps'),
+    (multitensor.main, ['--steps', '-1'], '--steps'),
+    (
+      'gpu_offline',
+      ['--target-config', 'x', 'step', '--batch', '0'],
+      '--batch',
+    ),
+    ('torch_reference', ['--reference', '.', '--repeats', '0'], '--repeats'),
+    ('torch_reference', ['--reference', '.', '--steps', '0'], '--steps'),
+    ('torch_reference', ['--reference', '.', '--batch', '-1'], '--batch'),
+  ],
+)
+def test_other_scripts_check_their_counts(main, argv, flag, capsys):
+  if isinstance(main, str):
+    main = importlib.import_module(f'benchmarks.{main}').main
+  with pytest.raises(SystemExit):
+    main(argv)
+  err = capsys.readouterr().err
+  assert f'argument {flag}: expected' in err
+
+
+def test_hlo_counts_see_long_tuple_shapes():
+  # XLA prints `/*index=5*/` in a tuple shape of six or more elements: a
+  # multi-output fusion, a Pallas call writing many leaves, a collective
+  # gathering many arrays.
+  from benchmarks import gpu_offline
+
+  six = ', '.join(['f32[2]{0}'] * 5) + ', /*index=5*/f32[2]{0}'
+  hlo = (
+    'ENTRY %main (p: f32[2]) -> f32[2] {\n'
+    '  %p = f32[2]{0} parameter(0)\n'
+    f'  %f = ({six}) fusion(%p), kind=kLoop, calls=%c\n'
+    f'  %k = ({six}) custom-call(%p), custom_call_target="triton"\n'
+    f'  %ag = (({six}), ({six})) all-gather-start(%p), dimensions={{0}}\n'
+    '  %c = f32[2]{0} copy(%p)\n'
+    '  ROOT %g = f32[2]{0} get-tuple-element(%f), index=0\n'
+    '}\n'
+  )
+
+  class Compiled:
+    def as_text(self):
+      return hlo
+
+  assert harness.hlo_counts(Compiled()) == {
+    'fusions': 1,
+    'copies': 1,
+    'custom_calls': 1,
+  }
+  assert gpu_offline.collectives(hlo) == {'all-gather': 1}
+  # hlo_traffic reads the same shape: 6 × 8 bytes written, 8 read.
+  assert hlo_traffic.traffic(hlo)['fusion'] == {'count': 1, 'bytes': 56}
+
+
+def test_agreement_sees_a_nan_in_any_leaf():
+  params = small_params()
+  tx = dl.dessilbi(0.5, nu=2.0)
+  state = tx.init(params)
+  _, state = tx.update(params, state, params)
+  penalties, treedef = dl.resolve_penalties(params, None)
+  leaves = jax.tree.leaves(params)
+  # A NaN in the last leaf: Python's max would pass over it.
+  bad = [*leaves[:-1], leaves[-1].at[0].set(jnp.nan)]
+  row = multitensor._compare(
+    (jax.tree.unflatten(jax.tree.structure(params), bad), state),
+    (params, state),
+    penalties,
+    treedef,
+  )
+  assert not row['ok']
+  assert row['params_max_abs'] == row['params_max_rel'] == float('inf')
+  assert row['state_max_abs'] == 0
 
 
 @pytest.mark.parametrize(

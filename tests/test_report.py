@@ -68,3 +68,21 @@ def test_every_kind_of_run_becomes_a_table():
   ):
     del run['argv']
     assert report.report(run).startswith(f'**{title}**')
+
+
+def test_memory_deltas_below_the_baseline_keep_their_sign():
+  # On the CPU the resident-set peak varies by tens of MiB between
+  # processes: an optimizer's may come out below the stateless baseline's.
+  mib = 2**20
+  row = {
+    'source': 'peak RSS',
+    'state_bytes': 3 * mib,
+    'compiled_peak_bytes': 20 * mib,
+    'compiled_peak_over_baseline_bytes': 5 * mib,
+    'peak_bytes': 340 * mib,
+    'peak_over_baseline_bytes': -10 * mib,
+  }
+  run = {'mode': 'memory', 'model': 'mlp', 'results': {'sgd': row}}
+  text = report.report(run)
+  assert '| sgd | 3.0 | 20.0 (+5.0) | 340.0 (-10.0) |' in text
+  assert '| optimizer | state MiB | compiled peak MiB | peak RSS MiB |' in text
