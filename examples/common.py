@@ -101,10 +101,11 @@ def schedule(args, steps_per_epoch: int) -> optax.Schedule:
   elif args.schedule == 'constant':
     main = optax.constant_schedule(args.lr)
   else:
-    boundaries = {
-      e * steps_per_epoch: args.lr_decay
-      for e in range(args.lr_step, args.epochs, args.lr_step)
-    }
+    # Every --lr-step epochs, or at the epochs of ``args.lr_boundaries``.
+    epochs = getattr(args, 'lr_boundaries', None)
+    if epochs is None:
+      epochs = range(args.lr_step, args.epochs, args.lr_step)
+    boundaries = {e * steps_per_epoch: args.lr_decay for e in epochs}
     main = optax.piecewise_constant_schedule(args.lr, boundaries)
   warmup = getattr(args, 'warmup', 0.0) * steps_per_epoch
   if warmup <= 0:
@@ -212,10 +213,6 @@ def run_epoch(
   return float(jnp.mean(jnp.stack(losses)))
 
 
-def ones_masks(model) -> Any:
-  return jax.tree.map(jnp.ones_like, nnx.state(model, nnx.Param))
-
-
 # ----------------------------------------------------------------------------
 # The path.
 
@@ -240,7 +237,7 @@ def selected_filters(opt_state) -> dict[str, np.ndarray]:
     name = dl.path_str(path)
     if name.endswith('/kernel'):
       out[name[: -len('/kernel')]] = np.asarray(s)
-  return out
+  return {k: out[k] for k in sorted(out, key=models_lib.natural_key)}
 
 
 def counts(sel: dict[str, np.ndarray]) -> dict[str, list[int]]:

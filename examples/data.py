@@ -23,8 +23,8 @@ Full datasets, when the files are on disk (``--data-dir``, default
   installed.
 
 Images are standardised per channel with the training set's mean and
-standard deviation (MNIST's 0.1307 / 0.3081 for the MNIST family, as the
-reference example does).
+standard deviation (MNIST's 0.1307 / 0.3081 for ``mnist-subset`` and
+``mnist``, as the reference example does).
 """
 
 import dataclasses
@@ -205,8 +205,15 @@ def load_cifar10_folder(
       y_test,
     )
   if npz.is_file():
+    keys = ('x_train', 'y_train', 'x_test', 'y_test')
     with np.load(npz) as d:
-      return tuple(d[k] for k in ('x_train', 'y_train', 'x_test', 'y_test'))
+      missing = [k for k in keys if k not in d.files]
+      if missing:
+        raise ValueError(
+          f'cifar10: {npz} lacks {", ".join(missing)} (it holds '
+          f'{", ".join(d.files) or "nothing"}; want {", ".join(keys)}).'
+        )
+      return tuple(d[k] for k in keys)
   raise DatasetNotFoundError(
     f'cifar10: found neither {batches}/ (the python version: data_batch_1 '
     f'.. data_batch_5 and test_batch) nor {npz} (arrays x_train, y_train, '

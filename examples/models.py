@@ -14,6 +14,7 @@ has a ``spec()`` giving the channel links those functions need.
   bn2`` (and ``shortcut, shortcut_bn`` where the shape changes).
 """
 
+import re
 from collections.abc import Mapping
 from typing import Any, ClassVar, Optional
 
@@ -309,6 +310,15 @@ def build(
   raise ValueError(f'unknown model {name!r}; choose from {MODELS}.')
 
 
+def natural_key(path: str) -> tuple[Any, ...]:
+  """Sorts layer paths with their numbers as numbers (conv2 before conv10):
+  the forward order of the models here (NNX states sort names as text)."""
+  return tuple(
+    int(part) if i % 2 else part
+    for i, part in enumerate(re.split(r'(\d+)', path))
+  )
+
+
 def kernel_layers(model: nnx.Module) -> list[str]:
   """Layer paths of the model's conv kernels, in forward order."""
   params = nnx.to_pure_dict(nnx.state(model, nnx.Param))
@@ -323,4 +333,4 @@ def kernel_layers(model: nnx.Module) -> list[str]:
         out.append(prefix.rstrip('/'))
 
   visit(params, '')
-  return out
+  return sorted(out, key=natural_key)

@@ -43,9 +43,13 @@ def parse_seeds(text: str) -> list[int]:
 
 
 def summarise(per_seed: list[dict[str, Any]]) -> dict[str, Any]:
+  """Mean, std and min of every number (a run without SGD, ``--no-sgd``,
+  has no ``sgd_acc``: left out, not NaN)."""
   keys = per_seed[0].keys() - {'seed'}
   out = {}
   for k in sorted(keys):
+    if any(r[k] is None for r in per_seed):
+      continue
     v = np.asarray([r[k] for r in per_seed], float)
     out[k] = {
       'mean': float(v.mean()),
@@ -108,7 +112,11 @@ def main(argv: Optional[Sequence[str]] = None) -> dict[str, Any]:
     failed_dessilbi=[
       r['seed'] for r in per_seed if r['dessilbi_acc'] <= CHANCE
     ],
-    failed_sgd=[r['seed'] for r in per_seed if (r['sgd_acc'] or 0) <= CHANCE],
+    failed_sgd=[
+      r['seed']
+      for r in per_seed
+      if r['sgd_acc'] is not None and r['sgd_acc'] <= CHANCE
+    ],
   )
   args.out.mkdir(parents=True, exist_ok=True)
   with open(args.out / 'summary.json', 'w', encoding='utf-8') as fh:

@@ -17,7 +17,8 @@ Into ``--out`` it writes:
 * ``selected_filters.png``, ``norm_paths.png`` (filter norms of one conv
   layer, DessiLBI next to SGD), ``accuracy.png`` (dense, W* and SGD);
 * ``checkpoint/``: an Orbax checkpoint of DessiLBI's params and optimizer
-  state (W, momentum, z, Γ and the first-selection record).
+  state (W, momentum, z, Γ and the first-selection record), and of the
+  BatchNorm running statistics where the model has BatchNorm.
 
 Run::
 
@@ -71,7 +72,7 @@ def check_args(p: argparse.ArgumentParser, args: argparse.Namespace) -> None:
   for name in ('lr', 'nu', 'kappa', 'lam', 'width', 'lr_decay'):
     if getattr(args, name) <= 0:
       p.error(f'--{name.replace("_", "-")} must be > 0')
-  for name in ('warmup', 'weight_decay'):
+  for name in ('warmup', 'weight_decay', 'seed'):
     if getattr(args, name) < 0:
       p.error(f'--{name.replace("_", "-")} must be >= 0')
   if not 0 <= args.momentum < 1:
@@ -142,7 +143,9 @@ def build_model(args, ds, seed=None, widths=None):
 
 
 def save_checkpoint(path: pathlib.Path, model, optimizer) -> str:
-  """Orbax checkpoint of ``{'params', 'opt_state'}`` (pure arrays)."""
+  """Orbax checkpoint of ``{'params', 'opt_state'}`` (pure arrays), plus
+  ``'batch_stats'`` (BatchNorm's running statistics, which evaluation uses)
+  for a model with BatchNorm."""
   import orbax.checkpoint as ocp
 
   path = path.resolve()
@@ -150,6 +153,9 @@ def save_checkpoint(path: pathlib.Path, model, optimizer) -> str:
     'params': nnx.to_pure_dict(nnx.state(model, nnx.Param)),
     'opt_state': jax.tree.map(np.asarray, common.opt_state(optimizer)),
   }
+  stats = nnx.state(model, nnx.BatchStat)
+  if jax.tree.leaves(stats):
+    tree['batch_stats'] = nnx.to_pure_dict(stats)
   with ocp.StandardCheckpointer() as ckpt:
     ckpt.save(path, tree, force=True)
   return str(path)

@@ -110,6 +110,12 @@ def test_missing_datasets_say_where_to_put_files(tmp_path):
     data.load('imagenet', tmp_path)
 
 
+def test_cifar10_npz_without_the_arrays_names_them(tmp_path):
+  np.savez(tmp_path / 'cifar10.npz', x=np.zeros((2, 32, 32, 3), np.uint8))
+  with pytest.raises(ValueError, match='lacks x_train, y_train, x_test'):
+    data.load('cifar10', tmp_path)
+
+
 def test_gz_is_read(tmp_path):
   with gzip.open(tmp_path / 'a.gz', 'wb') as f:
     f.write(bytes([0, 0, 8, 1, 0, 0, 0, 3, 7, 8, 9]))

@@ -1,5 +1,6 @@
 """The main job and the workflows run end to end on the bundled digits."""
 
+import io
 import json
 import pathlib
 import re
@@ -10,7 +11,10 @@ import pytest
 
 sys.path.insert(0, str(pathlib.Path(__file__).parents[1]))
 
-from examples import seeds, train
+from examples import common, seeds, train
+from examples import data as data_lib
+from examples import models as models_lib
+from examples.search import search
 from examples.workflows import grow, prune, tickets
 
 # Small batches, a strong coupling and a low threshold: the path starts
@@ -97,6 +101,7 @@ def test_missing_dataset_is_a_clear_error(tmp_path):
     (train, ['--width', '0'], '--width must be > 0'),
     (train, ['--momentum', '1.5'], r'--momentum must lie in \[0, 1\)'),
     (train, ['--couple', 'none'], "invalid choice: 'none'"),
+    (train, ['--seed', '-1'], '--seed must be >= 0'),
     (train, ['--dataset', 'foo'], "--dataset: unknown dataset 'foo'"),
     (train, ['--model', 'vgg11'], r'at least 32×32, got 8×8'),
     (train, ['--norm-layer', 'conv9'], "'conv9' is not a conv layer"),
@@ -106,6 +111,12 @@ def test_missing_dataset_is_a_clear_error(tmp_path):
     (prune, ['--layers', 'conv9'], "--layers: 'conv9' is not"),
     (grow, ['--round-epochs', '0'], '--round-epochs must be >= 1'),
     (tickets, ['--at', 'x'], '--at: epochs'),
+    (prune, ['--model', 'mlp'], '--model: mlp has no conv layers'),
+    (
+      tickets,
+      ['--model', 'mlp', '--epochs', '1', '--at', '1'],
+      '--model: mlp has no conv layers',
+    ),
     (seeds, ['--seeds', '3-1'], '--seeds: expected'),
   ],
 )
@@ -182,3 +193,93 @@ def test_growing_workflow(tmp_path):
     < out['fixed']['sgd']['dense_cost']['params']
   )
   assert out['epochs'] == out['growth_epochs'] + 1
+
+
+def test_conv_layers_in_forward_order():
+  # NNX sorts names as text (conv10 before conv2): the defaults "second conv"
+  # (--norm-layer) and "last conv" (--prune-layer, --layers) were conv10 and
+  # conv9 on VGG-16.
+  model = models_lib.build('vgg16', (32, 32, 3), 10, width=1 / 16)
+  assert models_lib.kernel_layers(model) == [f'conv{i}' for i in range(1, 14)]
+
+
+def test_checkpoint_keeps_batchnorm_statistics(tmp_path):
+  m = train.main(
+    [
+      *FAST,
+      *('--norm', '--epochs', '1', '--no-sgd', '--no-plots'),
+      *('--out', str(tmp_path)),
+    ]
+  )
+  import orbax.checkpoint as ocp
+  from flax import nnx
+
+  with ocp.StandardCheckpointer() as ckpt:
+    restored = ckpt.restore(pathlib.Path(m['files']['checkpoint']))
+  ds = data_lib.load('digits')
+  model = models_lib.build('lenet5', ds.image_shape, 10, norm=True, seed=1)
+  for kind, key in ((nnx.Param, 'params'), (nnx.BatchStat, 'batch_stats')):
+    state = nnx.state(model, kind)
+    nnx.replace_by_pure_dict(state, restored[key])
+    nnx.update(model, state)
+  # The restored network is the one evaluated: same test accuracy.
+  acc = common.accuracy(model, ds.x_test, ds.y_test)
+  assert acc == pytest.approx(m['final']['acc'])
+
+
+def test_growing_workflow_with_batchnorm(tmp_path):
+  out = grow.main(
+    [
+      *FAST,
+      *('--norm', '--start', '2,4,8', '--round-epochs', '1'),
+      *('--max-rounds', '1', '--final-epochs', '1', '--baselines', ''),
+      *('--out', str(tmp_path)),
+    ]
+  )
+  grown = out['grown']
+  assert 0 <= grown['wstar_acc'] <= 1 and out['fixed'] == {}
+  assert grown['wstar_cost']['params'] <= grown['dense_cost']['params']
+
+
+def test_fixed_width_baseline_decays_once():
+  args = grow.parse_args(['--dataset', 'digits', '--warmup', '0'])
+  fixed = grow.fixed_width_args(args, 5, 15)  # final phase of 10 epochs
+  lr = common.schedule(fixed, 10)
+  assert float(lr(49)) == pytest.approx(0.1)
+  for step in (50, 99, 100, 149):  # the grown run's final step size
+    assert float(lr(step)) == pytest.approx(0.01), step
+
+
+def test_seeds_without_sgd(tmp_path, monkeypatch):
+  def fake_main(argv):
+    seed = int(argv[argv.index('--seed') + 1])
+    final = dict(
+      acc=0.9 + seed / 100, sgd_acc=None, wstar_acc=0.8, conv_filter_share=0.3
+    )
+    prune = dict(acc={'50%': 0.9})
+    return dict(config={}, final=final, prune_by_selection_order=prune)
+
+  monkeypatch.setattr(seeds.train, 'main', fake_main)
+  out = seeds.main(['--seeds', '0-1', '--out', str(tmp_path), '--', '--no-sgd'])
+  assert out['failed_sgd'] == []  # no SGD run is not a run at chance
+  assert 'sgd_acc' not in out['summary']
+  assert out['summary']['dessilbi_acc']['mean'] == pytest.approx(0.905)
+  text = (tmp_path / 'summary.json').read_text(encoding='utf-8')
+  json.loads(text, parse_constant=lambda c: pytest.fail(f'{c} in the JSON'))
+
+
+def test_search_harness_uses_the_lines_dataset(monkeypatch, capsys):
+  loaded = []
+  load = search.data.load
+
+  def spy(name, *a, **kw):
+    loaded.append(name)
+    return load(name, *a, **kw)
+
+  monkeypatch.setattr(search.data, 'load', spy)
+  line = '--dataset digits --epochs 1 --batch-size 64 --nu 2 --lam 1 --warmup 0'
+  monkeypatch.setattr(sys, 'stdin', io.StringIO(line + '\n'))
+  search.main([])
+  out = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+  assert loaded == ['digits']
+  assert {'acc', 'wstar', 'conv_share', 'p50', 'p70', 'p90'} <= set(out)

@@ -2,8 +2,9 @@
 
 Reads one configuration per line on stdin (the main job's flags, plus
 ``--opt sgd`` for the baseline), trains LeNet-5 on the bundled MNIST subset
-and prints one JSON line per run: dense accuracy, and for DessiLBI the W*
-accuracy, the share of conv filters selected, the counts per layer and conv3
+(or the line's ``--model`` on its ``--dataset``) and prints one JSON line
+per run: dense accuracy, and for DessiLBI the W* accuracy, the share of conv
+filters selected, the counts per layer and the last conv layer (conv3)
 pruned by selection order at 50/70/90 % (``p50``, ``p70``, ``p90``). The
 ``grid*.jsonl`` files here are its output (run on one H100, several
 processes in parallel; ``grid2`` to ``grid4`` ran before the ``--warmup`` flag
@@ -31,16 +32,20 @@ import dessilbi_jax as dl
 from examples import common, data, models
 
 
-def run(ds, argv):
+def run(datasets, argv):
+  """One line's run (``datasets``: the datasets loaded so far, by name)."""
   p = argparse.ArgumentParser()
   common.add_data_args(p)
   common.add_optim_args(p)
   p.add_argument('--opt', default='dessilbi')
   a = p.parse_args(argv)
+  if a.dataset not in datasets:
+    datasets[a.dataset] = data.load(a.dataset, a.data_dir)
+  ds = datasets[a.dataset]
   model = models.build(
     a.model,
     ds.image_shape,
-    10,
+    ds.num_classes,
     seed=a.seed,
     width=a.width,
     **({'norm': True} if a.norm else {}),
@@ -61,12 +66,13 @@ def run(ds, argv):
     c = common.counts(common.selected_filters(st))
     wstar = common.wstar_model(model, opt, spec)
     out['wstar'] = common.accuracy(wstar, ds.x_test, ds.y_test)
-    out['conv_share'] = round(common.conv_share(c, model.CONVS), 3)
+    convs = models.kernel_layers(model)
+    out['conv_share'] = round(common.conv_share(c, convs), 3)
     out['counts'] = common.format_counts(c)
     record = optax.tree.get(st, 'first_step')
     params = nnx.state(model, nnx.Param)
-    for f in (0.5, 0.7, 0.9):
-      pruned, _ = dl.prune(params, record, f, layers=['conv3'], penalty=rule)
+    for f in (0.5, 0.7, 0.9) if convs else ():
+      pruned, _ = dl.prune(params, record, f, layers=convs[-1:], penalty=rule)
       m = nnx.clone(model)
       nnx.update(m, pruned)
       out[f'p{int(f * 100)}'] = common.accuracy(m, ds.x_test, ds.y_test)
@@ -78,11 +84,11 @@ def main(argv=None):
     description=__doc__.split('\n\n')[0],
     epilog='Each line on stdin: the flags of one run, e.g. --nu 5 --lam 4.5.',
   ).parse_args(argv)
-  ds = data.load('mnist-subset')
+  datasets: dict[str, data.Dataset] = {}
   for line in sys.stdin:
     line = line.strip()
     if line and not line.startswith('#'):
-      run(ds, line.split())
+      run(datasets, line.split())
 
 
 if __name__ == '__main__':

@@ -91,6 +91,18 @@ def with_lr(args, lr, **kw):
   return a
 
 
+def fixed_width_args(args, growth_epochs: int, total: int):
+  """The fixed-width runs' settings: ``total`` epochs at the growth's step
+  sizes, ×``--lr-decay`` once, after ``growth_epochs`` (a step schedule with
+  ``--lr-step`` = growth epochs would decay again every ``growth_epochs``
+  when the final phase is longer)."""
+  a = with_lr(
+    args, args.lr, schedule='step', epochs=total, lr_step=growth_epochs
+  )
+  a.lr_boundaries = [growth_epochs]
+  return a
+
+
 def rebuild(args, ds, widths, state, opt_state, tx):
   """A model at ``widths`` holding ``state``, with an optimizer holding
   ``opt_state``."""
@@ -112,7 +124,9 @@ def evaluate(args, ds, model, optimizer, spec) -> dict[str, Any]:
     sel = common.selected_filters(common.opt_state(optimizer))
     wstar = common.wstar_model(model, optimizer, spec)
     out['wstar_acc'] = common.accuracy(wstar, ds.x_test, ds.y_test)
-    small, widths = common.slim_model(args.model, ds, wstar, sel, spec)
+    small, widths = common.slim_model(
+      args.model, ds, wstar, sel, spec, **({'norm': True} if args.norm else {})
+    )
     out['wstar_widths'] = widths
     out['wstar_cost'] = common.cost(small, ds.image_shape)
   return out
@@ -205,9 +219,7 @@ def main(argv: Optional[Sequence[str]] = None) -> dict[str, Any]:
   total = growth_epochs + args.final_epochs
 
   # Fixed width, same epochs and step sizes (×decay after the growth epochs).
-  fixed_args = with_lr(
-    args, args.lr, schedule='step', epochs=total, lr_step=growth_epochs
-  )
+  fixed_args = fixed_width_args(args, growth_epochs, total)
   fixed = {}
   for name in args.baselines:
     m = train.build_model(args, ds)

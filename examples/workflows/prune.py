@@ -93,11 +93,13 @@ def main(argv: Optional[Sequence[str]] = None) -> dict[str, Any]:
   ds = train.load_data(args)
   model = train.build_model(args, ds)
   sgd_model = nnx.clone(model)
-  layers = (
-    args.layers.split(',')
-    if args.layers
-    else [common.models_lib.kernel_layers(model)[-1]]
-  )
+  convs = common.models_lib.kernel_layers(model)
+  if not convs:
+    raise SystemExit(
+      f'error: --model: {args.model} has no conv layers; this workflow '
+      'prunes conv filters'
+    )
+  layers = args.layers.split(',') if args.layers else [convs[-1]]
   train.check_layers(model, args, [('--layers', name) for name in layers])
   steps = len(ds.x_train) // args.batch_size
   tx, rule, _ = common.setup_dessilbi(args, model, steps)

@@ -91,6 +91,11 @@ def main(argv: Optional[Sequence[str]] = None) -> dict[str, Any]:
   model = train.build_model(args, ds)
   init_model = nnx.clone(model)
   convs = common.models_lib.kernel_layers(model)
+  if not convs:
+    raise SystemExit(
+      f'error: --model: {args.model} has no conv layers; tickets are masks '
+      'of conv filters'
+    )
   steps = len(ds.x_train) // args.batch_size
   tx, _, spec = common.setup_dessilbi(args, model, steps)
   keeps: dict[int, dict[str, np.ndarray]] = {}
