@@ -709,6 +709,11 @@ def parse_args(argv=None) -> argparse.Namespace:
     '--hlo-dir', default=None, help='write the compiled HLO texts here'
   )
   args = parser.parse_args(argv)
+  if args.dtype != 'float32' and args.mode in ('scaling', 'memory'):
+    parser.error(
+      f'--dtype: {args.mode} mode runs in float32; {args.dtype} is for the '
+      'step and update modes'
+    )
   args.xla_options = check_names(
     parser, args.model, args.optimizers, args.xla_option
   )

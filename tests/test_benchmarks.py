@@ -408,6 +408,9 @@ def test_agreement_check_reports_matches_and_mismatches():
     ['scaling', '--sizes', '0'],
     ['scaling', '--sizes', 'nan'],
     ['scaling', '--sizes', 'inf'],
+    # Not silently float32.
+    ['memory', '--dtype', 'bfloat16'],
+    ['scaling', '--dtype', 'bfloat16'],
   ],
 )
 def test_counts_and_names_are_checked_before_compiling(argv, capsys):
