@@ -29,6 +29,7 @@ import contextlib
 import glob
 import os
 import re
+import shutil
 import statistics
 import sys
 import tempfile
@@ -110,18 +111,24 @@ def main(argv=None) -> dict:
 
   from benchmarks import harness
 
-  options = harness.check_names(
-    parser, args.model, args.optimizers, args.xla_option
-  )
   try:
-    topology = topologies.get_topology_desc(
-      '', 'cuda', target_config=target_config, topology=f'1x1x{args.devices}'
+    options = harness.check_names(
+      parser, args.model, args.optimizers, args.xla_option
     )
-  except NotImplementedError:
-    parser.error(
-      'this JAX cannot compile for CUDA: install its CUDA build in this '
-      'environment (pip install "jax[cuda12]"; no GPU or driver is needed).'
-    )
+    try:
+      topology = topologies.get_topology_desc(
+        '', 'cuda', target_config=target_config, topology=f'1x1x{args.devices}'
+      )
+    except NotImplementedError:
+      parser.error(
+        'this JAX cannot compile for CUDA: install its CUDA build in this '
+        'environment (pip install "jax[cuda12]"; no GPU or driver is needed).'
+      )
+  except SystemExit:
+    # Refused before compiling anything: no dump folder of ours left behind.
+    if not args.dump:
+      shutil.rmtree(dump, ignore_errors=True)
+    raise
   mesh = jax.sharding.Mesh(
     topology.devices,
     ('data',),

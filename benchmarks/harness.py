@@ -420,6 +420,11 @@ def bench_scaling(args) -> dict:
   return out
 
 
+# --steps when not given: steps per timing, and the memory mode's train steps
+# before it reads the peak (a few: it reads a high-water mark, not a time).
+STEPS = 50
+MEMORY_STEPS = 3
+
 # The baseline of the memory mode: a stateless optimizer, so that what the
 # others add at peak (state, and temporaries of their update) shows as a delta.
 BASELINE = 'gd'
@@ -508,6 +513,7 @@ def bench_memory(args) -> dict:
   out = {
     'mode': 'memory',
     'model': args.model,
+    'steps': args.steps,
     'device': str(jax.devices()[0].device_kind),
     'backend': jax.default_backend(),
     'jax': jax.__version__,
@@ -516,7 +522,7 @@ def bench_memory(args) -> dict:
   names = [BASELINE] + [n for n in args.optimizers if n != BASELINE]
   for name in names:
     row = _in_fresh_process(
-      _memory_one, args.model, args.batch, name, 3, args.xla_options
+      _memory_one, args.model, args.batch, name, args.steps, args.xla_options
     )
     row['compiled_peak_bytes'] = compiled_peak(row['memory'])
     out['results'][name] = row
@@ -675,7 +681,11 @@ def parse_args(argv=None) -> argparse.Namespace:
   )
   parser.add_argument('--optimizers', nargs='+', default=DEFAULT_OPTIMIZERS)
   parser.add_argument(
-    '--steps', type=positive_int, default=50, help='steps per timing'
+    '--steps',
+    type=positive_int,
+    default=None,
+    help=f'steps per timing (default {STEPS}); memory mode: train steps run '
+    f'before the peak is read (default {MEMORY_STEPS})',
   )
   parser.add_argument(
     '--k', type=positive_int, default=20, help='updates per jit'
@@ -709,6 +719,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     '--hlo-dir', default=None, help='write the compiled HLO texts here'
   )
   args = parser.parse_args(argv)
+  if args.steps is None:
+    args.steps = MEMORY_STEPS if args.mode == 'memory' else STEPS
   if args.dtype != 'float32' and args.mode in ('scaling', 'memory'):
     parser.error(
       f'--dtype: {args.mode} mode runs in float32; {args.dtype} is for the '

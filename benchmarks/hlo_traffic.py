@@ -11,24 +11,50 @@ versions of one computation, not a count of DRAM traffic.
 
 import re
 
+# Bytes per element of each element type XLA prints (xla_data.proto's
+# PrimitiveType, lowercased; OPAQUE_TYPE prints as opaque). A sub-byte type
+# takes a byte per element unless the array's layout packs it: compiled HLO
+# prints `s4[3,5]{1,0:E(4)}`, 4 bits an element (see shape_bytes).
 _BYTES = {
   'pred': 1,
+  's1': 1,
+  's2': 1,
+  's4': 1,
   's8': 1,
+  's16': 2,
+  's32': 4,
+  's64': 8,
+  'u1': 1,
+  'u2': 1,
+  'u4': 1,
   'u8': 1,
+  'u16': 2,
+  'u32': 4,
+  'u64': 8,
+  'f4e2m1fn': 1,
+  'f8e3m4': 1,
+  'f8e4m3': 1,
+  'f8e4m3b11fnuz': 1,
   'f8e4m3fn': 1,
+  'f8e4m3fnuz': 1,
   'f8e5m2': 1,
+  'f8e5m2fnuz': 1,
+  'f8e8m0fnu': 1,
   'bf16': 2,
   'f16': 2,
-  's16': 2,
-  'u16': 2,
   'f32': 4,
-  's32': 4,
-  'u32': 4,
   'f64': 8,
-  's64': 8,
-  'u64': 8,
+  'c64': 8,
+  'c128': 16,
+  # Not arrays: no data (a tuple prints as its elements in parentheses).
+  'token': 0,
+  'opaque': 0,
 }
-_ARRAY = re.compile(r'\b(' + '|'.join(_BYTES) + r')\[([0-9,]*)\]')
+# Any `name[dims]` and its layout, so that a type missing above is an error,
+# not 0 bytes.
+_ARRAY = re.compile(r'\b([a-z]\w*)\[([^\]]*)\](\{[^}]*\})?')
+_DIM = re.compile(r'(?:<=)?([0-9]+)')
+_PACKED = re.compile(r'[:)]E\(([0-9]+)\)')
 _INSTRUCTION = re.compile(
   r'^\s*(?:ROOT )?%(\S+) = (\(.*?\)|\S+) ([\w-]+)\(([^)]*)\)', re.MULTILINE
 )
@@ -37,13 +63,36 @@ _ENTRY = re.compile(r'^ENTRY .*?^}', re.MULTILINE | re.DOTALL)
 
 
 def shape_bytes(shape: str) -> int:
-  """Bytes of an HLO shape (an array, or a tuple of arrays)."""
+  """Bytes of an HLO shape (an array, or a tuple of arrays), as XLA counts
+  them: elements × bytes per element, or, where the layout packs the
+  elements (`{0:E(4)}`), elements × bits / 8 rounded up to a whole byte. A
+  bounded dynamic dimension (`<=8`) counts its bound.
+
+  Raises:
+    ValueError: an element type missing from the table, or an unbounded
+      dynamic dimension (`?`): its size cannot be read off the text.
+  """
   total = 0
-  for dtype, dims in _ARRAY.findall(shape):
-    size = _BYTES[dtype]
+  for dtype, dims, layout in _ARRAY.findall(shape):
+    if dtype not in _BYTES:
+      raise ValueError(
+        f'hlo_traffic: unknown element type {dtype!r} in {shape!r}; add its '
+        'bytes per element to hlo_traffic._BYTES.'
+      )
+    elements = 1
     for d in filter(None, dims.split(',')):
-      size *= int(d)
-    total += size
+      size = _DIM.fullmatch(d)
+      if size is None:
+        raise ValueError(
+          f'hlo_traffic: no size for dimension {d!r} in {shape!r} (an '
+          'unbounded dynamic dimension).'
+        )
+      elements *= int(size.group(1))
+    packed = _PACKED.search(layout)
+    if packed:
+      total += -(-elements * int(packed.group(1)) // 8)
+    else:
+      total += elements * _BYTES[dtype]
   return total
 
 

@@ -253,6 +253,28 @@ def test_xla_options_are_parsed_and_checked(capsys):
   assert 'KEY=VALUE' in capsys.readouterr().err
 
 
+def test_memory_mode_runs_the_steps_asked_for(monkeypatch, capsys):
+  runs = []
+
+  def fresh_process(fn, model, batch, name, steps, options):
+    runs.append((name, steps))
+    mem = {'argument': 4, 'output': 4, 'temp': 0, 'alias': 4}
+    return {
+      'peak_bytes': 8,
+      'source': 'peak RSS',
+      'state_bytes': 0,
+      'memory': mem,
+    }
+
+  monkeypatch.setattr(harness, '_in_fresh_process', fresh_process)
+  argv = ['memory', '--model', 'mlp', '--optimizers', 'sgd', '--steps', '7']
+  out = harness.main(argv)
+  assert runs == [('gd', 7), ('sgd', 7)] and out['steps'] == 7
+  # Not given: a few train steps for a peak, more for a timing.
+  assert harness.parse_args(['memory']).steps == harness.MEMORY_STEPS == 3
+  assert harness.parse_args(['step']).steps == harness.STEPS == 50
+
+
 def test_gpu_offline_counts_launches_by_kind(tmp_path):
   from benchmarks import gpu_offline
 
@@ -518,6 +540,29 @@ def test_gpu_offline_names_a_missing_target_config(tmp_path, capsys):
   assert '--target-config: no file' in capsys.readouterr().err
 
 
+def test_gpu_offline_refused_leaves_no_dump_folder(
+  tmp_path, monkeypatch, capsys
+):
+  from benchmarks import gpu_offline
+
+  config = tmp_path / 'gpu_target_config.pbtxt'
+  config.write_text('')
+  temp = tmp_path / 'temp'
+  temp.mkdir()
+  monkeypatch.setattr(tempfile, 'tempdir', str(temp))
+  # main sets these for the JAX it would start; this process's is started.
+  for key in ('XLA_FLAGS', 'JAX_PLATFORMS'):
+    if key in os.environ:
+      monkeypatch.setenv(key, os.environ[key])
+    else:
+      monkeypatch.delenv(key, raising=False)
+  argv = ['--target-config', str(config), 'update', '--optimizers', 'nope']
+  with pytest.raises(SystemExit):
+    gpu_offline.main(argv)
+  assert '--optimizers' in capsys.readouterr().err
+  assert list(temp.iterdir()) == []
+
+
 def test_hlo_traffic_adds_operands_and_results_of_kernels():
   from benchmarks import hlo_traffic
 
@@ -544,6 +589,49 @@ def test_hlo_traffic_adds_operands_and_results_of_kernels():
   assert hlo_traffic.shape_bytes('(f32[3,5]{1,0}, (pred[7], s64[]))') == 75
   with pytest.raises(ValueError, match='no ENTRY computation'):
     hlo_traffic.traffic('%p = f32[4]{0} parameter(0)')
+
+
+def test_hlo_traffic_knows_every_element_type():
+  from jaxlib import xla_client
+
+  from benchmarks import hlo_traffic
+
+  size = hlo_traffic.shape_bytes
+  assert size('c64[3]{0}') == 24 and size('c128[2,2]{1,0}') == 64
+  for f8 in ('f8e4m3', 'f8e4m3b11fnuz', 'f8e4m3fnuz', 'f8e5m2fnuz', 'f8e3m4'):
+    assert size(f'{f8}[5]{{0}}') == 5
+  assert size('f8e8m0fnu[5]{0}') == 5
+  # Sub-byte types as compiled HLO prints them (jaxlib 0.10.2, the CPU):
+  # packed, `E(bits)` in the layout, rounded up to a whole byte per array.
+  assert size('s4[3,5]{1,0:E(4)}') == 8 and size('u4[15]{0:E(4)}') == 8
+  assert size('s2[3,5]{1,0:E(2)}') == 4 and size('u2[4]{0:E(2)}') == 1
+  assert size('f4e2m1fn[3]{0:E(4)}') == 2
+  assert size('s4[4]{0:T(2)E(4)S(1)}') == 2
+  # Unpacked (no `E`), XLA stores one a byte.
+  assert size('s4[3]{0}') == 3 and size('s4[3]') == 3
+  assert size('(s64[2]{0}, token[], (u64[], f64[<=4]{0}))') == 56
+  hlo = (
+    'ENTRY %main.1 (x.1: s4[3,5], y.1: c64[2]) -> (s4[3,5], c64[2]) {\n'
+    '  %x.1 = s4[3,5]{1,0:E(4)} parameter(0)\n'
+    '  %y.1 = c64[2]{0} parameter(1)\n'
+    '  %copy = s4[3,5]{1,0:E(4)} copy(%x.1)\n'
+    '  %copy.1 = c64[2]{0} copy(%y.1)\n'
+    '  ROOT %tuple = (s4[3,5]{1,0:E(4)}, c64[2]{0}) tuple(%copy, %copy.1)\n'
+    '}\n'
+  )
+  assert hlo_traffic.traffic(hlo)['copy'] == {'count': 2, 'bytes': 48}
+  # Every type this jaxlib names (TUPLE prints as parentheses).
+  names = set(xla_client.PrimitiveType.__members__) - {
+    'PRIMITIVE_TYPE_INVALID',
+    'TUPLE',
+  }
+  names = {'opaque' if n == 'OPAQUE_TYPE' else n.lower() for n in names}
+  assert names <= set(hlo_traffic._BYTES)
+  # A shape it cannot size is an error, not 0 bytes.
+  with pytest.raises(ValueError, match="unknown element type 'f7'"):
+    size('(f32[2]{0}, f7[3]{0})')
+  with pytest.raises(ValueError, match="dimension '\\?'"):
+    size('f32[?,3]{1,0}')
 
 
 def test_hlo_traffic_reads_a_compiled_module():
