@@ -331,10 +331,14 @@ def _explicit_spec(x: Any) -> Any:
 
 def replicated(x: jax.Array) -> jax.Array:
   """x whole on every device where its type shards it (explicit mesh
-  axes): a sort or a reshape across the sharded axis needs it whole."""
+  axes): a sort or a reshape across the sharded axis needs it whole.
+  The mesh comes from x's type, so no ``jax.set_mesh`` is needed."""
   if _explicit_spec(x) is None:
     return x
-  return jax.sharding.reshard(x, jax.sharding.PartitionSpec())
+  mesh = jax.typeof(x).sharding.mesh
+  return jax.sharding.reshard(
+    x, jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec())
+  )
 
 
 def sharded_like(x: jax.Array, like: Any) -> jax.Array:
@@ -343,7 +347,7 @@ def sharded_like(x: jax.Array, like: Any) -> jax.Array:
   spec = _explicit_spec(like)
   if spec is None or _explicit_spec(x) == spec:
     return x
-  return jax.sharding.reshard(x, spec)
+  return jax.sharding.reshard(x, jax.typeof(like).sharding)
 
 
 def expand_groups(per_group: jax.Array, choice: Penalty, ndim: int):

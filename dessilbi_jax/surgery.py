@@ -65,9 +65,10 @@ def _take(x, src: np.ndarray, axis: int, fill, repeat: int = 1):
   filled with ``fill``. With ``repeat > 1`` the axis holds ``repeat`` blocks
   of channels, channels fastest (a channels-last flattened feature map).
   Surgery is a rare host-side operation: it runs in NumPy (no compilation
-  per shape) and returns a JAX array.
+  per shape) and returns a JAX array (with ``x``'s sharding where the
+  shape stays).
   """
-  x = np.asarray(x)
+  like, x = x, np.asarray(x)
   axis = axis % x.ndim
   channels = x.shape[axis] // repeat
   blocks = x.reshape((*x.shape[:axis], repeat, channels, *x.shape[axis + 1 :]))
@@ -75,7 +76,25 @@ def _take(x, src: np.ndarray, axis: int, fill, repeat: int = 1):
   new = (src < 0).reshape((-1,) + (1,) * (blocks.ndim - axis - 2))
   taken = np.where(new, np.asarray(fill).astype(x.dtype), taken)
   out_shape = (*x.shape[:axis], repeat * len(src), *x.shape[axis + 1 :])
-  return jnp.asarray(taken.reshape(out_shape))
+  return _placed_like(taken.reshape(out_shape), like)
+
+
+def _is_placed(x) -> bool:
+  """Whether ``x`` is a JAX array committed to its sharding, over one
+  device or several (as ``jax.device_put`` leaves it)."""
+  return (
+    isinstance(x, jax.Array)
+    and not isinstance(x, jax.core.Tracer)
+    and getattr(x, 'committed', True)
+  )
+
+
+def _placed_like(new, x) -> jax.Array:
+  """``new`` (a NumPy or JAX array) as a JAX array, with the sharding of
+  ``x`` where ``x`` is placed (:func:`_is_placed`) and of the same shape."""
+  if _is_placed(x) and tuple(np.shape(new)) == tuple(x.shape):
+    return jax.device_put(new, x.sharding)
+  return jnp.asarray(new)
 
 
 def _norm_fill(leaf_name: str) -> float:
@@ -444,8 +463,9 @@ def orthogonal_filters(
     A ``(d, count)`` array in the dtype of ``existing``.
 
   Raises:
-    ValueError: ``existing`` is not a matrix, ``count`` is not an int >= 0,
-      or the existing filters already span the whole filter space.
+    ValueError: ``existing`` is not a matrix or holds NaN or inf, ``count``
+      is not an int >= 0, or the existing filters already span the whole
+      filter space.
 
   Example:
     >>> import jax, jax.numpy as jnp
@@ -463,6 +483,11 @@ def orthogonal_filters(
     )
   dtype = jnp.asarray(existing).dtype
   filters = np.asarray(existing, np.float64)
+  if not np.isfinite(filters).all():
+    raise ValueError(
+      f'layer {layer!r}: the existing filters hold NaN or inf; new filters '
+      'are made orthogonal to finite filters only.'
+    )
   d = filters.shape[0]
   if filters.shape[1]:
     u, s, _ = np.linalg.svd(filters, full_matrices=True)
@@ -491,6 +516,9 @@ def _new_filter_norm(scale, filters: np.ndarray) -> float:
     return float(scale)
   if filters.shape[1] == 0:
     return 1.0
+  # In float64: a float16 filter's sum of squares passes 65504 at |w| ≈ 3.8
+  # over 3×3×512 weights.
+  filters = filters.astype(np.float64)
   return float(np.mean(np.linalg.norm(filters, axis=0)))
 
 
@@ -539,13 +567,22 @@ def reinit_unselected(
       state records), and is not needed to find the filters.
 
   Returns:
-    ``(params, opt_state)``, pure (NNX variables unwrapped).
+    ``(params, opt_state)``, pure (NNX variables unwrapped); the edited
+    arrays keep their sharding.
 
   Raises:
-    ValueError: a layer has no kernel, or no room for orthogonal filters.
+    ValueError: a layer has no kernel or no entry in ``keep``, its kept
+      filters hold NaN or inf, or it has no room for orthogonal filters.
+    TypeError: ``keep`` is not a dict, or a mask holds neither bools nor
+      ints.
   """
   if scale is not None:
     _checks.check_positive('scale', scale)
+  if keep is not None and not isinstance(keep, Mapping):
+    raise TypeError(
+      'keep: expected a dict {layer: mask} (one mask per layer of layers), '
+      f'got {type(keep).__name__}.'
+    )
   params = _trees.editable(params)
   opt_state = _trees.pure(opt_state)
   table = _trees.leaves_by_name(params)
@@ -572,7 +609,10 @@ def reinit_unselected(
     kernel = np.asarray(table[kernel_names])
     if keep is not None:
       if layer not in keep:
-        raise ValueError(f'keep: has no entry for layer {layer!r}.')
+        raise ValueError(
+          f'keep: has no entry for layer {layer!r} (its keys: '
+          f'{sorted(map(str, keep))}); key the masks by layer path.'
+        )
       mask = _layer_mask(keep[layer], layer)
     else:
       if kernel_names not in selected:
@@ -618,7 +658,7 @@ def _set_new_filters(params, new_filters):
       return x
     flat = np.array(x).reshape(-1, x.shape[-1])
     flat[:, idx] = np.asarray(values)
-    return jnp.asarray(flat.reshape(x.shape))
+    return _placed_like(flat.reshape(x.shape), x)
 
   return _trees.map_with_names(one, params)
 
@@ -994,6 +1034,8 @@ def set_nnx_opt_state(optimizer: Any, opt_state: optax.OptState) -> None:
   After :func:`widen` or :func:`slim`, build the model at its new widths and
   a new ``nnx.Optimizer`` for it, then load the carried-over state with this
   function (its layout must be the one the new optimizer was built with).
+  Each array is written with the sharding of the one it replaces, so a
+  state that surgery returned on one device follows the new model's.
 
   Args:
     optimizer: an ``nnx.Optimizer``.
@@ -1018,6 +1060,9 @@ def set_nnx_opt_state(optimizer: Any, opt_state: optax.OptState) -> None:
     lambda x: isinstance(x, nnx.Variable),
   )
   for var, value in pairs:
+    current = _trees.variable_value(var)
+    if _checks._is_array(value) and _is_placed(current):
+      value = jax.device_put(value, current.sharding)  # where it was
     _trees.set_variable(var, value)
 
 

@@ -247,6 +247,80 @@ def toolbox_sharded():
   return out
 
 
+def toolbox_outside_mesh():
+  """Outside ``jax.set_mesh``, arrays sharded in their types still carry
+  their mesh: prune gives what it gives on one device, and prune and
+  reinit_unselected (same-shaped edits) keep the params' and the state's
+  sharding."""
+  mesh = jax.make_mesh((8,), ('x',), axis_types=(AxisType.Explicit,))
+  key = jax.random.split(jax.random.key(4), 2)
+  whole = {
+    'conv': {
+      'kernel': jax.random.normal(key[0], (3, 3, 4, 16)),
+      'bias': jnp.zeros(16),
+    },
+    'dense': {'kernel': jax.random.normal(key[1], (16, 8))},
+  }
+  specs = {
+    'conv': {'kernel': P(None, None, None, 'x'), 'bias': P('x')},
+    'dense': {'kernel': P('x', None)},
+  }
+  p = jax.tree.map(
+    lambda a, s: jax.device_put(a, NamedSharding(mesh, s)), whole, specs
+  )
+  record = dl.magnitude_record(whole)
+  out = {}
+  try:
+    pruned, masks = dl.prune(p, dl.magnitude_record(p), 0.5)
+    want, _ = dl.prune(whole, record, 0.5)
+    out['prune'] = {
+      'same': max_diff(pruned, want) == 0,
+      'keep_sharding': same_sharding(pruned, p) and same_sharding(masks, p),
+    }
+  except Exception as e:  # reported, so that the other cases still run
+    out['prune'] = {'error': str(e)[:500]}
+  tx = dl.track_selection(dl.dessilbi(0.1, nu=1.0))
+  state = tx.init(p)
+  keep = {'conv': np.arange(16) % 2 == 0}
+  new, new_state = dl.reinit_unselected(
+    jax.random.key(5), p, state, ['conv'], keep=keep
+  )
+  z = optax.tree.get(new_state, 'z')
+  before = optax.tree.get(state, 'first_step')['conv']['kernel']
+  after = optax.tree.get(new_state, 'first_step')['conv']['kernel']
+  out['reinit'] = {
+    'keep_sharding': same_sharding(new, p)
+    and same_sharding(optax.tree.get(new_state, 'trace'), p)
+    and same_sharding(z['conv']['kernel'], p['conv']['kernel'])
+    and same_sharding(after, before),
+  }
+  out['set_nnx_opt_state'] = nnx_state_placed()
+  return out
+
+
+def nnx_state_placed():
+  """set_nnx_opt_state writes a state on one device (as slim or widen
+  return it) where the optimizer keeps its own: sharded as the model."""
+  from flax import nnx
+
+  mesh = jax.make_mesh((8,), ('x',), axis_types=(AxisType.Auto,))
+
+  def model(width):
+    m = nnx.Linear(4, width, rngs=nnx.Rngs(0))
+    state = jax.tree.map(
+      lambda a: put(a, mesh, P(*[None] * (a.ndim - 1), 'x')), nnx.state(m)
+    )
+    nnx.update(m, state)
+    return m
+
+  tx = dl.track_selection(dl.dessilbi(0.1, nu=1.0))
+  optimizer = nnx.Optimizer(model(8), tx, wrt=nnx.Param)
+  held = nnx.as_pure(optimizer.opt_state)
+  given = jax.tree.map(jnp.asarray, jax.device_get(held))
+  dl.set_nnx_opt_state(optimizer, given)
+  return same_sharding(nnx.as_pure(optimizer.opt_state), held)
+
+
 def conv_sharded(tree, mesh, spec):
   """``tree`` on ``mesh``: the conv kernels as ``spec``, the rest replicated."""
   return jax.tree.map(
@@ -319,6 +393,7 @@ def main():
   out['types_stable'] = types_stable()
   out['fused'] = fused()
   out['toolbox'] = toolbox_sharded()
+  out['outside_mesh'] = toolbox_outside_mesh()
   json.dump(out, sys.stdout)
 
 

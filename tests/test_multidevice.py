@@ -118,3 +118,14 @@ def test_fused_step_on_sharded_params(measured):
     assert "params 'conv/kernel' is sharded as " in message
     assert "(None, None, None, 'model') (an explicit mesh axis)" in message
     assert 'implementation=None' in message
+
+
+def test_prune_and_reinit_keep_sharding_outside_the_mesh(measured):
+  # Outside jax.set_mesh prune used to fail inside JAX (no mesh for its
+  # sort), reinit_unselected put the edited leaves on one device, and
+  # set_nnx_opt_state the optimizer's sharded state.
+  assert measured['outside_mesh'] == {
+    'prune': {'same': True, 'keep_sharding': True},
+    'reinit': {'keep_sharding': True},
+    'set_nnx_opt_state': True,
+  }

@@ -240,6 +240,30 @@ def test_widen_and_reinit_float16_params():
   assert np.isfinite(np.asarray(fresh['conv1']['kernel'])).all()
 
 
+def test_new_float16_filters_take_the_norm_of_large_filters():
+  # Filters of norm ≈ 270: their sum of squares passes float16's 65504, and
+  # the new filters were scaled to an infinite norm.
+  kernel = np.random.default_rng(0).normal(size=(1, 1, 512, 4)) * 12
+  params = {
+    'conv1': {'kernel': kernel.astype(jnp.float16)},
+    'conv2': {'kernel': jnp.ones((1, 1, 4, 2), jnp.float16)},
+  }
+  state = dl.dessilbi(0.1).init(params)
+  spec = dl.chain_spec(params, ['conv1', 'conv2'])
+  key = jax.random.key(1)
+  fresh, _ = dl.reinit_unselected(
+    key, params, state, ['conv1'], keep={'conv1': [1, 1, 0, 0]}
+  )
+  wide = dl.widen(key, params, spec, 'conv1', 2).params
+  old = np.linalg.norm(np.asarray(kernel).reshape(512, 4), axis=0)
+  for new, want in (
+    (fresh['conv1']['kernel'][..., 2:], old[:2].mean()),
+    (wide['conv1']['kernel'][..., 4:], old.mean()),
+  ):
+    norms = np.linalg.norm(np.asarray(new, np.float64).reshape(512, 2), axis=0)
+    np.testing.assert_allclose(norms, want, rtol=1e-2)
+
+
 def _two_convs():
   keys = jax.random.split(jax.random.key(0), 3)
   return {
@@ -496,6 +520,29 @@ def test_widen_refuses_a_kernel_holding_nan():
   spec = dl.chain_spec(params, ['fc1', 'fc2'])
   with pytest.raises(ValueError, match=r"params: the kernel of layer 'fc1'"):
     dl.widen(jax.random.key(0), params, spec, 'fc1', 1)
+
+
+def test_reinit_names_a_kept_filter_holding_nan_and_a_keep_of_no_layer():
+  # NumPy's 'SVD did not converge' and 'has no entry for layer' used to be
+  # all a user learnt.
+  params = {'fc1': {'kernel': jnp.ones((4, 3)).at[0, 0].set(jnp.nan)}}
+  state = dl.dessilbi(0.1).init(params)
+  key = jax.random.key(0)
+  with pytest.raises(ValueError, match=r"layer 'fc1': the existing filters"):
+    dl.reinit_unselected(key, params, state, ['fc1'], keep={'fc1': [1, 0, 0]})
+  with pytest.raises(ValueError, match=r"layer 'fc1'.*NaN or inf"):
+    dl.orthogonal_filters(key, params['fc1']['kernel'], 1, layer='fc1')
+  # The NaN filter is the one re-initialised: nothing to refuse.
+  new, _ = dl.reinit_unselected(
+    key, params, state, ['fc1'], keep={'fc1': [0, 1, 1]}
+  )
+  assert np.isfinite(np.asarray(new['fc1']['kernel'])).all()
+  with pytest.raises(TypeError, match=r'keep: expected a dict \{layer: mask'):
+    dl.reinit_unselected(key, params, state, ['fc1'], keep=[1, 0, 0])
+  with pytest.raises(ValueError, match=r"'fc1' \(its keys: \['fc1/kernel'\]"):
+    dl.reinit_unselected(
+      key, params, state, ['fc1'], keep={'fc1/kernel': [1, 0, 0]}
+    )
 
 
 class _NormBlock(nnx.Module):
