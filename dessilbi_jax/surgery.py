@@ -17,7 +17,7 @@ For Flax NNX, build the model at its new widths and load the result with
 ``nnx.update(new_model, result.params)``.
 """
 
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from typing import Any, NamedTuple, Optional
 
 import jax
@@ -594,9 +594,14 @@ def reinit_unselected(
     # Per weight: a filter is kept if any of its weights is in Γ's support,
     # however the kernel is grouped (per filter, per input, per weight).
     selected = _trees.leaves_by_name(support(opt_state))
+  # A list, read twice below (a generator would be spent by the check).
   if isinstance(layers, str):
     layers = [layers]
-  if not all(isinstance(name, str) for name in layers):
+  elif isinstance(layers, Iterable):
+    layers = list(layers)
+  if not isinstance(layers, list) or not all(
+    isinstance(name, str) for name in layers
+  ):
     raise TypeError(
       f'layers: expected layer paths as str (e.g. ["conv2"]), got {layers!r}.'
     )

@@ -609,3 +609,18 @@ def test_widen_takes_a_spec_whose_other_link_claims_the_norm():
   bad = {**spec, 'fc1': dl.Link(norm='bn1', consumers=('fc3',))}
   with pytest.raises(ValueError, match="'fc3'"):
     dl.widen(jax.random.key(0), params, bad, 'conv1', 2)
+
+
+def test_reinit_takes_layers_from_a_generator():
+  params = {'fc1': {'kernel': jnp.eye(4, 3)}}
+  state = dl.dessilbi(0.1).init(params)
+  key = jax.random.key(0)
+  keep = {'fc1': [1, 0, 0]}
+  want, _ = dl.reinit_unselected(key, params, state, ['fc1'], keep=keep)
+  got, _ = dl.reinit_unselected(
+    key, params, state, (n for n in ['fc1']), keep=keep
+  )
+  np.testing.assert_array_equal(got['fc1']['kernel'], want['fc1']['kernel'])
+  assert not np.array_equal(got['fc1']['kernel'], params['fc1']['kernel'])
+  with pytest.raises(TypeError, match='layers: expected layer paths as str'):
+    dl.reinit_unselected(key, params, state, 3, keep=keep)
