@@ -551,6 +551,8 @@ def reinit_unselected(
   every optimizer buffer of their kernel and bias entries (z, Γ, momentum...)
   is reset to 0, so they start a new path; a first-selection record of
   :func:`~dessilbi_jax.track_selection` is reset to NOT_SELECTED for them.
+  Only the kernel and its bias are edited: a norm layer after it keeps its
+  scale, offset and running statistics for those channels.
 
   Args:
     key: a JAX random key.
