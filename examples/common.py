@@ -266,8 +266,8 @@ def channel_masked(state: Any, keep: dict[str, np.ndarray], spec) -> Any:
       d = d[k]
     return d
 
-  for layer, k in keep.items():
-    k = jnp.asarray(k)
+  for layer, kept in keep.items():
+    k = jnp.asarray(kept)
     if k.ndim != 1:
       continue  # elementwise (lasso) layers: W* already masks them
     d = node(layer)
@@ -309,7 +309,8 @@ def slim_model(
   name: str, ds, model, keep: dict[str, np.ndarray], spec, seed=0, **kw
 ) -> tuple[nnx.Module, dict[str, int]]:
   """The physically smaller model keeping the ``keep`` channels (a layer
-  keeps at least one channel, its first one if none is selected)."""
+  keeps at least one channel, its first one if none is selected), built at
+  ``model``'s width multiplier (ResNet's stem and stages follow it)."""
   keep = {
     k: (v if v.any() else np.eye(1, v.size, dtype=bool)[0])
     for k, v in keep.items()
@@ -318,7 +319,13 @@ def slim_model(
   out = dl.slim(nnx.state(model), spec, keep)
   widths = {**model.widths, **out.widths}
   small = models_lib.build(
-    name, ds.image_shape, ds.num_classes, widths=widths, seed=seed, **kw
+    name,
+    ds.image_shape,
+    ds.num_classes,
+    width=model.width,
+    widths=widths,
+    seed=seed,
+    **kw,
   )
   nnx.update(small, out.params)
   return small, widths

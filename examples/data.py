@@ -98,13 +98,13 @@ def read_idx(path: Union[str, pathlib.Path]) -> np.ndarray:
   of dimensions, then each dimension as a big-endian int32.
   """
   path = pathlib.Path(path)
-  types = {
-    0x08: np.uint8,
-    0x09: np.int8,
-    0x0B: '>i2',
-    0x0C: '>i4',
-    0x0D: '>f4',
-    0x0E: '>f8',
+  types: dict[int, np.dtype] = {
+    0x08: np.dtype(np.uint8),
+    0x09: np.dtype(np.int8),
+    0x0B: np.dtype('>i2'),
+    0x0C: np.dtype('>i4'),
+    0x0D: np.dtype('>f4'),
+    0x0E: np.dtype('>f8'),
   }
   with _open(path) as f:
     data = f.read()
@@ -112,7 +112,7 @@ def read_idx(path: Union[str, pathlib.Path]) -> np.ndarray:
     raise ValueError(f'{path}: not an IDX file (bad magic number).')
   ndim = data[3]
   shape = tuple(np.frombuffer(data, '>i4', ndim, offset=4).astype(int))
-  dtype = np.dtype(types[data[2]])
+  dtype = types[data[2]]
   offset = 4 + 4 * ndim
   expected = offset + int(np.prod(shape)) * dtype.itemsize
   if len(data) != expected:
@@ -153,8 +153,14 @@ def load_idx_folder(
 ) -> tuple[np.ndarray, ...]:
   """The four MNIST-format IDX files of ``folder``: uint8 images, labels."""
   folder = pathlib.Path(folder)
-  paths = {k: _find(folder, stem) for k, stem in IDX_FILES.items()}
-  missing = [IDX_FILES[k] for k, p in paths.items() if p is None]
+  paths: dict[str, pathlib.Path] = {}
+  missing = []
+  for k, stem in IDX_FILES.items():
+    path = _find(folder, stem)
+    if path is None:
+      missing.append(stem)
+    else:
+      paths[k] = path
   if missing:
     raise DatasetNotFoundError(
       f'{name}: missing {", ".join(missing)} (or .gz) in {folder}. Put the '
@@ -335,15 +341,15 @@ def load(
     return digits()
   if name in ('mnist', 'fashion-mnist'):
     folder = root / name if (root / name).is_dir() else root
-    arrays = load_idx_folder(folder, name)
-    arrays = [a / 255.0 if i % 2 == 0 else a for i, a in enumerate(arrays)]
+    raw = load_idx_folder(folder, name)
+    arrays = [a / 255.0 if i % 2 == 0 else a for i, a in enumerate(raw)]
     stats = (MNIST_MEAN, MNIST_STD) if name == 'mnist' else (None, None)
     return _dataset(name, *arrays, *stats)
   if name == 'cifar10':
     x_train, y_train, x_test, y_test = load_cifar10_folder(root)
     return _dataset('cifar10', x_train / 255.0, y_train, x_test / 255.0, y_test)
   if name.startswith('tfds:'):
-    return tfds_dataset(name[5:], data_dir and pathlib.Path(data_dir))
+    return tfds_dataset(name[5:], pathlib.Path(data_dir) if data_dir else None)
   raise ValueError(f'unknown dataset {name!r}; choose from {DATASETS}.')
 
 

@@ -2,8 +2,10 @@
 
 Every model is built from a dict of layer widths (``widths``), so that a model
 slimmed or widened by :func:`dessilbi_jax.slim` / :func:`dessilbi_jax.widen`
-can be rebuilt at its new widths (``Surgery.widths`` updates the dict), and
-has a ``spec()`` giving the channel links those functions need.
+can be rebuilt at its new widths (``Surgery.widths`` updates the dict, and
+``width``, the multiplier it was built at, sizes the layers the dict leaves
+out: ResNet's stem and stages), and has a ``spec()`` giving the channel links
+those functions need.
 
 * :class:`LeNet5` — the reference's MNIST example: conv1 (5×5, 6) - pool -
   conv2 (5×5, 16) - pool - conv3 (5×5, 120) - fc1 (84) - fc2, ReLU.
@@ -64,7 +66,7 @@ class LeNet5(nnx.Module):
     rngs: nnx.Rngs,
   ):
     w = {**_scaled(self.BASE, width), **(widths or {})}
-    self.widths = w
+    self.widths, self.width = w, width
     self.norm = norm
     s = image_size // 2
     self.pad2 = 'VALID' if s >= 14 else 'SAME'
@@ -120,7 +122,7 @@ class MLP(nnx.Module):
     rngs: nnx.Rngs,
   ):
     w = {**_scaled(self.BASE, width), **(widths or {})}
-    self.widths = w
+    self.widths, self.width = w, width
     hidden = [w[k] for k in sorted(w, key=lambda k: int(k[2:]))]
     sizes = [in_features, *hidden, num_classes]
     self.layer_names = tuple(f'fc{i + 1}' for i in range(len(sizes) - 1))
@@ -160,16 +162,18 @@ class VGG(nnx.Module):
     widths: Optional[Mapping[str, int]] = None,
     rngs: nnx.Rngs,
   ):
-    plan, base, i = [], {}, 0
+    plan: list[str] = []
+    base: dict[str, int] = {}
+    i = 0
     for v in VGG_CONFIGS[config]:
-      if v == 'M':
-        plan.append('M')
-      else:
+      if isinstance(v, int):
         i += 1
         base[f'conv{i}'] = v
         plan.append(f'conv{i}')
+      else:  # 'M'
+        plan.append('M')
     w = {**_scaled(base, width), **(widths or {})}
-    self.widths, self.plan = w, tuple(plan)
+    self.widths, self.width, self.plan = w, width, tuple(plan)
     c = in_channels
     for name in self.plan:
       if name == 'M':
@@ -247,7 +251,7 @@ class ResNet(nnx.Module):
       for b in range(n):
         base[f'stage{s + 1}_block{b + 1}/conv1'] = stage[s]
     w = {**base, **(widths or {})}
-    self.widths = w
+    self.widths, self.width = w, width
     self.conv = nnx.Conv(
       in_channels, stage[0], (3, 3), use_bias=False, rngs=rngs
     )
@@ -292,7 +296,9 @@ def build(
   """A model by name for images of ``image_shape`` (h, w, c)."""
   h, w, c = image_shape
   rngs = nnx.Rngs(seed)
-  common = dict(num_classes=num_classes, width=width, widths=widths, rngs=rngs)
+  common: dict[str, Any] = dict(
+    num_classes=num_classes, width=width, widths=widths, rngs=rngs
+  )
   if name == 'lenet5':
     return LeNet5(in_channels=c, image_size=h, **common, **kwargs)
   if name == 'mlp':

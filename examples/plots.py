@@ -140,11 +140,11 @@ def pruning(
   methods = list(dict.fromkeys(name.rsplit(', ', 1)[0] for name in curves))
   markers = ['o', 's', '^', 'D', 'v']
   lows = []
-  for name, acc in curves.items():
+  for name, values in curves.items():
     method = name.rsplit(', ', 1)[0]
     i = methods.index(method)
     tuned = not name.endswith('no fine-tune')
-    acc = 100 * np.asarray(acc)
+    acc = 100 * np.asarray(values)
     lows.append(acc.min())
     ax.plot(
       x,

@@ -33,7 +33,7 @@ CHANCE = 0.15  # a run at or below this test accuracy "never left chance"
 
 def parse_seeds(text: str) -> list[int]:
   """``0-9`` or ``0,3,5`` (or both: ``0-2,7``) as a list of seeds."""
-  out = []
+  out: list[int] = []
   for part in text.split(','):
     a, _, b = part.partition('-')
     if not a.isdigit() or not (b or a).isdigit() or int(b or a) < int(a):

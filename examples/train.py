@@ -30,6 +30,7 @@ Run::
 
 import argparse
 import json
+import math
 import pathlib
 import sys
 from collections.abc import Sequence
@@ -69,12 +70,13 @@ def check_args(p: argparse.ArgumentParser, args: argparse.Namespace) -> None:
   for name in ('epochs', 'batch_size', 'lr_step'):
     if getattr(args, name) < 1:
       p.error(f'--{name.replace("_", "-")} must be >= 1')
+  # Written so that NaN fails them too (every comparison with it is False).
   for name in ('lr', 'nu', 'kappa', 'lam', 'width', 'lr_decay'):
-    if getattr(args, name) <= 0:
-      p.error(f'--{name.replace("_", "-")} must be > 0')
+    if not 0 < getattr(args, name) < math.inf:
+      p.error(f'--{name.replace("_", "-")} must be finite and > 0')
   for name in ('warmup', 'weight_decay', 'seed'):
-    if getattr(args, name) < 0:
-      p.error(f'--{name.replace("_", "-")} must be >= 0')
+    if not 0 <= getattr(args, name) < math.inf:
+      p.error(f'--{name.replace("_", "-")} must be finite and >= 0')
   if not 0 <= args.momentum < 1:
     p.error('--momentum must lie in [0, 1)')
 
@@ -273,15 +275,19 @@ def main(argv: Optional[Sequence[str]] = None) -> dict[str, Any]:
   record = optax.tree.get(st, 'first_step')
   prune_acc = {}
   if prune_layer in selected and selected[prune_layer].ndim == 1:
-    for f in (0.5, 0.7, 0.9):
+    for fraction in (0.5, 0.7, 0.9):
       pruned, _ = dl.prune(
-        params, record, f, layers=[prune_layer], penalty=dl.get_penalty(st)
+        params,
+        record,
+        fraction,
+        layers=[prune_layer],
+        penalty=dl.get_penalty(st),
       )
       m = nnx.clone(model)
       nnx.update(m, pruned)
-      prune_acc[f'{f:.0%}'] = common.accuracy(m, ds.x_test, ds.y_test)
+      prune_acc[f'{fraction:.0%}'] = common.accuracy(m, ds.x_test, ds.y_test)
   wstar = common.wstar_model(model, optimizer, spec)
-  slim_info = None
+  slim_info: Optional[dict[str, Any]] = None
   if any(k in spec for k in selected):
     small, widths = common.slim_model(
       args.model,

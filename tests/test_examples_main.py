@@ -8,6 +8,7 @@ import sys
 
 import numpy as np
 import pytest
+from flax import nnx
 
 sys.path.insert(0, str(pathlib.Path(__file__).parents[1]))
 
@@ -97,11 +98,11 @@ def test_missing_dataset_is_a_clear_error(tmp_path):
 @pytest.mark.parametrize(
   'script, argv, message',
   [
-    (train, ['--nu', '0'], '--nu must be > 0'),
-    (train, ['--width', '0'], '--width must be > 0'),
+    (train, ['--nu', '0'], '--nu must be finite and > 0'),
+    (train, ['--width', '0'], '--width must be finite and > 0'),
     (train, ['--momentum', '1.5'], r'--momentum must lie in \[0, 1\)'),
     (train, ['--couple', 'none'], "invalid choice: 'none'"),
-    (train, ['--seed', '-1'], '--seed must be >= 0'),
+    (train, ['--seed', '-1'], '--seed must be finite and >= 0'),
     (train, ['--dataset', 'foo'], "--dataset: unknown dataset 'foo'"),
     (train, ['--model', 'vgg11'], r'at least 32×32, got 8×8'),
     (train, ['--norm-layer', 'conv9'], "'conv9' is not a conv layer"),
@@ -127,6 +128,58 @@ def test_bad_flags_are_rejected_before_training(script, argv, message, capsys):
     script.main([*digits, *argv])
   text = str(info.value.code) + capsys.readouterr().err
   assert re.search(message, text), text
+
+
+@pytest.mark.parametrize(
+  'script, argv, message',
+  [
+    (prune, ['--finetune-lr', '0'], '--finetune-lr must be finite and > 0'),
+    (prune, ['--finetune-lr', '-0.1'], '--finetune-lr must be finite'),
+    (prune, ['--finetune-lr', 'nan'], '--finetune-lr must be finite'),
+    (prune, ['--finetune-lr', 'inf'], '--finetune-lr must be finite'),
+    (grow, ['--threshold', '-0.5'], r'--threshold must lie in \[0, 1\)'),
+    (grow, ['--threshold', '1'], r'--threshold must lie in \[0, 1\)'),
+    (grow, ['--threshold', 'nan'], r'--threshold must lie in \[0, 1\)'),
+    (grow, ['--factor', 'nan'], '--factor must be finite and > 1'),
+    (grow, ['--factor', 'inf'], '--factor must be finite and > 1'),
+    (train, ['--lr', 'nan'], '--lr must be finite and > 0'),
+    (train, ['--kappa', 'inf'], '--kappa must be finite and > 0'),
+    (train, ['--weight-decay', 'nan'], '--weight-decay must be finite'),
+    (train, ['--warmup', 'inf'], '--warmup must be finite and >= 0'),
+  ],
+)
+def test_workflow_flags_are_range_checked(script, argv, message, capsys):
+  # Were taken as given: a zero, negative or NaN fine-tune step size, a
+  # threshold no share of filters can pass (or every share passes), and a
+  # NaN or infinite step size, coupling or growth factor.
+  with pytest.raises(SystemExit):
+    script.parse_args(['--dataset', 'digits', *argv])
+  err = capsys.readouterr().err
+  assert re.search(message, err), err
+
+
+def test_slim_resnet_keeps_its_width():
+  # ResNet's stem and stages follow the width multiplier, not ``widths``:
+  # the slimmed model was built at width 1, its layers' stored features
+  # those of width 1 (the arrays, loaded into it, were right).
+  x, y = np.zeros((1, 8, 8, 3), np.float32), np.zeros(1, np.int32)
+  ds = data_lib.Dataset('tiny', x, y, x, y)
+  model = models_lib.build('resnet8', ds.image_shape, 10, width=0.25)
+  spec = model.spec()
+  # Stage 3's inner conv halved, 16 -> 8 (shapes of stage 2: a fast build).
+  keep = {k: np.arange(model.widths[k]) < 8 for k in spec}
+  small, widths = common.slim_model('resnet8', ds, model, keep, spec)
+  assert list(widths.values()) == [4, 8, 8]
+  checked = 0
+  for path, m in nnx.iter_graph(small):
+    if isinstance(m, (nnx.Conv, nnx.Linear)):
+      features = (m.in_features, m.out_features)
+      assert features == m.kernel[...].shape[-2:], path
+      checked += 1
+    elif isinstance(m, nnx.BatchNorm):
+      assert m.num_features == m.scale[...].shape[-1], path
+      checked += 1
+  assert checked == 19  # stem conv and bn, 3 blocks (2 with shortcuts), fc
 
 
 def test_pruning_workflow(tmp_path):

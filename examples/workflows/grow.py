@@ -78,8 +78,10 @@ def parse_args(argv):
     args.start = []
   if len(args.start) != 3 or min(args.start) < 1:
     p.error('--start: three positive widths (conv1,conv2,conv3)')
-  if args.factor <= 1:
-    p.error('--factor must be > 1')
+  if not 1 < args.factor < math.inf:
+    p.error(f'--factor must be finite and > 1, got {args.factor}')
+  if not 0 <= args.threshold < 1:
+    p.error(f'--threshold must lie in [0, 1), got {args.threshold}')
   return args
 
 
@@ -145,7 +147,7 @@ def main(argv: Optional[Sequence[str]] = None) -> dict[str, Any]:
   key = jax.random.key(args.seed)
   bar = tqdm(desc='growing', disable=args.no_progress, total=None)
   rounds, epoch, previous = [], 1, None
-  for r in range(1, args.max_rounds + 1):
+  for rnd in range(1, args.max_rounds + 1):
     common.train(
       model,
       None,
@@ -167,7 +169,7 @@ def main(argv: Optional[Sequence[str]] = None) -> dict[str, Any]:
     acc = common.accuracy(model, ds.x_test, ds.y_test)
     rounds.append(
       dict(
-        round=r,
+        round=rnd,
         epochs=epoch - 1,
         widths={k: int(model.widths[k]) for k in convs},
         selected=counts,
@@ -176,7 +178,7 @@ def main(argv: Optional[Sequence[str]] = None) -> dict[str, Any]:
       )
     )
     tqdm.write(
-      f'round {r} (epoch {epoch - 1}): widths {rounds[-1]["widths"]}, '
+      f'round {rnd} (epoch {epoch - 1}): widths {rounds[-1]["widths"]}, '
       f'selected {rounds[-1]["selected"]}, acc {acc:.4f}, widen {grow or "-"}'
     )
     if not grow:
@@ -189,11 +191,11 @@ def main(argv: Optional[Sequence[str]] = None) -> dict[str, Any]:
     for layer in grow:
       key, sub = jax.random.split(key)
       w = int(model.widths[layer])
-      out = dl.widen(
+      surgery = dl.widen(
         sub, state, spec, layer, math.ceil(w * (args.factor - 1)), opt_state=ost
       )
-      state, ost = out.params, out.opt_state
-      widths[layer] = out.widths[layer]
+      state, ost = surgery.params, surgery.opt_state
+      widths[layer] = surgery.widths[layer]
     model, optimizer = rebuild(args, ds, widths, state, ost, tx)
   growth_epochs = epoch - 1
   # Final phase at a tenth of the step size, state carried over.

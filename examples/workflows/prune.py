@@ -21,6 +21,7 @@ Run::
 """
 
 import json
+import math
 import pathlib
 import sys
 from collections.abc import Sequence
@@ -60,6 +61,8 @@ def parse_args(argv):
     p.error(f'--fractions: each in [0, 1], got {args.fractions}')
   if args.finetune_epochs < 0:
     p.error('--finetune-epochs must be >= 0')
+  if not 0 < args.finetune_lr < math.inf:
+    p.error(f'--finetune-lr must be finite and > 0, got {args.finetune_lr}')
   return args
 
 

@@ -125,7 +125,9 @@ def main(argv: Optional[Sequence[str]] = None) -> dict[str, Any]:
   dense_acc, _ = retrain(args, ds, init_model, None, spec)
   bar.update(1)
   total_filters = sum(int(v.size) for v in keeps[args.at[0]].values())
-  rows = [dict(name='dense', epoch=None, acc=dense_acc, conv_filter_share=1.0)]
+  rows: list[dict[str, Any]] = [
+    dict(name='dense', epoch=None, acc=dense_acc, conv_filter_share=1.0)
+  ]
   tqdm.write(f'dense (SGD): {dense_acc:.4f}')
   for epoch in args.at:
     keep = keeps[epoch]
