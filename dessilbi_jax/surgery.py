@@ -464,8 +464,9 @@ def orthogonal_filters(
 
   Raises:
     ValueError: ``existing`` is not a matrix or holds NaN or inf, ``count``
-      is not an int >= 0, or the existing filters already span the whole
-      filter space.
+      is not an int >= 0, ``norm`` is not a finite number >= 0, or the
+      existing filters already span the whole filter space.
+    TypeError: ``existing`` is not a floating-point array.
 
   Example:
     >>> import jax, jax.numpy as jnp
@@ -476,12 +477,17 @@ def orthogonal_filters(
     0.0
   """
   count = _checks.check_int('count', count, 0, 'an int >= 0')
+  _checks.check_non_negative('norm', norm)
   if np.ndim(existing) != 2:
     raise ValueError(
       f'existing: expected the filters as columns of a (d, k) matrix (a '
       f'kernel reshaped to (-1, out)), got shape {np.shape(existing)}.'
     )
   dtype = jnp.asarray(existing).dtype
+  if not jnp.issubdtype(dtype, jnp.floating):  # new filters would round to 0
+    raise TypeError(
+      f'existing: expected floating-point filters, got dtype {dtype}.'
+    )
   filters = np.asarray(existing, np.float64)
   if not np.isfinite(filters).all():
     raise ValueError(

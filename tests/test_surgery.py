@@ -585,6 +585,15 @@ def test_orthogonal_filters_and_widen_name_bad_counts():
       dl.orthogonal_filters(key, kernel.reshape(-1, 4), bad)
   new = dl.orthogonal_filters(key, kernel.reshape(-1, 4), np.int64(2))
   assert new.shape == (18, 2)
+  # A NaN or negative norm, and integer filters (the new ones rounded to 0),
+  # were taken as given.
+  for bad in (np.nan, -1.0):
+    with pytest.raises(ValueError, match='norm must be a finite number >= 0'):
+      dl.orthogonal_filters(key, kernel.reshape(-1, 4), 2, norm=bad)
+  with pytest.raises(TypeError, match='existing: expected floating-point'):
+    dl.orthogonal_filters(key, jnp.eye(4, 2, dtype=jnp.int32), 2)
+  zero = dl.orthogonal_filters(key, kernel.reshape(-1, 4), 2, norm=0)
+  assert not np.asarray(zero).any()
   params = {
     'fc1': {'kernel': jnp.ones((3, 2)), 'bias': jnp.zeros(2)},
     'fc2': {'kernel': jnp.ones((2, 1))},
