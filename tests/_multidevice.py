@@ -18,6 +18,7 @@ from jax.sharding import AxisType, NamedSharding
 from jax.sharding import PartitionSpec as P
 
 import dessilbi_jax as dl
+from dessilbi_jax import _trees
 
 STEPS = 25
 BATCH = 64
@@ -315,10 +316,10 @@ def nnx_state_placed():
 
   tx = dl.track_selection(dl.dessilbi(0.1, nu=1.0))
   optimizer = nnx.Optimizer(model(8), tx, wrt=nnx.Param)
-  held = nnx.as_pure(optimizer.opt_state)
+  held = _trees.pure(optimizer.opt_state)  # nnx.as_pure from Flax 0.12.7
   given = jax.tree.map(jnp.asarray, jax.device_get(held))
   dl.set_nnx_opt_state(optimizer, given)
-  return same_sharding(nnx.as_pure(optimizer.opt_state), held)
+  return same_sharding(_trees.pure(optimizer.opt_state), held)
 
 
 def conv_sharded(tree, mesh, spec):
