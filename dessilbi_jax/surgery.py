@@ -477,7 +477,6 @@ def orthogonal_filters(
     0.0
   """
   count = _checks.check_int('count', count, 0, 'an int >= 0')
-  _checks.check_non_negative('norm', norm)
   if np.ndim(existing) != 2:
     raise ValueError(
       f'existing: expected the filters as columns of a (d, k) matrix (a '
@@ -494,6 +493,8 @@ def orthogonal_filters(
       f'layer {layer!r}: the existing filters hold NaN or inf; new filters '
       'are made orthogonal to finite filters only.'
     )
+  # After the filters: a norm taken from them is NaN where they hold NaN.
+  _checks.check_non_negative('norm', norm)
   d = filters.shape[0]
   if filters.shape[1]:
     u, s, _ = np.linalg.svd(filters, full_matrices=True)
