@@ -41,18 +41,20 @@ def concrete_scalar(name: str, value: Any) -> Optional[float]:
   return float(arr)
 
 
-def check_fits_dtype(name: str, value: Any, dtype: Any, where: str) -> None:
+def check_fits_dtype(
+  name: str, value: Any, dtype: Any, where: str, divisor: bool = False
+) -> None:
   """A concrete hyper-parameter is finite in the dtype of ``where``, which
-  it is cast to.
+  it is cast to; and not 0 there if it is a ``divisor``.
 
   Raises:
     ValueError: it overflows that dtype (to inf, which would make ``where``
-      inf or NaN).
+      inf or NaN), or a non-zero divisor rounds to 0 in it.
   """
   number = concrete_scalar(name, value)
   if number is None:
     return
-  with np.errstate(over='ignore'):
+  with np.errstate(over='ignore', under='ignore'):
     cast = np.asarray(number, np.float64).astype(jnp.dtype(dtype))
   if not np.isfinite(cast):
     largest = float(jnp.finfo(dtype).max)
@@ -60,6 +62,13 @@ def check_fits_dtype(name: str, value: Any, dtype: Any, where: str) -> None:
       f'{name}={number:g} overflows {jnp.dtype(dtype).name} (largest '
       f'{largest:g}), the dtype of {where}; use a smaller {name} or a wider '
       'state_dtype.'
+    )
+  if divisor and number != 0 and cast == 0:
+    smallest = float(jnp.finfo(dtype).smallest_subnormal)
+    raise ValueError(
+      f'{name}={number:g} rounds to 0 in {jnp.dtype(dtype).name} (smallest '
+      f'{smallest:g}), the dtype of {where}, and is divided by; use a larger '
+      f'{name} or a wider state_dtype.'
     )
 
 
@@ -352,9 +361,9 @@ def check_param_arrays(params: Any) -> None:
     TypeError: a Python number, a string or another object as a leaf.
   """
   check_param_leaves(params)
-  flat = jax.tree_util.tree_flatten_with_path(params)[0]
-  if len(flat) == 1 and not flat[0][0]:  # the params are a single leaf
+  if is_map_params_placeholder(params):
     return
+  flat = jax.tree_util.tree_flatten_with_path(params)[0]
   for name, (_, leaf) in zip(_leaf_paths(params), flat, strict=True):
     if not _is_array(leaf):
       raise TypeError(

@@ -127,7 +127,9 @@ def dessilbi(
       ``weight_decay`` < 0, ``kappa`` or ``nu`` not > 0, ``momentum``
       outside [0, 1)) or not finite. ``init`` and
       ``update`` raise ValueError or TypeError for params, gradients or a
-      state that do not fit (the message names the leaf).
+      state that do not fit (the message names the leaf), ValueError for a
+      ``kappa`` or ``nu`` that rounds to inf (or ``nu`` to 0) in the
+      state's dtype.
     TypeError: a hyper-parameter that is not a real scalar (or, for
       ``learning_rate``, a schedule), a ``penalty`` that is not a rule, a
       ``state_dtype`` that is not floating-point, a ``weight_decay_mask``

@@ -372,7 +372,7 @@ def fused_dessilbi(
     def kernels(scalars, columns):
       return _pallas_step(leaves, scalars, columns, settings, apply)
 
-    mesh = _explicit_mesh()
+    mesh = _explicit_mesh((grads, state, params))
     if mesh is not None:
       # Sharding in types, every array replicated (else use_pallas said no):
       # each device runs the kernels on its whole copy, as in data parallelism.
@@ -418,14 +418,20 @@ def _triton_backend() -> bool:
   return True
 
 
-def _explicit_mesh() -> Any:
-  """The current mesh if it has explicit axes (sharding in types), else
-  None."""
-  mesh = jax.sharding.get_abstract_mesh()
+def _explicit_mesh(trees: Any) -> Any:
+  """The mesh with explicit axes (sharding in types) that the arrays of
+  ``trees`` are typed on: the current mesh, or outside ``jax.set_mesh`` the
+  mesh in the arrays' types; None if neither has explicit axes."""
   explicit = jax.sharding.AxisType.Explicit
-  if any(kind == explicit for kind in getattr(mesh, 'axis_types', ())):
-    return mesh
-  return None
+
+  def has_explicit(mesh):
+    return any(kind == explicit for kind in getattr(mesh, 'axis_types', ()))
+
+  meshes = [jax.sharding.get_abstract_mesh()] + [
+    getattr(getattr(jax.typeof(x), 'sharding', None), 'mesh', None)
+    for x in jax.tree.leaves(trees)
+  ]
+  return next((mesh for mesh in meshes if has_explicit(mesh)), None)
 
 
 def _sharded(grads, state, params) -> Optional[str]:
@@ -484,7 +490,9 @@ _FLOATS = ('float32', 'bfloat16', 'float16')
 def _check_dtypes(trees, state) -> None:
   for tree, what in ((trees, 'params and gradients'), (state, 'state')):
     for x in jax.tree.leaves(tree):
-      dtype = str(jnp.asarray(x).dtype)
+      # As JAX types it (NumPy float64 is float32 without x64); abstract
+      # arrays (jax.ShapeDtypeStruct) too.
+      dtype = str(jnp.result_type(x))
       if jnp.issubdtype(dtype, jnp.floating) and dtype not in _FLOATS:
         raise TypeError(
           f'fused_dessilbi supports float32, bfloat16 and float16 {what}; '

@@ -321,7 +321,9 @@ def scale_by_dessilbi(
     ValueError: a hyper-parameter out of range (``learning_rate`` < 0,
       ``kappa`` or ``nu`` not > 0) or not finite. ``init`` and
       ``update`` raise ValueError or TypeError for params, gradients or a
-      state that do not fit (the message names the leaf).
+      state that do not fit (the message names the leaf), ValueError for a
+      ``kappa`` or ``nu`` that rounds to inf (or ``nu`` to 0) in the
+      state's dtype.
     TypeError: a hyper-parameter that is not a real scalar (or, for
       ``learning_rate``, a schedule), a ``penalty`` that is not a rule, a
       ``state_dtype`` that is not floating-point, or a ``freeze`` or
@@ -384,6 +386,8 @@ def scale_by_dessilbi(
       else:
         zeros = jnp.zeros_like(leaf, dtype=state_dtype)
         _checks.check_fits_dtype('kappa', kappa, zeros.dtype, 'z and Γ')
+        # ν divides W - Γ and α in z's dtype or a wider one.
+        _checks.check_fits_dtype('nu', nu, zeros.dtype, 'z and Γ', divisor=True)
         z.append(zeros)
         gamma.append(_new_gamma(zeros, choice))
     return DessiLBIState(

@@ -355,7 +355,7 @@ def fused():
 
   want = steps('xla', params, grads)
   filters = P(None, None, None, 'model')
-  out = {}
+  out, shards = {}, {}
   for name, kind, spec, implementation in (
     # XLA partitions around the kernels (in interpret mode here).
     ('filters/Auto', AxisType.Auto, filters, 'pallas'),
@@ -366,7 +366,7 @@ def fused():
   ):
     mesh = jax.make_mesh((8,), ('model',), axis_types=(kind,))
     with jax.set_mesh(mesh):
-      shard = conv_sharded((params, grads), mesh, spec)
+      shard = shards[name] = conv_sharded((params, grads), mesh, spec)
       case = {'gpu': on_a_gpu(*shard)}
       got = steps(implementation, *shard)
       case['diff'] = max_diff(got, want)
@@ -379,9 +379,18 @@ def fused():
         except ValueError as e:
           case['pallas'] = str(e)
     out[name] = case
-  # Outside the mesh, arrays still carry their sharding in their types.
+  # Outside the mesh, arrays still carry their sharding in their types: the
+  # replicated ones go to the kernels under shard_map on the mesh of their
+  # types, the sharded ones are refused.
+  shard = shards['replicated/Explicit']
+  got = steps('pallas', *shard)
+  out['replicated/Explicit/outside'] = {
+    'gpu': on_a_gpu(*shard),
+    'diff': max_diff(got, want),
+    'params_keep_sharding': same_sharding(got[0], shard[0]),
+  }
   try:
-    steps('pallas', *shard)
+    steps('pallas', *shards['filters/Explicit'])
     out['filters/Explicit/outside'] = 'ran'
   except ValueError as e:
     out['filters/Explicit/outside'] = str(e)

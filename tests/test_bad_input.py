@@ -64,6 +64,25 @@ def test_a_kappa_that_overflows_the_state_dtype_is_refused_at_init():
   assert all(bool(jnp.isfinite(x).all()) for x in jax.tree.leaves(gamma))
 
 
+def test_a_nu_that_rounds_to_inf_or_0_in_the_state_dtype_is_refused_at_init():
+  # ν divides W - Γ and α in z's dtype: in float16, ν = 1e5 rounded to inf
+  # and silently cut W's pull toward Γ, ν = 1e-8 rounded to 0.
+  params16 = jax.tree.map(lambda x: x.astype(jnp.float16), PARAMS)
+  for nu, match in ((1e5, 'overflows'), (1e-8, 'rounds to 0 in')):
+    for tx in (
+      dl.dessilbi(0.1, nu=nu),
+      dl.fused_dessilbi(0.1, nu=nu, implementation='xla'),
+    ):
+      with pytest.raises(ValueError, match=rf'nu={nu:g} {match} float16'):
+        tx.init(params16)
+  # With a float32 state the step is computed in float32.
+  tx = dl.scale_by_dessilbi(1.0, nu=1e5, state_dtype=jnp.float32)
+  w = {'w': jnp.ones((2, 2), jnp.float16)}
+  updates, _ = tx.update(jax.tree.map(jnp.zeros_like, w), tx.init(w), w)
+  # (a float16 subnormal: its last place is 6e-8)
+  np.testing.assert_allclose(updates['w'], -1e-5, rtol=1e-2)
+
+
 @pytest.mark.parametrize(
   'make, match',
   [

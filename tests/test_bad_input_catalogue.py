@@ -290,6 +290,18 @@ def test_full_optimizer_rejects_a_broadcastable_gradient():
       id='object_leaf_before_the_mask_reads_it',
     ),
     pytest.param(
+      lambda: CORE.init('conv'),
+      TypeError,
+      r"params: leaf '<root>' is a str, not an array",
+      id='params_a_lone_string',  # used to become z and Γ
+    ),
+    pytest.param(
+      lambda: dl.dessilbi(0.1).init(object()),
+      TypeError,
+      r"params: leaf '<root>' is an object, not an array",
+      id='params_a_lone_object',
+    ),
+    pytest.param(
       lambda: CORE.init({'w': [1.0, 2.0]}),
       TypeError,
       r"params: leaf 'w/0' is a Python float",
@@ -420,6 +432,12 @@ def test_abstract_params_give_the_state_layout():
   for state in (jax.eval_shape(CORE.init, PARAMS), CORE.init(abstract)):
     assert state.z['conv']['kernel'].shape == (3, 3, 2, 4)
     assert isinstance(state.z['dense']['bias'], optax.MaskedNode)
+  # The fused step's init too (its dtype check used to convert each leaf to
+  # an array).
+  fused = dl.fused_dessilbi(0.1, implementation='xla').init(abstract)
+  assert jax.tree.structure(fused) == jax.tree.structure(
+    dl.dessilbi(0.1).init(PARAMS)
+  )
 
 
 def test_compact_gamma_state_passes_the_checks_and_mismatches_are_named():

@@ -95,17 +95,22 @@ def test_ranking_and_pruning_take_params_sharded_in_types(measured):
 
 def test_fused_step_on_sharded_params(measured):
   fused = measured['fused']
-  for name in ('filters/Auto', 'replicated/Explicit', 'filters/Explicit'):
+  for name in (
+    'filters/Auto',
+    'replicated/Explicit',
+    'filters/Explicit',
+    'replicated/Explicit/outside',
+  ):
     assert fused[name]['diff'] <= 1e-5, (name, fused[name]['diff'])
     assert fused[name]['params_keep_sharding'], name
   # On a GPU the default runs the kernels on whole arrays: as they are under
   # automatic axes, on each device's copy (shard_map) when replicated with
   # sharding in types, and not at all for arrays sharded in their types.
   assert fused['filters/Auto']['gpu'] == {'kernels': True, 'shard_map': False}
-  assert fused['replicated/Explicit']['gpu'] == {
-    'kernels': True,
-    'shard_map': True,
-  }
+  # Outside jax.set_mesh too: the kernels used to run on the replicated
+  # arrays without shard_map and fail inside JAX's sharding checks.
+  for name in ('replicated/Explicit', 'replicated/Explicit/outside'):
+    assert fused[name]['gpu'] == {'kernels': True, 'shard_map': True}, name
   assert not fused['filters/Explicit']['gpu']['kernels']
   # There, 'pallas' is refused, under the mesh or not, saying why and what
   # to do instead; elsewhere it runs.
