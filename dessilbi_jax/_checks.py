@@ -23,6 +23,15 @@ def concrete_scalar(name: str, value: Any) -> Optional[float]:
     TypeError: if the value is neither a real number nor a scalar array.
   """
   if isinstance(value, jax.core.Tracer):
+    # Its value is unknown, but its shape and dtype are not.
+    if value.ndim != 0 or not (
+      jnp.issubdtype(value.dtype, jnp.floating)
+      or jnp.issubdtype(value.dtype, jnp.integer)
+    ):
+      raise TypeError(
+        f'{name} must be a real scalar, got a traced array of shape '
+        f'{value.shape} and dtype {value.dtype}.'
+      )
     return None
   if isinstance(value, bool):
     raise TypeError(f'{name} must be a real number, got a bool ({value}).')
@@ -99,6 +108,18 @@ def check_int(name: str, value: Any, minimum: int, expected: str) -> int:
   ):
     raise ValueError(f'{name} must be {expected}, got {value!r}.')
   return int(value)
+
+
+def check_bool(name: str, value: Any) -> bool:
+  """A flag is a bool (NumPy's included), not a value read by truthiness
+  (``'no'`` is true).
+
+  Raises:
+    TypeError: otherwise.
+  """
+  if not isinstance(value, (bool, np.bool_)):
+    raise TypeError(f'{name} must be a bool, got {value!r}.')
+  return bool(value)
 
 
 def check_positive(name: str, value: Any) -> None:

@@ -163,8 +163,7 @@ def dessilbi(
   if momentum is not None:
     _checks.check_unit_interval('momentum', momentum)
   _checks.check_non_negative('weight_decay', weight_decay)
-  if not isinstance(nesterov, bool):
-    raise TypeError(f'nesterov must be a bool, got {nesterov!r}.')
+  nesterov = _checks.check_bool('nesterov', nesterov)
   if nesterov and momentum is None:
     raise ValueError('nesterov=True needs a momentum, got momentum=None.')
   core = scale_by_dessilbi(

@@ -122,6 +122,7 @@ def support(
       the rule: a filter partly in the support under a rule grouping by
       filter, or under a lasso an unselected weight with a larger ``|z|``
       than a selected one. The rule is then not the optimizer's.
+    TypeError: ``by_group`` is not a bool.
 
   Example:
     >>> import jax.numpy as jnp
@@ -133,6 +134,7 @@ def support(
     >>> dl.support(state, by_group=True)
     {'b': MaskedNode(), 'conv': Array([False,  True, False], dtype=bool)}
   """
+  by_group = _checks.check_bool('by_group', by_group)
   core = _trees.core_state(opt_state)
   if not by_group:
     return _support(core.gamma, False, None)
@@ -201,8 +203,9 @@ def w_star(
     ``nnx.update(sparse, w_star(...))`` (which updates in place).
 
   Raises:
-    TypeError: ``params`` is an ``nnx.Module`` (pass its state), or a value
-      of ``spec`` is not a :class:`~dessilbi_jax.Link`.
+    TypeError: ``params`` is an ``nnx.Module`` (pass its state), a value
+      of ``spec`` is not a :class:`~dessilbi_jax.Link`, or ``channels`` is
+      not a bool.
     ValueError: the state holds no :class:`~dessilbi_jax.DessiLBIState`, or
       more than one; the params and the state do not belong to one model;
       with ``channels``, a ``spec`` or ``penalty`` that does not fit them,
@@ -220,6 +223,7 @@ def w_star(
     Array([[0., 2.],
            [0., 0.]], dtype=float32)
   """
+  channels = _checks.check_bool('channels', channels)
   params = _trees.editable(params)
   core = _trees.core_state(opt_state)
   gamma = core.gamma
@@ -312,6 +316,7 @@ def residue(
 
   Raises:
     ValueError: ν is concrete (not traced) and not a finite number > 0.
+    TypeError: ν is not a real scalar (traced or not).
 
   Example:
     >>> import jax.numpy as jnp

@@ -105,7 +105,12 @@ class GroupLasso:
 
   def __post_init__(self):
     axes = (self.axes,) if _is_int(self.axes) else self.axes
-    if not isinstance(axes, Sequence) or not all(_is_int(a) for a in axes):
+    # A str or bytes is a sequence too ('' would be no axes, b'\x03' axis 3).
+    if (
+      not isinstance(axes, Sequence)
+      or isinstance(axes, (str, bytes))
+      or not all(_is_int(a) for a in axes)
+    ):
       raise TypeError(
         f'axes must be an int or a sequence of ints, got {self.axes!r}.'
       )

@@ -160,7 +160,8 @@ def update_selection(
 
   Raises:
     ValueError: ``penalty`` is not the optimizer's rule (see
-      :func:`~dessilbi_jax.support`), or the record has other groups than Γ.
+      :func:`~dessilbi_jax.support`), or the record has other groups than Γ
+      or lacks a coupled leaf.
     TypeError: ``step`` is not a scalar step number.
 
   Example:
@@ -203,7 +204,16 @@ def update_selection(
       )
     return jnp.where(now & (r == NOT_SELECTED), stamp, r)
 
-  return _trees.map_with_names(one, _trees.pure(record))
+  new = _trees.map_with_names(one, _trees.pure(record))
+  # A coupled leaf the record lacks would never be recorded.
+  missing = set(gamma) - set(_trees.leaves_by_name(new))
+  if missing:
+    raise ValueError(
+      f'record: has no entry for leaf {_trees.join(min(missing))!r} of Γ; '
+      'make a new record with init_selection (a record covers every coupled '
+      f'leaf){unrecorded}.'
+    )
+  return new
 
 
 class _RecordUnderMapParams:
@@ -313,7 +323,12 @@ def _check_step(step: Any) -> None:
       )
     return
   value = np.asarray(step)
-  if value.shape != () or value.dtype == bool:
+  if (
+    value.shape != ()
+    or value.dtype == bool
+    or not np.issubdtype(value.dtype, np.number)
+    or np.issubdtype(value.dtype, np.complexfloating)
+  ):
     raise TypeError(f'step must be a scalar step number, got {step!r}.')
   if not (
     np.isfinite(value)
@@ -336,6 +351,9 @@ def _check_epoch(epoch: Any) -> None:
     or jnp.issubdtype(value.dtype, jnp.complexfloating)
   ):
     raise TypeError(f'epoch must be a scalar epoch number, got {epoch!r}.')
+  # A NaN epoch would stay in the record (the minimum keeps it).
+  if not isinstance(value, jax.Array) and not np.isfinite(value):
+    raise ValueError(f'epoch must be a finite number, got {epoch!r}.')
 
 
 def rank_groups(
@@ -496,9 +514,10 @@ def reference_prune_order(
     A :class:`ReferenceOrder`.
 
   Raises:
-    TypeError: ``epoch`` is not a real scalar.
-    ValueError: ``penalty`` is not the optimizer's rule, or ``previous``
-      has other shapes than Γ.
+    TypeError: ``epoch`` is not a real scalar, or ``previous`` is not a
+      :class:`ReferenceOrder`.
+    ValueError: ``epoch`` is not finite, ``penalty`` is not the optimizer's
+      rule, or ``previous`` has other shapes than Γ.
 
   Example:
     >>> import jax.numpy as jnp
@@ -513,6 +532,11 @@ def reference_prune_order(
     [[-1.9995e+03 -1.0000e+00]]
   """
   _check_epoch(epoch)
+  if previous is not None and not isinstance(previous, ReferenceOrder):
+    raise TypeError(
+      'previous: expected the ReferenceOrder of the previous call (or None), '
+      f'got {type(previous).__name__}.'
+    )
   core = _trees.core_state(opt_state)
   penalties = _trees.grouped_penalties(core, penalty)
   table = _trees.leaves_by_name(_trees.pure(params))

@@ -356,10 +356,8 @@ def scale_by_dessilbi(
   _checks.check_positive('kappa', kappa)
   _checks.check_positive('nu', nu)
   _checks.check_state_dtype(state_dtype)
-  if not isinstance(freeze, bool):
-    raise TypeError(f'freeze must be a bool, got {freeze!r}.')
-  if not isinstance(store_gamma, bool):
-    raise TypeError(f'store_gamma must be a bool, got {store_gamma!r}.')
+  freeze = _checks.check_bool('freeze', freeze)
+  store_gamma = _checks.check_bool('store_gamma', store_gamma)
   _checks.check_rule_callable(penalty)
 
   def init_fn(params):

@@ -252,6 +252,11 @@ def test_penalties_and_dtypes_refuse_what_they_would_misread():
   with pytest.raises(TypeError, match='scale_by_size must be a bool'):
     dl.GroupLasso(scale_by_size='no')
   assert dl.GroupLasso(axes=np.int64(0)).axes == (0,)
+  # A str or bytes is a sequence: '' was no axes (one group of the whole
+  # leaf), b'\x03' axis 3.
+  for axes in ('', b'\x03', '0'):
+    with pytest.raises(TypeError, match='axes must be an int or a sequence'):
+      dl.GroupLasso(axes=axes)
   with pytest.raises(TypeError, match='state_dtype must have 16 bits'):
     dl.scale_by_dessilbi(0.1, state_dtype=jnp.float8_e4m3fn)
   eight = {'w': jnp.ones((3, 4), jnp.float8_e4m3fn)}
@@ -291,3 +296,30 @@ def test_override_naming_a_leaf_of_another_branch_is_no_typo():
     optax.masked(
       dl.dessilbi(0.1, penalty=rule), {'body': True, 'head': False}
     ).init(params)
+
+
+def test_flags_are_bools_not_values_read_by_truthiness():
+  state = dl.dessilbi(0.1).init(PARAMS)
+  # 'no' is true: channels were zeroed, groups taken.
+  with pytest.raises(TypeError, match='channels must be a bool'):
+    dl.w_star(PARAMS, state, channels='no')
+  with pytest.raises(TypeError, match='by_group must be a bool'):
+    dl.support(state, by_group='no')
+  with pytest.raises(TypeError, match='freeze must be a bool'):
+    dl.dessilbi(0.1, freeze=1)
+  # NumPy's bools are bools, as GroupLasso's scale_by_size takes them.
+  jax.tree.map(
+    np.testing.assert_array_equal,
+    dl.support(state, by_group=np.True_),
+    dl.support(state, by_group=True),
+  )
+  dl.dessilbi(0.1, nesterov=np.False_, freeze=np.True_, store_gamma=np.True_)
+
+
+def test_a_traced_nu_of_residue_is_a_scalar():
+  state = dl.dessilbi(0.1).init(PARAMS)
+  residue = jax.jit(lambda nu: dl.residue(PARAMS, state, nu))
+  assert residue(jnp.float32(2.0)).shape == ()
+  # Its shape is known while tracing: a vector of ν gave a vector.
+  with pytest.raises(TypeError, match='nu must be a real scalar, got a traced'):
+    residue(jnp.array([1.0, 2.0]))

@@ -309,6 +309,25 @@ def test_reference_prune_order_checks_shapes_against_gamma():
     dl.reference_prune_order(params1, state4, epoch=1)
   after = dl.reference_prune_order(params1, state1, epoch=2)
   assert after.prune_order['conv1'].shape == (1,)
+  # previous= is the whole ReferenceOrder, not its epoch record.
+  with pytest.raises(TypeError, match='previous: expected the ReferenceOrder'):
+    dl.reference_prune_order(
+      params1, state1, epoch=3, previous=after.epoch_record
+    )
+  # A NaN epoch would stay in the record for good (the minimum keeps it).
+  for bad in (float('nan'), float('inf')):
+    with pytest.raises(ValueError, match='epoch must be a finite number'):
+      dl.reference_prune_order(params1, state1, epoch=bad, previous=after)
+
+
+def test_update_selection_refuses_a_record_lacking_a_coupled_leaf():
+  params = {'a': jnp.ones((1, 1, 1, 3)), 'b': jnp.ones((2, 2))}
+  state = dl.dessilbi(0.5, nu=1.0).init(params)
+  record = dl.init_selection(state)
+  assert set(record) == {'a', 'b'}
+  # Leaf 'b' would never be recorded again.
+  with pytest.raises(ValueError, match="record: has no entry for leaf 'b'"):
+    dl.update_selection({'a': record['a']}, state)
 
 
 def test_update_selection_refuses_steps_the_record_cannot_hold():
@@ -320,6 +339,10 @@ def test_update_selection_refuses_steps_the_record_cannot_hold():
       dl.update_selection(record, state, step=bad)
   with pytest.raises(TypeError, match='step must be a scalar'):
     dl.update_selection(record, state, step=jnp.array([1, 2]))
+  # Not numbers: NumPy's isfinite used to fail on them without naming step.
+  for bad in ('3', object(), 3 + 0j):
+    with pytest.raises(TypeError, match='step must be a scalar step number'):
+      dl.update_selection(record, state, step=bad)
   # A JAX float is not read back to check it is whole: its dtype is refused.
   with pytest.raises(TypeError, match='integer dtype'):
     dl.update_selection(record, state, step=jnp.float32(2.5))
