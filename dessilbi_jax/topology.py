@@ -19,7 +19,7 @@ simply left out (their channels cannot be removed alone).
 import dataclasses
 import itertools
 import re
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from typing import Any, Optional
 
 import jax
@@ -155,7 +155,10 @@ def default_norm(
       are no candidate.
 
   Raises:
-    ValueError: naming cannot tell: the candidate found is also the
+    TypeError: ``layer`` is not a str.
+    ValueError: ``layer`` has no kernel in the params (a misspelt path is
+      named, not read as a layer without norm). Naming cannot tell: the
+      candidate found is also the
       candidate of another layer of the same width (``conv1`` and ``fc1``
       both name ``bn1``); or no candidate exists and a layer beside it of
       per-channel leaves of its width, not claimed by another layer, does
@@ -166,12 +169,14 @@ def default_norm(
       layers beside it are its numbered siblings. Pass a spec
       (:func:`chain_spec` with ``norms=``; None for no norm) then.
   """
+  if not isinstance(layer, str):
+    raise TypeError(
+      f'layer: expected a layer path as a str (e.g. "conv1"), got '
+      f'{type(layer).__name__} {layer!r}.'
+    )
   table = _trees.leaves_by_name(_trees.pure(params))
   parts = _trees.split_name(layer)
-  kernel = table.get((*parts, 'kernel'))
-  if kernel is None:
-    return None
-  width = kernel.shape[-1]
+  width = _kernel(table, layer).shape[-1]
   layers = _shapes_by_layer(table)
   taken = {_trees.split_name(name) for name in claimed}
   found = _norm_of(layers, parts, width)
@@ -272,17 +277,26 @@ def chain_spec(
       give the order when in doubt).
     norms: the norm layer of each layer; missing entries are found by naming
       (:func:`default_norm`), None means no norm (refused where naming finds
-      one that no other layer claims, see :func:`check_spec`).
+      one that no other layer claims, see :func:`check_spec`). A norm given
+      for the last layer is kept in a link of its own, without consumers.
 
   Returns:
     A dict ``{layer: Link(norm, (next_layer,))}`` for every layer but the
-    last (the last layer's outputs are the model's outputs).
+    last (the last layer's outputs are the model's outputs). Where
+    ``norms`` gives the last layer a norm (not None), the last layer has a
+    link too, ``Link(norm, ())``: :func:`~dessilbi_jax.prune` and
+    :func:`~dessilbi_jax.w_star` use that norm (``w_star(channels=True)``
+    then zeroes its filters out of the support, with their bias and norm,
+    as for any layer of the spec), and :func:`~dessilbi_jax.slim` keeps its
+    width (it refuses a mask dropping any of its filters).
 
   Raises:
-    TypeError: ``layers`` is a single string.
+    TypeError: ``layers`` is a single string, not a sequence, or holds a
+      path that is not a str; ``norms`` is not a mapping, or has a key that
+      is not a str or a value that is neither a str nor None.
     ValueError: a layer has no kernel, ``norms`` names a layer that is not in
-      the chain, or the widths of consecutive layers do not fit (the message
-      names both layers).
+      the chain, a layer of width 0 feeds the next one, or the widths of
+      consecutive layers do not fit (the message names both layers).
 
   Example:
     >>> import jax.numpy as jnp
@@ -304,11 +318,41 @@ def chain_spec(
       f'layers must be a sequence of layer paths in forward order, got the '
       f'string {layers!r}.'
     )
+  if layers is not None and (
+    isinstance(layers, Mapping) or not isinstance(layers, Iterable)
+  ):
+    raise TypeError(
+      'layers: expected a sequence of layer paths (str) in forward order, '
+      f'got {type(layers).__name__} {layers!r}.'
+    )
   order = list(kernel_layers(params) if layers is None else layers)
+  if layers is not None:
+    for i, layer in enumerate(order):
+      if not isinstance(layer, str):
+        raise TypeError(
+          'layers: expected a sequence of layer paths (str) in forward '
+          f'order, got {type(layer).__name__} {layer!r} at position {i}.'
+        )
+  if norms is not None and not isinstance(norms, Mapping):
+    raise TypeError(
+      'norms: expected a dict {layer: norm layer path or None} (e.g. '
+      f'{{"conv1": "bn1"}}), got {type(norms).__name__}.'
+    )
+  norms = dict(norms or {})
+  for layer, norm in norms.items():
+    if not isinstance(layer, str):
+      raise TypeError(
+        'norms: expected layer paths (str) as keys, got '
+        f'{type(layer).__name__} {layer!r}.'
+      )
+    if norm is not None and not isinstance(norm, str):
+      raise TypeError(
+        f'norms[{layer!r}]: expected the path of a norm layer as a str (e.g. '
+        f'"bn1"), or None for no norm; got {type(norm).__name__} {norm!r}.'
+      )
   table = _trees.leaves_by_name(_trees.pure(params))
   for layer in order:  # each one, also the last (it feeds no link)
     producer_width(table, layer)
-  norms = dict(norms or {})
   unknown = sorted(set(norms) - set(order))
   if unknown:
     raise ValueError(
@@ -324,6 +368,11 @@ def chain_spec(
       else default_norm(params, producer, settled=tuple(norms), claimed=given)
     )
     spec[producer] = Link(norm=norm, consumers=(consumer,))
+  if order and norms.get(order[-1]) is not None:
+    # The last layer feeds no layer of the chain: a link for its norm only
+    # (without a norm it stays out, as a classifier does: w_star keeps its
+    # biases).
+    spec[order[-1]] = Link(norm=norms[order[-1]], consumers=())
   check_spec(params, spec)
   return spec
 
@@ -332,8 +381,10 @@ def check_spec(params: optax.Params, spec: Spec) -> None:
   """Checks that a spec fits the params; errors name the layer.
 
   Raises:
-    TypeError: a value of the spec is not a :class:`Link`.
-    ValueError: a layer has no kernel, a norm layer has no per-channel
+    TypeError: ``spec`` is not a mapping, a key of it is not a str, or a
+      value of it is not a :class:`Link`.
+    ValueError: a layer has no kernel or has width 0 and consumers, a norm
+      layer has no per-channel
       leaves of the producer's width or is the norm of two layers, a
       consumer's input width does not fit the producer's channels, or a
       link names no norm while a layer named as its norm (``conv3`` ->
@@ -346,6 +397,17 @@ def check_spec(params: optax.Params, spec: Spec) -> None:
 
 def check_spec_table(table: dict, spec: Spec) -> None:
   """:func:`check_spec` on leaves keyed by name."""
+  if not isinstance(spec, Mapping):
+    raise TypeError(
+      'spec: expected a dict {layer: Link} (e.g. chain_spec(params, ...)), '
+      f'got {type(spec).__name__}.'
+    )
+  for layer in spec:
+    if not isinstance(layer, str):
+      raise TypeError(
+        'spec: expected layer paths (str, e.g. "conv1") as keys, got '
+        f'{type(layer).__name__} {layer!r}.'
+      )
   owners: dict[str, str] = {}
   claimed = {
     link.norm for link in spec.values() if isinstance(link, Link) and link.norm
@@ -392,14 +454,20 @@ def check_spec_table(table: dict, spec: Spec) -> None:
       consumer_repeat(table, layer, consumer, width)
 
 
-def producer_width(table: dict, layer: str) -> int:
-  """Output channels of ``layer`` (last axis of its kernel)."""
+def _kernel(table: dict, layer: str):
+  """The kernel leaf of ``layer``; an error naming it where there is none."""
   kernel = table.get((*_trees.split_name(layer), 'kernel'))
   if kernel is None:
     raise ValueError(
       f'layer {layer!r} has no kernel in the params (expected a leaf '
       f'{layer + "/kernel"!r}).'
     )
+  return kernel
+
+
+def producer_width(table: dict, layer: str) -> int:
+  """Output channels of ``layer`` (last axis of its kernel)."""
+  kernel = _kernel(table, layer)
   if kernel.ndim < 2:
     raise ValueError(
       f'layer {layer!r}: its kernel has rank {kernel.ndim}; expected a conv '
@@ -412,8 +480,15 @@ def consumer_repeat(table: dict, layer: str, consumer: str, width: int) -> int:
   """How many input positions per channel ``consumer`` reads (1 for a conv).
 
   Raises:
-    ValueError: the consumer's input width does not fit ``width`` channels.
+    ValueError: ``layer`` has width 0 (no channel to read), or the
+      consumer's input width does not fit ``width`` channels.
   """
+  if width == 0:
+    raise ValueError(
+      f'spec[{layer!r}]: layer {layer!r} has width 0 (its kernel has 0 '
+      f'output channels), so consumer {consumer!r} reads no channel of it; '
+      'a layer that feeds others needs at least one output channel.'
+    )
   kernel = table.get((*_trees.split_name(consumer), 'kernel'))
   if kernel is None:
     raise ValueError(

@@ -224,10 +224,12 @@ def test_norms_given_settle_naming_and_the_last_layer_may_have_one():
   # fc1's norm given: bn1 is conv1's by naming, with no rival left.
   spec = dl.chain_spec(params, ['conv1', 'fc1', 'fc2'], norms={'fc1': None})
   assert spec['conv1'].norm == 'bn1' and spec['fc1'].norm is None
-  # A norm given for the last layer (which gets no link) is no error.
-  dl.chain_spec(
+  # No norm given for the last layer (a classifier): no link, so w_star
+  # keeps its biases; a norm given gets a link of its own (below).
+  spec = dl.chain_spec(
     params, ['conv1', 'fc1', 'fc2'], norms={'fc1': None, 'fc2': None}
   )
+  assert 'fc2' not in spec
   # A spec whose values are not Links is named before it is used.
   rule = dl.penalty_rule(dense=dl.GroupLasso(axes=-1))
   record = dl.magnitude_record({'fc1': params['fc1']}, rule)
@@ -254,3 +256,145 @@ def test_a_link_without_consumers_names_a_norm_and_freezes_the_width():
   everything = jax.tree.map(lambda m: m | True, masks)
   out = dl.slim(params, spec, everything)
   assert out.params['Conv_0']['kernel'].shape[-1] == 4
+
+
+def _chain_with_a_final_norm():
+  return {
+    'conv1': {'kernel': jnp.ones((3, 3, 1, 4))},
+    'bn1': {'scale': jnp.ones(4), 'bias': jnp.zeros(4)},
+    'conv2': {
+      'kernel': jnp.ones((3, 3, 4, 8)) * jnp.arange(8.0),
+      'bias': jnp.ones(8),
+    },
+    'final_norm': {'scale': jnp.ones(8), 'bias': jnp.full(8, 0.5)},
+  }
+
+
+def test_the_norm_given_for_the_last_layer_is_kept_in_the_spec():
+  # It used to be dropped (only (producer, consumer) pairs got links), and
+  # prune(layers=[last]) then asked for the very norms= argument given.
+  params = _chain_with_a_final_norm()
+  order = ['conv1', 'conv2']
+  spec = dl.chain_spec(params, order, norms={'conv2': 'final_norm'})
+  assert spec == {
+    'conv1': dl.Link(norm='bn1', consumers=('conv2',)),
+    'conv2': dl.Link(norm='final_norm', consumers=()),
+  }
+  # Without it, naming cannot tell conv2's norm.
+  with pytest.raises(ValueError, match="norm layer of 'conv2'"):
+    dl.prune(params, dl.magnitude_record(params), 0.5, layers=['conv2'])
+  pruned, masks = dl.prune(
+    params, dl.magnitude_record(params), 0.5, layers=['conv2'], spec=spec
+  )
+  gone = ~masks['conv2']['bias']
+  np.testing.assert_array_equal(gone, np.arange(8) < 4)
+  for leaf in ('scale', 'bias'):
+    assert not pruned['final_norm'][leaf][gone].any()
+    assert pruned['final_norm'][leaf][~gone].all()
+  # w_star zeroes the norm of conv2's filters out of Γ's support.
+  state = dl.scale_by_dessilbi(1.0).init(params)
+  gamma = jnp.zeros((3, 3, 4, 8)).at[..., 1::2].set(1.0)
+  state = state._replace(
+    gamma={**state.gamma, 'conv2': {**state.gamma['conv2'], 'kernel': gamma}}
+  )
+  out = dl.w_star(params, state, channels=True, spec=spec)
+  odd = np.arange(8) % 2 == 1
+  np.testing.assert_array_equal(out['final_norm']['scale'], odd)
+  np.testing.assert_array_equal(out['final_norm']['bias'], 0.5 * odd)
+  # slim keeps the last layer's width (its outputs leave the chain) and
+  # still slims the others, with their norms.
+  with pytest.raises(ValueError, match="'conv2' has no consumers in the spec"):
+    dl.slim(params, spec, {'conv2': odd})
+  out = dl.slim(params, spec, {'conv1': [1, 0, 1, 1], 'conv2': [1] * 8})
+  assert out.params['bn1']['bias'].shape == (3,)
+  assert out.params['conv2']['kernel'].shape == (3, 3, 3, 8)
+  assert out.params['final_norm']['scale'].shape == (8,)
+
+
+def test_default_norm_refuses_a_layer_that_is_not_there():
+  # A misspelt layer used to read as a layer without norm (None).
+  params = _chain_with_a_final_norm()
+  assert dl.default_norm(params, 'conv1') == 'bn1'
+  with pytest.raises(ValueError, match="layer 'conv_1' has no kernel"):
+    dl.default_norm(params, 'conv_1')
+  with pytest.raises(TypeError, match='layer: expected a layer path'):
+    dl.default_norm(params, ('conv1',))
+
+
+def test_a_layer_of_width_zero_feeding_another_is_named():
+  # A Dense consumer used to fail with a bare ZeroDivisionError.
+  params = {
+    'conv1': {'kernel': jnp.zeros((3, 3, 1, 0))},
+    'fc': {'kernel': jnp.zeros((0, 10))},
+    'conv2': {'kernel': jnp.zeros((3, 3, 0, 2))},
+  }
+  for consumer in ('fc', 'conv2'):
+    with pytest.raises(ValueError, match="'conv1' has width 0"):
+      dl.chain_spec(params, ['conv1', consumer])
+    with pytest.raises(ValueError, match="'conv1' has width 0"):
+      dl.check_spec(params, {'conv1': dl.Link(consumers=(consumer,))})
+
+
+@pytest.mark.parametrize(
+  'call, match',
+  [
+    (lambda p: dl.check_spec(p, ['conv1']), 'spec: expected a dict .* list'),
+    (
+      lambda p: dl.check_spec(p, {1: dl.Link(norm='bn1')}),
+      'spec: expected layer paths .* int 1',
+    ),
+    (
+      lambda p: dl.chain_spec(p, ['conv1', 5]),
+      'layers: expected .* int 5 at position 1',
+    ),
+    (lambda p: dl.chain_spec(p, 5), 'layers: expected .* int 5'),
+    (
+      lambda p: dl.chain_spec(p, ['conv1', 'conv2'], norms=['bn1']),
+      'norms: expected a dict .* list',
+    ),
+    (
+      lambda p: dl.chain_spec(p, ['conv1', 'conv2'], norms={1: 'bn1'}),
+      'norms: expected layer paths .* int 1',
+    ),
+    (
+      lambda p: dl.chain_spec(p, ['conv1', 'conv2'], norms={'conv1': 1}),
+      r"norms\['conv1'\]: expected the path .* int 1",
+    ),
+    (
+      lambda p: dl.w_star(
+        p, dl.dessilbi(0.1).init(p), channels=True, spec=['conv1']
+      ),
+      'spec: expected a dict .* list',
+    ),
+    (
+      lambda p: dl.prune(p, dl.magnitude_record(p), 0.5, spec=['conv1']),
+      'spec: expected a dict .* list',
+    ),
+    (
+      lambda p: dl.slim(p, ['conv1'], {'conv1': [1, 1, 1, 1]}),
+      'spec: expected a dict .* list',
+    ),
+  ],
+  ids=[
+    'spec-list',
+    'spec-int-key',
+    'layers-int-item',
+    'layers-int',
+    'norms-list',
+    'norms-int-key',
+    'norms-int-value',
+    'w_star-spec-list',
+    'prune-spec-list',
+    'slim-spec-list',
+  ],
+)
+def test_specs_layers_and_norms_of_the_wrong_type_are_named(call, match):
+  # They used to fail in Python's internals (AttributeError, an int's
+  # split, sorting mixed keys), naming no argument.
+  params = {
+    'conv1': {'kernel': jnp.zeros((3, 3, 1, 4))},
+    'bn1': {'scale': jnp.ones(4), 'bias': jnp.zeros(4)},
+    'conv2': {'kernel': jnp.zeros((3, 3, 4, 8))},
+  }
+  with pytest.raises(TypeError, match=match):
+    call(params)
