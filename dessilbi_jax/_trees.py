@@ -435,8 +435,11 @@ def check_record(record: Any, arg: str = 'record') -> None:
 
   Raises:
     TypeError: a leaf is not an integer array (e.g. a boolean support mask,
-      or a float epoch record), whose values would be read as steps.
+      or a float epoch record), whose values would be read as steps, or its
+      integers cannot hold NOT_SELECTED (int8 or int16: it would read as -1,
+      selected at step -1).
   """
+  never = int(jnp.iinfo(jnp.int32).max)  # selection.NOT_SELECTED
   for names, r in leaves_by_name(record).items():
     dtype = getattr(r, 'dtype', None)
     if dtype is None or not jnp.issubdtype(dtype, jnp.integer):
@@ -445,6 +448,12 @@ def check_record(record: Any, arg: str = 'record') -> None:
         'first-selection steps of init_selection, update_selection, '
         'track_selection or magnitude_record (not a support mask or a '
         'ReferenceOrder epoch record).'
+      )
+    if jnp.iinfo(dtype).max < never:
+      raise TypeError(
+        f'{arg}: leaf {join(names)!r} has dtype {dtype}, which cannot hold '
+        f'NOT_SELECTED ({never}); keep records in int32, as init_selection '
+        'makes them.'
       )
 
 

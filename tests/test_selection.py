@@ -349,6 +349,17 @@ def test_update_selection_refuses_steps_the_record_cannot_hold():
   # A support mask is not a record (it would be read as steps 0 and 1).
   with pytest.raises(TypeError, match="record: leaf 'w' has dtype bool"):
     dl.update_selection(dl.support(state, by_group=True), state, step=1)
+  # Nor is a record in integers too narrow for NOT_SELECTED, which becomes
+  # -1 there: never-selected groups would rank first, as selected at -1.
+  narrow = jax.tree.map(lambda r: r.astype(jnp.int16), record)
+  assert int(narrow['w'][0]) == -1
+  for call in (
+    lambda: dl.update_selection(narrow, state, step=1),
+    lambda: dl.rank_groups(params, narrow),
+    lambda: dl.prune(params, narrow, 0.5),
+  ):
+    with pytest.raises(TypeError, match='cannot hold NOT_SELECTED'):
+      call()
   # Whole numbers of any type, and traced steps, are fine.
   for good in (3, 3.0, np.int64(3), jnp.int32(3)):
     dl.update_selection(record, state, step=good)
