@@ -35,6 +35,11 @@ def concrete_scalar(name: str, value: Any) -> Optional[float]:
     return None
   if isinstance(value, bool):
     raise TypeError(f'{name} must be a real number, got a bool ({value}).')
+  if callable(value):
+    raise TypeError(
+      f'{name} must be a real number, got a function; only learning_rate '
+      'takes a schedule (optax.inject_hyperparams schedules the others).'
+    )
   try:
     arr = np.asarray(value)
   except Exception as e:  # pragma: no cover - exotic objects

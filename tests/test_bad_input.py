@@ -316,6 +316,13 @@ def test_flags_are_bools_not_values_read_by_truthiness():
   dl.dessilbi(0.1, nesterov=np.False_, freeze=np.True_, store_gamma=np.True_)
 
 
+@pytest.mark.parametrize('name', ['kappa', 'nu', 'momentum', 'weight_decay'])
+def test_a_schedule_for_another_hyper_parameter_is_named(name):
+  # The message used to be "got function with shape () and dtype object".
+  with pytest.raises(TypeError, match=f'{name} must be a real number, got a'):
+    dl.dessilbi(0.1, **{name: optax.constant_schedule(0.5)})
+
+
 def test_a_traced_nu_of_residue_is_a_scalar():
   state = dl.dessilbi(0.1).init(PARAMS)
   residue = jax.jit(lambda nu: dl.residue(PARAMS, state, nu))
