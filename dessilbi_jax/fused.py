@@ -288,6 +288,15 @@ def fused_dessilbi(
     state_dtype=state_dtype,
     store_gamma=store_gamma,
   )
+  if (
+    state_dtype is not None
+    and jax.dtypes.canonicalize_dtype(state_dtype).name not in _FLOATS
+  ):
+    # As JAX types it: float64 is float32 without x64 (a warning at init).
+    raise TypeError(
+      'state_dtype: fused_dessilbi supports float32, bfloat16 and float16 '
+      f'state; got {jnp.dtype(state_dtype).name} (use dessilbi).'
+    )
   mask_fn = matrix_mask if weight_decay_mask is None else weight_decay_mask
   tiles = (block, tile_cols, chunk_rows)
   settings = _Settings(tile_rows, num_warps, interpret)

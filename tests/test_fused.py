@@ -277,6 +277,12 @@ def test_arguments_after_momentum_are_keyword_only():
   dl.fused_dessilbi(0.1, 1.0, 100.0, 0.9, weight_decay=5e-4)
 
 
+def test_float64_state_dtype_with_x64_is_refused_at_construction(x64):
+  # It used to pass construction and be refused at init.
+  with pytest.raises(TypeError, match='state_dtype: fused_dessilbi supports'):
+    dl.fused_dessilbi(0.1, state_dtype=jnp.float64)
+
+
 def test_float64_state_dtype_without_x64_is_float32_as_in_dessilbi():
   params = _params()
   grads = _grads(params, 0)
