@@ -22,8 +22,8 @@ pytestmark = pytest.mark.skipif(
 SCRIPT = pathlib.Path(__file__).with_name('_multidevice.py')
 
 
-@pytest.fixture(scope='module')
-def measured():
+def _measure():
+  """Runs the eight-device script once and returns what it measured."""
   env = {
     **os.environ,
     'XLA_FLAGS': (
@@ -44,7 +44,7 @@ def measured():
   return json.loads(out.stdout)
 
 
-def test_sharded_and_data_parallel_paths_match_one_device(measured):
+def _sharded_and_data_parallel_paths_match_one_device(measured):
   # The path is not trivial: some filters are selected, not all.
   assert 0 < measured['selected_filters'] < 16
   cases = measured['cases']
@@ -66,7 +66,7 @@ def test_sharded_and_data_parallel_paths_match_one_device(measured):
     assert case['state'] <= 1e-5, (name, case)
 
 
-def test_state_follows_the_params_sharding(measured):
+def _state_follows_the_params_sharding(measured):
   for name, case in measured['cases'].items():
     assert case['init_follows_params'], name
     assert case['state_follows_params'], name
@@ -74,18 +74,18 @@ def test_state_follows_the_params_sharding(measured):
       assert case['params_keep_sharding'], name
 
 
-def test_state_types_are_stable_under_sharding_in_types(measured):
+def _state_types_are_stable_under_sharding_in_types(measured):
   types = dict(measured['types_stable'])
   assert len(types) == 5
   types.pop('core_compact_gamma/float32')
   assert all(types.values()), types
 
 
-def test_compact_gamma_state_types_are_stable(measured):
+def _compact_gamma_state_types_are_stable(measured):
   assert measured['types_stable']['core_compact_gamma/float32']
 
 
-def test_ranking_and_pruning_take_params_sharded_in_types(measured):
+def _ranking_and_pruning_take_params_sharded_in_types(measured):
   # The sort across a sharded axis used to fail inside JAX.
   toolbox = measured['toolbox']
   assert len(toolbox) == 4
@@ -93,7 +93,7 @@ def test_ranking_and_pruning_take_params_sharded_in_types(measured):
     assert case == {'same': True, 'keep_sharding': True}, name
 
 
-def test_fused_step_on_sharded_params(measured):
+def _fused_step_on_sharded_params(measured):
   fused = measured['fused']
   for name in (
     'filters/Auto',
@@ -125,7 +125,7 @@ def test_fused_step_on_sharded_params(measured):
     assert 'implementation=None' in message
 
 
-def test_prune_and_reinit_keep_sharding_outside_the_mesh(measured):
+def _prune_and_reinit_keep_sharding_outside_the_mesh(measured):
   # Outside jax.set_mesh prune used to fail inside JAX (no mesh for its
   # sort), reinit_unselected put the edited leaves on one device, and
   # set_nnx_opt_state the optimizer's sharded state.
@@ -134,3 +134,23 @@ def test_prune_and_reinit_keep_sharding_outside_the_mesh(measured):
     'reinit': {'keep_sharding': True},
     'set_nnx_opt_state': True,
   }
+
+
+CHECKS = (
+  _sharded_and_data_parallel_paths_match_one_device,
+  _state_follows_the_params_sharding,
+  _state_types_are_stable_under_sharding_in_types,
+  _compact_gamma_state_types_are_stable,
+  _ranking_and_pruning_take_params_sharded_in_types,
+  _fused_step_on_sharded_params,
+  _prune_and_reinit_keep_sharding_outside_the_mesh,
+)
+
+
+def test_eight_devices(subtests):
+  # One process measures every case (about 45 s, mostly compiling); each
+  # check is reported as a subtest of its own.
+  measured = _measure()
+  for check in CHECKS:
+    with subtests.test(msg=check.__name__.lstrip('_')):
+      check(measured)
