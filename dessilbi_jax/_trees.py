@@ -430,6 +430,11 @@ def penalty_at(names: Names, table: dict[Names, Optional[Penalty]]) -> Penalty:
   return choice
 
 
+# The record value of a group never selected (public as
+# dessilbi_jax.NOT_SELECTED, defined here for check_record).
+NOT_SELECTED = int(jnp.iinfo(jnp.int32).max)
+
+
 def check_record(record: Any, arg: str = 'record') -> None:
   """A first-selection record holds integer steps.
 
@@ -439,7 +444,6 @@ def check_record(record: Any, arg: str = 'record') -> None:
       integers cannot hold NOT_SELECTED (int8 or int16: it would read as -1,
       selected at step -1).
   """
-  never = int(jnp.iinfo(jnp.int32).max)  # selection.NOT_SELECTED
   for names, r in leaves_by_name(record).items():
     dtype = getattr(r, 'dtype', None)
     if dtype is None or not jnp.issubdtype(dtype, jnp.integer):
@@ -449,11 +453,11 @@ def check_record(record: Any, arg: str = 'record') -> None:
         'track_selection or magnitude_record (not a support mask or a '
         'ReferenceOrder epoch record).'
       )
-    if jnp.iinfo(dtype).max < never:
+    if jnp.iinfo(dtype).max < NOT_SELECTED:
       raise TypeError(
         f'{arg}: leaf {join(names)!r} has dtype {dtype}, which cannot hold '
-        f'NOT_SELECTED ({never}); keep records in int32, as init_selection '
-        'makes them.'
+        f'NOT_SELECTED ({NOT_SELECTED}); keep records in int32, as '
+        'init_selection makes them.'
       )
 
 

@@ -178,10 +178,10 @@ def w_star(
       the kernel's groups: an unselected filter of a kernel grouped per
       output filter, a filter of a lasso kernel, or of a kernel grouped per
       (input, filter), with no selected weight), its bias and its norm
-      layer's scale and shift, so that the
-      filter's output is exactly zero: the network
-      :func:`~dessilbi_jax.slim` builds from ``support(opt_state,
-      by_group=True)``. A filter here is a last-axis slice ``kernel[..., j]``;
+      layer's entries (scale and shift, and running mean and variance where
+      the params hold them), so that the filter's output is exactly zero:
+      the network :func:`~dessilbi_jax.slim` builds from
+      ``support(opt_state, by_group=True)``. A filter here is a last-axis slice ``kernel[..., j]``;
       a bias (or norm leaf) with more axes before one entry per filter
       (``nnx.MultiHeadAttention``'s ``(heads, head_dim)``) loses entry ``j``
       in all of them, where the kernel is grouped over every axis but the

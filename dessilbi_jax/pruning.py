@@ -79,8 +79,9 @@ def prune(
 
   Channel semantics: when a group is an output filter (a group-lasso leaf
   grouped over its last axis), the filter's bias and the per-channel
-  parameters of the layer's normalisation (scale and shift; found by
-  naming, e.g. ``conv3`` -> ``bn3``, or given by ``spec``) are zeroed too, so
+  entries of the layer's normalisation (scale and shift, and running mean
+  and variance where the params hold them; found by naming, e.g. ``conv3``
+  -> ``bn3``, or given by ``spec``) are zeroed too, so
   the channel's output is exactly zero whatever the input and the running
   statistics. A kernel of higher rank grouped over every axis but the last
   (the default for ``nnx.MultiHeadAttention``'s query, key and value kernels

@@ -38,7 +38,7 @@ from dessilbi_jax.penalties import PenaltyRule
 from dessilbi_jax.shrinkage import in_support
 from dessilbi_jax.transform import resolve_penalties
 
-NOT_SELECTED: int = int(jnp.iinfo(jnp.int32).max)
+NOT_SELECTED: int = _trees.NOT_SELECTED
 """Record value of a group that has never been in Γ's support."""
 
 REFERENCE_NEVER: float = 2000.0
