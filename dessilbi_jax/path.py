@@ -18,7 +18,12 @@ import optax
 from dessilbi_jax import _checks, _trees
 from dessilbi_jax.penalties import GroupLasso, PenaltyRule, PenaltyTable
 from dessilbi_jax.shrinkage import in_support
-from dessilbi_jax.topology import Spec, channel_masks, check_spec
+from dessilbi_jax.topology import (
+  Spec,
+  channel_masks,
+  check_spec,
+  unread_biases,
+)
 
 
 def get_gamma(opt_state: optax.OptState) -> Any:
@@ -236,6 +241,15 @@ def w_star(
   gammas = _trees.leaves_by_name(gamma)
   masks = {}
   choices = _trees.grouped_penalties(core, penalty)  # checks the rule
+  missed = [] if spec is not None else unread_biases(table, choices)
+  if missed:
+    raise ValueError(
+      f'w_star(channels=True): {missed[0][0]!r} is grouped but is not a '
+      "Flax kernel (a leaf named 'kernel', filters on its last axis), so "
+      f'its bias {missed[0][1]!r} would be kept for filters out of the '
+      'support; channels=True reads Flax layouts (README: "Other layouts"). '
+      'Use channels=False for the weights alone.'
+    )
   for names, choice in choices.items():
     g = gammas[names]
     if names[-1:] != ('kernel',) or g.ndim < 2:

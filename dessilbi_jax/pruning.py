@@ -3,6 +3,7 @@
 import functools
 import math
 import numbers
+import warnings
 from collections.abc import Sequence
 from typing import Any, Optional
 
@@ -14,7 +15,12 @@ import optax
 from dessilbi_jax import _trees
 from dessilbi_jax.penalties import PenaltyRule
 from dessilbi_jax.selection import _rank_groups
-from dessilbi_jax.topology import Spec, channel_masks, check_spec
+from dessilbi_jax.topology import (
+  Spec,
+  channel_masks,
+  check_spec,
+  unread_biases,
+)
 
 
 def _check_fraction(fraction: float) -> float:
@@ -136,6 +142,19 @@ def prune(
   _trees.check_rule(penalty)
   record = _select_leaves(record, layers)  # pure
   _trees.check_record(record)
+  missed = unread_biases(
+    _trees.leaves_by_name(params),
+    _trees.penalty_table(params, _trees.leaves_by_name(record), penalty),
+  )
+  if missed:
+    warnings.warn(
+      f'prune: {missed[0][0]!r} is grouped but is not a Flax kernel (a leaf '
+      "named 'kernel', filters on its last axis): its groups are zeroed, "
+      f'but its bias {missed[0][1]!r} is kept, so a pruned filter still '
+      'outputs its bias (README: "Other layouts" zeroes it with the '
+      "weights' mask).",
+      stacklevel=2,
+    )
   # How many groups each leaf loses, counted here in Python's float64 so
   # that floor(0.7 · 10) is 7, and passed as data: one compiled program
   # serves every fraction.

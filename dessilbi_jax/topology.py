@@ -28,6 +28,7 @@ import numpy as np
 import optax
 
 from dessilbi_jax import _trees
+from dessilbi_jax.penalties import GroupLasso
 
 
 @dataclasses.dataclass(frozen=True)
@@ -460,7 +461,9 @@ def _kernel(table: dict, layer: str):
   if kernel is None:
     raise ValueError(
       f'layer {layer!r} has no kernel in the params (expected a leaf '
-      f'{layer + "/kernel"!r}).'
+      f'{layer + "/kernel"!r}: the channel tools read Flax layouts, a '
+      "leaf 'kernel' with its filters on the last axis; README: \"Other "
+      'layouts").'
     )
   return kernel
 
@@ -492,7 +495,8 @@ def consumer_repeat(table: dict, layer: str, consumer: str, width: int) -> int:
   kernel = table.get((*_trees.split_name(consumer), 'kernel'))
   if kernel is None:
     raise ValueError(
-      f'spec[{layer!r}]: consumer {consumer!r} has no kernel in the params.'
+      f'spec[{layer!r}]: consumer {consumer!r} has no kernel in the params '
+      f'(expected a leaf {consumer + "/kernel"!r}).'
     )
   fan_in = int(kernel.shape[-2])
   if kernel.ndim >= 3:
@@ -553,6 +557,33 @@ def _companion_mask(
     'Γ without channels (w_star(channels=False), support) for such layers, '
     'or leave them out of prune with its layers= argument.'
   )
+
+
+def unread_biases(table: dict, choices: dict) -> list[tuple[str, str]]:
+  """Coupled leaves grouped as filters whose bias the channel tools miss.
+
+  Those tools read Flax layouts: a layer's filters are the last axis of its
+  leaf ``kernel``. A group-lasso leaf by another name beside a ``bias``
+  (``weight``, as PyTorch and Equinox name it, filters first) is most likely
+  a layer whose filters' biases they would leave as they are.
+
+  Args:
+    table: the params' leaves by name.
+    choices: the penalty of each coupled leaf, by name.
+
+  Returns:
+    ``(leaf, bias)`` path strings of each such leaf.
+  """
+  out = []
+  for names, choice in choices.items():
+    bias = (*names[:-1], 'bias')
+    if (
+      isinstance(choice, GroupLasso)
+      and names[-1:] not in (('kernel',), ('bias',))
+      and bias in table
+    ):
+      out.append((_trees.join(names), _trees.join(bias)))
+  return out
 
 
 def channel_masks(

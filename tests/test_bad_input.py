@@ -1,5 +1,7 @@
 """Bad input: early, clear errors that name the argument."""
 
+import warnings
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -239,6 +241,53 @@ def test_penalty_rule_overrides_are_checked():
     dl.penalty_rule(overrides=[('head', None)])
   with pytest.raises(ValueError, match='not a regular expression'):
     dl.penalty_rule(overrides={'head[': None})
+
+
+TORCH_LAYOUT = {  # PyTorch and Equinox: filters first, conv bias (out, 1, 1)
+  'conv1': {'weight': jnp.ones((4, 2, 3, 3)), 'bias': jnp.ones((4, 1, 1))},
+  'fc': {'weight': jnp.ones((10, 4)), 'bias': jnp.ones(10)},
+}
+TORCH_RULE = dl.penalty_rule(
+  conv=dl.GroupLasso(axes=0), overrides={'bias$': None}
+)
+
+
+def test_default_rule_warns_of_a_pytorch_layout():
+  with pytest.warns(
+    UserWarning, match=r"groups \['conv1/weight'\] by the last axis"
+  ) as caught:
+    dl.track_selection(dl.dessilbi(0.1)).init(TORCH_LAYOUT)
+  assert caught[0].filename == __file__
+  # A rule given, or Flax's names, raise no warning.
+  with warnings.catch_warnings():
+    warnings.simplefilter('error')
+    dl.dessilbi(0.1, penalty=TORCH_RULE).init(TORCH_LAYOUT)
+    dl.dessilbi(0.1).init({'conv1': {'kernel': jnp.ones((3, 3, 2, 4))}})
+
+
+def test_channel_tools_name_a_layout_they_do_not_read():
+  state = dl.track_selection(dl.dessilbi(0.1, penalty=TORCH_RULE)).init(
+    TORCH_LAYOUT
+  )
+  # w_star(channels=True) would keep the bias of filters out of the support.
+  with pytest.raises(ValueError, match="'conv1/weight' is grouped but is not"):
+    dl.w_star(TORCH_LAYOUT, state, channels=True)
+  w = dl.w_star(TORCH_LAYOUT, state)  # W alone: any layout
+  assert not np.any(np.asarray(w['conv1']['weight']))
+  # prune zeroes the groups and says that the bias stays.
+  record = optax.tree.get(state, 'first_step')
+  record['conv1']['weight'] = jnp.array([3, 1, dl.NOT_SELECTED, 2], jnp.int32)
+  with pytest.warns(UserWarning, match="its bias 'conv1/bias' is kept"):
+    pruned, masks = dl.prune(
+      TORCH_LAYOUT, record, 0.5, penalty=dl.get_penalty(state)
+    )
+  kept = np.asarray(masks['conv1']['weight']).all(axis=(1, 2, 3))
+  np.testing.assert_array_equal(kept, [False, True, False, True])
+  assert not np.any(np.asarray(pruned['conv1']['weight'])[~kept])
+  assert np.asarray(masks['conv1']['bias']).all()
+  # The surgery tools say which layout they read.
+  with pytest.raises(ValueError, match='read Flax layouts'):
+    dl.chain_spec(TORCH_LAYOUT, ['conv1', 'fc'])
 
 
 def test_schedules_must_return_a_scalar():

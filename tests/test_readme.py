@@ -12,6 +12,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
+import pytest
 from flax import nnx
 
 import dessilbi_jax as dl
@@ -90,6 +91,7 @@ def test_the_blocks_are_found():
     'Quickstart (Flax NNX)',
     'API at a glance',
     'The sparse path, end to end',
+    'Other layouts (Equinox, PyTorch-style weights)',
     'Scale and reliability',
     'Scale and reliability (2)',
     'Performance',
@@ -166,6 +168,53 @@ def test_sparse_path_walkthrough():
   # The slim model has the kept widths; grown by 4 filters, conv2 has 8.
   assert ns['small'].conv2.out_features == 4
   assert ns['out'].widths == {'conv2': 8}
+
+
+def test_other_layouts_block():
+  # PyTorch layouts: conv weights (out, in, h, w), biases (out, 1, 1).
+  keys = jax.random.split(jax.random.key(0), 3)
+  params = {
+    'conv1': {
+      'weight': jax.random.normal(keys[0], (4, 1, 3, 3)),
+      'bias': jnp.ones((4, 1, 1)),
+    },
+    'conv2': {
+      'weight': jax.random.normal(keys[1], (6, 4, 3, 3)),
+      'bias': jnp.ones((6, 1, 1)),
+    },
+    'fc': {'weight': jax.random.normal(keys[2], (10, 6)), 'bias': jnp.ones(10)},
+  }
+  # A loss whose optimum has the even filters far from zero and the odd ones
+  # at zero; the biases stay at one (their target).
+  even = (jnp.arange(4) % 2 == 0).reshape(4, 1, 1, 1)
+  target = {**params, 'conv1': {**params['conv1']}}
+  target['conv1']['weight'] = params['conv1']['weight'] * even * 3.0
+  train = (
+    'for _ in range(40):\n'
+    '  grads = jax.tree.map(lambda w, t: w - t, params, target)\n'
+    '  updates, state = tx.update(grads, state, params)\n'
+    '  params = optax.apply_updates(params, updates)'
+  )
+  with pytest.warns(UserWarning, match="prune: 'conv1/weight' is grouped"):
+    ns = _run(
+      'Other layouts (Equinox, PyTorch-style weights)',
+      {'params': params, 'target': target},
+      {'...  # train': train},
+    )
+  penalties = dl.get_penalty(ns['state']).by_name
+  assert penalties[('conv1', 'weight')] == dl.GroupLasso(axes=(0,))
+  assert ('conv1', 'bias') not in penalties and (
+    'fc',
+    'weight',
+  ) not in penalties
+  # Filters 0 and 2 (the target's) are selected, 1 and 3 not yet.
+  np.testing.assert_array_equal(ns['filters'], [True, False, True, False])
+  kept = np.asarray(ns['kept'])
+  assert kept.sum() == 2
+  pruned = ns['pruned']['conv1']
+  assert not np.any(np.asarray(pruned['weight'])[~kept])
+  # The block zeroed the bias prune keeps.
+  np.testing.assert_array_equal(np.asarray(pruned['bias']).ravel(), kept)
 
 
 def test_many_hosts_block_on_one_process(monkeypatch):
