@@ -216,7 +216,9 @@ def w_star(
       with ``channels``, a ``spec`` or ``penalty`` that does not fit them,
       or a bias or norm leaf with more axes than one entry per filter for a
       kernel not grouped over every axis but the last (layers stacked for
-      ``nnx.scan`` and grouped per layer and filter).
+      ``nnx.scan`` and grouped per layer and filter); without a ``spec``, a
+      group-lasso leaf not named ``kernel`` beside a ``bias`` (a PyTorch or
+      Equinox ``weight``: the filters' biases would be kept).
 
   Example:
     >>> import jax.numpy as jnp

@@ -123,6 +123,11 @@ def prune(
       fit the params under ``penalty``; a ``spec`` that does not fit the
       params.
 
+  Warns:
+    UserWarning: a group-lasso leaf not named ``kernel`` sits beside a
+      ``bias`` (a PyTorch or Equinox ``weight``): its groups are pruned, its
+      bias is kept.
+
   Example:
     >>> import jax.numpy as jnp
     >>> import dessilbi_jax as dl
