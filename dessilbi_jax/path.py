@@ -186,11 +186,12 @@ def w_star(
       layer's entries (scale and shift, and running mean and variance where
       the params hold them), so that the filter's output is exactly zero:
       the network :func:`~dessilbi_jax.slim` builds from
-      ``support(opt_state, by_group=True)``. A filter here is a last-axis slice ``kernel[..., j]``;
-      a bias (or norm leaf) with more axes before one entry per filter
-      (``nnx.MultiHeadAttention``'s ``(heads, head_dim)``) loses entry ``j``
-      in all of them, where the kernel is grouped over every axis but the
-      last (the default rule); under other groups it is refused.
+      ``support(opt_state, by_group=True)``. A filter here is a last-axis
+      slice ``kernel[..., j]``; a bias (or norm leaf) with more axes before
+      one entry per filter (``nnx.MultiHeadAttention``'s ``(heads,
+      head_dim)``) loses entry ``j`` in all of them, where the kernel is
+      grouped over every axis but the last (the default rule); under other
+      groups it is refused.
     spec: with ``channels``, the model's spec (a ``Link`` per layer): only
       its layers lose filters, as in ``slim`` (so the classifier, which no
       spec lists, keeps its biases), and their norms are the spec's. None:
