@@ -36,7 +36,7 @@ import optax
 from dessilbi_jax import _checks, _trees
 from dessilbi_jax.penalties import PenaltyRule
 from dessilbi_jax.shrinkage import in_support
-from dessilbi_jax.transform import resolve_penalties
+from dessilbi_jax.transform import _resolve, warn_pytorch_layout
 
 NOT_SELECTED: int = _trees.NOT_SELECTED
 """Record value of a group that has never been in Γ's support."""
@@ -101,6 +101,11 @@ def magnitude_record(
     built with ``penalty``: :data:`NOT_SELECTED` int32 arrays of the group
     shape at coupled leaves, ``optax.MaskedNode()`` elsewhere.
 
+  Warns:
+    UserWarning: with the default rule, a rank >= 3 leaf is named
+      ``weight`` (a PyTorch or Equinox layout, filters first, which that
+      rule, reading Flax's, groups by the last axis).
+
   Example:
     >>> import jax.numpy as jnp
     >>> import dessilbi_jax as dl
@@ -121,7 +126,9 @@ def magnitude_record(
   stand_in = jax.tree.map(
     lambda x: x if is_weight(x) else jnp.zeros(np.shape(x)), params
   )
-  choices, treedef = resolve_penalties(stand_in, penalty)
+  choices, treedef, table = _resolve(stand_in, penalty)
+  if penalty is None:
+    warn_pytorch_layout(table)
   weights = treedef.flatten_up_to(jax.tree.map(is_weight, params))
   out = []
   for w, choice, weight in zip(

@@ -127,6 +127,27 @@ def _normalise_path(
   return tuple(path)
 
 
+def warn_pytorch_layout(table: PenaltyTable) -> None:
+  """The default rule groups conv kernels by their last axis, where Flax
+  keeps the filters; leaves named ``weight`` are most likely laid out as
+  in PyTorch or Equinox, filters first, whose groups it gets wrong."""
+  names = [
+    '/'.join(names)
+    for (names, _), rank in zip(table.entries, table.ranks, strict=True)
+    if names[-1:] == ('weight',) and rank >= 3
+  ]
+  if names:
+    warnings.warn(
+      f'penalty: the default rule groups {names[:3]} by the last axis, '
+      'where a Flax kernel (h, w, in, out) has its filters; a leaf named '
+      '"weight" is laid out as in PyTorch or Equinox (out, in, h, w), '
+      'filters first. For that layout pass a rule such as '
+      "penalty_rule(conv=GroupLasso(axes=0), overrides={'bias$': None}) "
+      '(README: "Other layouts"); any rule given silences this.',
+      stacklevel=_caller_stacklevel(),
+    )
+
+
 def resolve_penalties(
   params: optax.Params, penalty: Optional[PenaltyRule] = None
 ) -> tuple[list[Optional[Penalty]], Any]:
@@ -371,7 +392,7 @@ def scale_by_dessilbi(
     else:  # the placeholder has no leaves for an override to match
       _warn_unmatched_overrides(params)
       if penalty is None:
-        _warn_pytorch_layout(table)
+        warn_pytorch_layout(table)
 
     z, gamma = [], []
     for leaf, choice in zip(
@@ -420,26 +441,6 @@ def scale_by_dessilbi(
           'expressions searched in paths such as "layer/kernel").',
           stacklevel=_caller_stacklevel(),
         )
-
-  def _warn_pytorch_layout(table):
-    """The default rule groups conv kernels by their last axis, where Flax
-    keeps the filters; leaves named ``weight`` are most likely laid out as
-    in PyTorch or Equinox, filters first, whose groups it gets wrong."""
-    names = [
-      '/'.join(names)
-      for (names, _), rank in zip(table.entries, table.ranks, strict=True)
-      if names[-1:] == ('weight',) and rank >= 3
-    ]
-    if names:
-      warnings.warn(
-        f'penalty: the default rule groups {names[:3]} by the last axis, '
-        'where a Flax kernel (h, w, in, out) has its filters; a leaf named '
-        '"weight" is laid out as in PyTorch or Equinox (out, in, h, w), '
-        'filters first. For that layout pass a rule such as '
-        "penalty_rule(conv=GroupLasso(axes=0), overrides={'bias$': None}) "
-        '(README: "Other layouts"); any rule given silences this.',
-        stacklevel=_caller_stacklevel(),
-      )
 
   def _new_gamma(z, choice):
     """What the state stores for Γ = κ·Prox(z): Γ, or the per-group scale.

@@ -258,10 +258,14 @@ def test_default_rule_warns_of_a_pytorch_layout():
   ) as caught:
     dl.track_selection(dl.dessilbi(0.1)).init(TORCH_LAYOUT)
   assert caught[0].filename == __file__
+  # The magnitude baseline groups the leaves with the same rule.
+  with pytest.warns(UserWarning, match='the default rule groups'):
+    dl.magnitude_record(TORCH_LAYOUT)
   # A rule given, or Flax's names, raise no warning.
   with warnings.catch_warnings():
     warnings.simplefilter('error')
     dl.dessilbi(0.1, penalty=TORCH_RULE).init(TORCH_LAYOUT)
+    dl.magnitude_record(TORCH_LAYOUT, penalty=TORCH_RULE)
     dl.dessilbi(0.1).init({'conv1': {'kernel': jnp.ones((3, 3, 2, 4))}})
 
 
