@@ -435,6 +435,17 @@ def penalty_at(names: Names, table: dict[Names, Optional[Penalty]]) -> Penalty:
 NOT_SELECTED = int(jnp.iinfo(jnp.int32).max)
 
 
+def recorded_ranks(params: Any, record: Any) -> list[tuple[Names, int]]:
+  """``(names, rank)`` of each array leaf of ``params`` that ``record``
+  holds (all of them for ``record=None``)."""
+  wanted = None if record is None else leaves_by_name(pure(record))
+  return [
+    (names, len(leaf.shape))
+    for names, leaf in leaves_by_name(pure(params)).items()
+    if hasattr(leaf, 'shape') and (wanted is None or names in wanted)
+  ]
+
+
 def check_record(record: Any, arg: str = 'record') -> None:
   """A first-selection record holds integer steps.
 

@@ -247,7 +247,7 @@ def w_star(
   missed = [] if spec is not None else unread_biases(table, choices)
   if missed:
     raise ValueError(
-      f'w_star(channels=True): {missed[0][0]!r} is grouped but is not a '
+      f'w_star(channels=True): {missed[0][0]!r} is coupled but is not a '
       "Flax kernel (a leaf named 'kernel', filters on its last axis), so "
       f'its bias {missed[0][1]!r} would be kept for filters out of the '
       'support; channels=True reads Flax layouts (README: "Other layouts"). '

@@ -13,7 +13,7 @@ import numpy as np
 import optax
 
 from dessilbi_jax import _trees
-from dessilbi_jax.penalties import PenaltyRule
+from dessilbi_jax.penalties import GroupLasso, PenaltyRule
 from dessilbi_jax.selection import _rank_groups
 from dessilbi_jax.topology import (
   Spec,
@@ -21,6 +21,7 @@ from dessilbi_jax.topology import (
   check_spec,
   unread_biases,
 )
+from dessilbi_jax.transform import warn_pytorch_layout
 
 
 def _check_fraction(fraction: float) -> float:
@@ -147,9 +148,13 @@ def prune(
   _trees.check_rule(penalty)
   record = _select_leaves(record, layers)  # pure
   _trees.check_record(record)
+  if penalty is None:
+    warn_pytorch_layout(_trees.recorded_ranks(params, record))
+  choices = _trees.penalty_table(params, _trees.leaves_by_name(record), penalty)
+  # Under a lasso, prune cuts weights, not channels, in any layout.
   missed = unread_biases(
     _trees.leaves_by_name(params),
-    _trees.penalty_table(params, _trees.leaves_by_name(record), penalty),
+    {n: c for n, c in choices.items() if isinstance(c, GroupLasso)},
   )
   if missed:
     warnings.warn(

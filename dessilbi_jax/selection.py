@@ -36,7 +36,7 @@ import optax
 from dessilbi_jax import _checks, _trees
 from dessilbi_jax.penalties import PenaltyRule
 from dessilbi_jax.shrinkage import in_support
-from dessilbi_jax.transform import _resolve, warn_pytorch_layout
+from dessilbi_jax.transform import resolve_penalties, warn_pytorch_layout
 
 NOT_SELECTED: int = _trees.NOT_SELECTED
 """Record value of a group that has never been in Γ's support."""
@@ -126,9 +126,9 @@ def magnitude_record(
   stand_in = jax.tree.map(
     lambda x: x if is_weight(x) else jnp.zeros(np.shape(x)), params
   )
-  choices, treedef, table = _resolve(stand_in, penalty)
+  choices, treedef = resolve_penalties(stand_in, penalty)
   if penalty is None:
-    warn_pytorch_layout(table)
+    warn_pytorch_layout(_trees.recorded_ranks(stand_in, None))
   weights = treedef.flatten_up_to(jax.tree.map(is_weight, params))
   out = []
   for w, choice, weight in zip(
@@ -410,6 +410,8 @@ def rank_groups(
   record = _trees.pure(record)
   _trees.check_record(record)
   _trees.check_rule(penalty)
+  if penalty is None:
+    warn_pytorch_layout(_trees.recorded_ranks(params, record))
   return _rank_groups(_trees.pure(params), record, scope=scope, penalty=penalty)
 
 

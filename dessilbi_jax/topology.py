@@ -28,7 +28,6 @@ import numpy as np
 import optax
 
 from dessilbi_jax import _trees
-from dessilbi_jax.penalties import GroupLasso
 
 
 @dataclasses.dataclass(frozen=True)
@@ -560,12 +559,12 @@ def _companion_mask(
 
 
 def unread_biases(table: dict, choices: dict) -> list[tuple[str, str]]:
-  """Coupled leaves grouped as filters whose bias the channel tools miss.
+  """Coupled leaves with filters whose bias the channel tools miss.
 
   Those tools read Flax layouts: a layer's filters are the last axis of its
-  leaf ``kernel``. A group-lasso leaf by another name beside a ``bias``
-  (``weight``, as PyTorch and Equinox name it, filters first) is most likely
-  a layer whose filters' biases they would leave as they are.
+  leaf ``kernel``. A coupled leaf of rank 2 or more by another name beside a
+  ``bias`` (``weight``, as PyTorch and Equinox name it, filters first) is
+  most likely a layer whose filters' biases they would leave as they are.
 
   Args:
     table: the params' leaves by name.
@@ -578,9 +577,10 @@ def unread_biases(table: dict, choices: dict) -> list[tuple[str, str]]:
   for names, choice in choices.items():
     bias = (*names[:-1], 'bias')
     if (
-      isinstance(choice, GroupLasso)
+      choice is not None
       and names[-1:] not in (('kernel',), ('bias',))
       and bias in table
+      and len(getattr(table.get(names), 'shape', ())) >= 2
     ):
       out.append((_trees.join(names), _trees.join(bias)))
   return out

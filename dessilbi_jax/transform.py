@@ -2,6 +2,7 @@
 
 import itertools
 import warnings
+from collections.abc import Iterable
 from typing import Any, NamedTuple, Optional, cast
 
 import jax
@@ -85,7 +86,7 @@ def _caller_stacklevel() -> int:
 
   Counted from the function that calls ``warnings.warn``, past every frame
   of this package and of the libraries that call into it (Optax's chains,
-  JAX's transformations, Flax's optimizers).
+  JAX's transformations, Flax's optimizers, Equinox's filtered ones).
   """
   import os
   import sys
@@ -93,9 +94,11 @@ def _caller_stacklevel() -> int:
 
   import flax
 
+  # Equinox's filtered transformations too, where it is imported.
+  wrappers = [sys.modules[__package__], optax, jax, flax]
+  wrappers += [sys.modules[m] for m in ('equinox',) if m in sys.modules]
   inside = tuple(
-    os.path.dirname(str(module.__file__)) + os.sep
-    for module in (sys.modules[__package__], optax, jax, flax)
+    os.path.dirname(str(module.__file__)) + os.sep for module in wrappers
   )
   frame: Optional[types.FrameType] = sys._getframe(2)  # the caller's caller
   level = 2
@@ -127,13 +130,18 @@ def _normalise_path(
   return tuple(path)
 
 
-def warn_pytorch_layout(table: PenaltyTable) -> None:
+def warn_pytorch_layout(leaves: Iterable[tuple[tuple[str, ...], int]]) -> None:
   """The default rule groups conv kernels by their last axis, where Flax
   keeps the filters; leaves named ``weight`` are most likely laid out as
-  in PyTorch or Equinox, filters first, whose groups it gets wrong."""
+  in PyTorch or Equinox, filters first, whose groups it gets wrong.
+
+  Args:
+    leaves: ``(names, rank)`` of the leaves (the default rule couples
+      every floating leaf of rank 3 or more).
+  """
   names = [
     '/'.join(names)
-    for (names, _), rank in zip(table.entries, table.ranks, strict=True)
+    for names, rank in leaves
     if names[-1:] == ('weight',) and rank >= 3
   ]
   if names:
@@ -392,7 +400,10 @@ def scale_by_dessilbi(
     else:  # the placeholder has no leaves for an override to match
       _warn_unmatched_overrides(params)
       if penalty is None:
-        warn_pytorch_layout(table)
+        warn_pytorch_layout(
+          (names, rank)
+          for (names, _), rank in zip(table.entries, table.ranks, strict=True)
+        )
 
     z, gamma = [], []
     for leaf, choice in zip(

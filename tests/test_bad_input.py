@@ -7,6 +7,7 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 import pytest
+from flax import nnx
 
 import dessilbi_jax as dl
 
@@ -258,26 +259,46 @@ def test_default_rule_warns_of_a_pytorch_layout():
   ) as caught:
     dl.track_selection(dl.dessilbi(0.1)).init(TORCH_LAYOUT)
   assert caught[0].filename == __file__
-  # The magnitude baseline groups the leaves with the same rule.
-  with pytest.warns(UserWarning, match='the default rule groups'):
-    dl.magnitude_record(TORCH_LAYOUT)
-  # A rule given, or Flax's names, raise no warning.
+  # The functions that take a rule, not a state, group with it too.
+  weight = {'conv1': {'weight': TORCH_LAYOUT['conv1']['weight']}}
+  record = {'conv1': {'weight': jnp.zeros(3, jnp.int32)}}  # default groups
+  for use in (
+    lambda: dl.magnitude_record(weight),
+    lambda: dl.rank_groups(weight, record),
+    lambda: dl.prune(weight, record, 0.5),
+  ):
+    with pytest.warns(UserWarning, match='the default rule groups') as caught:
+      use()
+    assert caught[0].filename == __file__
+  # A rule given, or Flax's names (an NNX model through nnx.Optimizer), raise
+  # no warning.
+  model = nnx.Sequential(
+    nnx.Conv(1, 4, (3, 3), rngs=nnx.Rngs(0)),
+    nnx.BatchNorm(4, rngs=nnx.Rngs(0)),
+    nnx.Linear(4, 2, rngs=nnx.Rngs(0)),
+  )
   with warnings.catch_warnings():
     warnings.simplefilter('error')
     dl.dessilbi(0.1, penalty=TORCH_RULE).init(TORCH_LAYOUT)
     dl.magnitude_record(TORCH_LAYOUT, penalty=TORCH_RULE)
-    dl.dessilbi(0.1).init({'conv1': {'kernel': jnp.ones((3, 3, 2, 4))}})
+    nnx.Optimizer(model, dl.dessilbi(0.1), wrt=nnx.Param)
+    dl.magnitude_record(nnx.state(model))
 
 
 def test_channel_tools_name_a_layout_they_do_not_read():
   state = dl.track_selection(dl.dessilbi(0.1, penalty=TORCH_RULE)).init(
     TORCH_LAYOUT
   )
-  # w_star(channels=True) would keep the bias of filters out of the support.
-  with pytest.raises(ValueError, match="'conv1/weight' is grouped but is not"):
+  # w_star(channels=True) would keep the bias of filters out of the support,
+  # of a group-lasso conv and of a lasso linear layer alike.
+  with pytest.raises(ValueError, match="'conv1/weight' is coupled but is not"):
     dl.w_star(TORCH_LAYOUT, state, channels=True)
-  w = dl.w_star(TORCH_LAYOUT, state)  # W alone: any layout
-  assert not np.any(np.asarray(w['conv1']['weight']))
+  linear = {'fc': TORCH_LAYOUT['fc']}
+  lasso = dl.dessilbi(0.1, penalty=dl.penalty_rule(dense=dl.Lasso())).init(
+    linear
+  )
+  with pytest.raises(ValueError, match="'fc/weight' is coupled but is not"):
+    dl.w_star(linear, lasso, channels=True)
   # prune zeroes the groups and says that the bias stays.
   record = optax.tree.get(state, 'first_step')
   record['conv1']['weight'] = jnp.array([3, 1, dl.NOT_SELECTED, 2], jnp.int32)
