@@ -127,7 +127,8 @@ def prune(
   Warns:
     UserWarning: a group-lasso leaf not named ``kernel`` sits beside a
       ``bias`` (a PyTorch or Equinox ``weight``): its groups are pruned, its
-      bias is kept.
+      bias is kept. With the default rule, a recorded rank >= 3 leaf is
+      named ``weight`` (as for :func:`~dessilbi_jax.magnitude_record`).
 
   Example:
     >>> import jax.numpy as jnp

@@ -397,6 +397,10 @@ def rank_groups(
       record holds a leaf the params lack, or its groups do not fit the
       params under ``penalty``.
 
+  Warns:
+    UserWarning: with the default rule, a recorded rank >= 3 leaf is named
+      ``weight`` (as for :func:`magnitude_record`).
+
   Example:
     >>> import jax.numpy as jnp
     >>> import dessilbi_jax as dl
