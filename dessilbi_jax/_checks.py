@@ -208,9 +208,14 @@ def _is_empty(x: Any) -> bool:
 
 
 def _leaf_paths(tree: Any, keep_empty: bool = False) -> list[str]:
+  """The paths of ``tree``'s leaves; with ``keep_empty``, also of its
+  empty nodes but None (which holds nothing in params and state alike: an
+  Equinox field filtered out)."""
   is_leaf = _is_empty if keep_empty else None
   out = []
-  for path, _ in jax.tree_util.tree_flatten_with_path(tree, is_leaf)[0]:
+  for path, leaf in jax.tree_util.tree_flatten_with_path(tree, is_leaf)[0]:
+    if leaf is None:
+      continue
     if path and isinstance(path[-1], jax.tree_util.GetAttrKey):
       if path[-1].name in ('value', 'raw_value'):
         path = path[:-1]

@@ -255,6 +255,16 @@ def test_full_optimizer_names_a_momentum_of_another_model(params, match):
     jax.jit(tx.update)(grads, tx.init(PARAMS), params)
 
 
+def test_a_state_of_another_model_names_the_leaves_not_the_none_fields():
+  # Equinox's eqx.filter leaves None for fields that hold no array (an
+  # activation, a missing bias): they are no leaf that a state lacks.
+  params = {'conv': jnp.ones((3, 3, 1, 2)), 'act': None, 'fc': jnp.ones((2, 3))}
+  tx = dl.dessilbi(0.1)
+  with pytest.raises(ValueError) as raised:
+    tx.update(params, tx.init({'other': jnp.ones((3, 3, 1, 2))}), params)
+  assert "missing ['conv', 'fc']; unexpected ['other']" in str(raised.value)
+
+
 def test_full_optimizer_rejects_a_broadcastable_gradient():
   bad = _with(PARAMS, 'dense/kernel', jnp.ones(3))
   tx = dl.dessilbi(0.1)
