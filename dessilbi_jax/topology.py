@@ -156,18 +156,17 @@ def default_norm(
 
   Raises:
     TypeError: ``layer`` is not a str.
-    ValueError: ``layer`` has no kernel in the params (a misspelt path is
-      named, not read as a layer without norm). Naming cannot tell: the
-      candidate found is also the
-      candidate of another layer of the same width (``conv1`` and ``fc1``
-      both name ``bn1``); or no candidate exists and a layer beside it of
-      per-channel leaves of its width, not claimed by another layer, does
-      (``bn_conv1`` beside ``conv1``). For a layer numbered by position
-      (Flax Linen's automatic ``Conv_0``, the items ``layers_0`` of a Linen
-      list or ``nn.Sequential``, the items ``layers/0`` of an NNX list or
-      ``nnx.Sequential``: numbers do not pair a layer with its norm), the
-      layers beside it are its numbered siblings. Pass a spec
-      (:func:`chain_spec` with ``norms=``; None for no norm) then.
+    ValueError: ``layer`` has no kernel in the params (a misspelt path is named,
+      not read as a layer without norm). Naming cannot tell: the candidate found
+      is also the candidate of another layer of the same width (``conv1`` and
+      ``fc1`` both name ``bn1``); or no candidate exists and a layer beside it
+      of per-channel leaves of its width, not claimed by another layer, does
+      (``bn_conv1`` beside ``conv1``). For a layer numbered by position (Flax
+      Linen's automatic ``Conv_0``, the items ``layers_0`` of a Linen list or
+      ``nn.Sequential``, the items ``layers/0`` of an NNX list or
+      ``nnx.Sequential``: numbers do not pair a layer with its norm), the layers
+      beside it are its numbered siblings. Pass a spec (:func:`chain_spec` with
+      ``norms=``; None for no norm) then.
   """
   if not isinstance(layer, str):
     raise TypeError(
@@ -383,11 +382,10 @@ def check_spec(params: optax.Params, spec: Spec) -> None:
   Raises:
     TypeError: ``spec`` is not a mapping, a key of it is not a str, or a
       value of it is not a :class:`Link`.
-    ValueError: a layer has no kernel or has width 0 and consumers, a norm
-      layer has no per-channel
-      leaves of the producer's width or is the norm of two layers, a
-      consumer's input width does not fit the producer's channels, or a
-      link names no norm while a layer named as its norm (``conv3`` ->
+    ValueError: a layer has no kernel or has width 0 and consumers, a norm layer
+      has no per-channel leaves of the producer's width or is the norm of two
+      layers, a consumer's input width does not fit the producer's channels, or
+      a link names no norm while a layer named as its norm (``conv3`` ->
       ``bn3``, as :func:`default_norm`) has its width and is the norm of no
       other layer of the spec (``Link(consumers=...)`` leaving ``norm`` out
       would leave that norm out of pruning and slimming).
