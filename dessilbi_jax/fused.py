@@ -200,9 +200,13 @@ def fused_dessilbi(
       float32).
     implementation: ``'pallas'`` for the kernels (Triton on a GPU; Pallas
       interpret mode elsewhere, slow, for tests), ``'xla'`` for ``dessilbi``
-      followed by ``optax.apply_updates``, or None for ``'pallas'`` where the
-      default backend is a GPU (and this JAX has Pallas's Triton backend,
-      which JAX 0.12 deprecates) and ``'xla'`` elsewhere. The kernels take
+      followed by ``optax.apply_updates``, or None for the kernels where
+      the step is lowered for a GPU and ``'xla'`` elsewhere: decided where
+      it is lowered (``jax.lax.platform_dependent``), so arrays on the CPU
+      of a machine with a GPU step with XLA. None traces the kernels only
+      in a process with a GPU and a JAX with Pallas's Triton backend (which
+      JAX 0.12 deprecates); to lower them for a GPU from a machine without
+      one, use ``'pallas'`` with ``interpret=False``. The kernels take
       whole arrays. With sharding in types (a mesh with explicit axes),
       replicated arrays are stepped on each device (``jax.shard_map``), and
       for arrays sharded along an explicit axis None steps with XLA and
@@ -211,7 +215,7 @@ def fused_dessilbi(
     interpret: with the kernels, run them in Pallas interpret mode (True),
       compile them with Triton (False: also to lower for a GPU from a
       machine without one), or None for "unless the default backend is a
-      GPU".
+      GPU" (``'pallas'``) and "where lowered for a GPU, compiled" (None).
     block: elements per program of a flat leaf (a power of 2).
     tile_cols: filters per program of a group-lasso leaf (a power of 2).
     tile_rows: rows per loop iteration of those programs (a power of 2).
@@ -309,12 +313,12 @@ def fused_dessilbi(
     _check_dtypes(params, state)
     return state
 
-  def use_pallas(grads, state, params) -> bool:
+  def use_pallas(grads, state, params) -> Optional[bool]:
+    """True for the kernels, False for XLA, None for the kernels where the
+    step is lowered for a GPU and XLA elsewhere."""
     if implementation == 'xla':
       return False
-    if implementation is None and (
-      jax.default_backend() != 'gpu' or not _triton_backend()
-    ):
+    if implementation is None and not (_triton_backend() and _gpu_backend()):
       return False
     if not _triton_backend():
       raise ImportError(
@@ -324,7 +328,7 @@ def fused_dessilbi(
       )
     sharded = _sharded(grads, state, params)
     if sharded is None:
-      return True
+      return True if implementation == 'pallas' else None
     if implementation == 'pallas':
       raise ValueError(
         "implementation='pallas': the kernels take whole arrays, but"
@@ -333,7 +337,7 @@ def fused_dessilbi(
       )
     return False
 
-  def run(grads, state, params, apply):
+  def run(grads, state, params, apply, settings):
     if params is None:
       raise ValueError(_checks.NO_PARAMS_MSG)
     # As JAX types them (NumPy float64 is float32 without x64), as jit and
@@ -400,18 +404,38 @@ def fused_dessilbi(
     )
     return new_w, new_state
 
+  def per_platform(choice, xla, kernels):
+    """XLA's step (``choice`` False), the kernels' (True), or for None the
+    kernels where the step is lowered for a GPU and XLA's elsewhere: decided
+    where it is lowered, not by the default backend, so that arrays on the
+    CPU of a machine with a GPU step with XLA."""
+    if choice is not None:
+      return kernels(settings) if choice else xla()
+    # Lowered for a GPU: compiled by Triton unless interpret=True.
+    on_gpu = functools.partial(
+      kernels, settings._replace(interpret=bool(interpret))
+    )
+    return jax.lax.platform_dependent(cuda=on_gpu, rocm=on_gpu, default=xla)
+
   # Extra keyword arguments (a loss as value=, which nnx.Optimizer passes
   # on) are accepted and ignored, as by dessilbi.
   def update_fn(updates, state, params=None, **extra_args):
-    if not use_pallas(updates, state, params):
-      return reference.update(updates, state, params, **extra_args)
-    return run(updates, state, params, apply=False)
+    return per_platform(
+      use_pallas(updates, state, params),
+      lambda: reference.update(updates, state, params, **extra_args),
+      lambda s: run(updates, state, params, apply=False, settings=s),
+    )
 
   def step_fn(grads, state, params, **extra_args):
-    if not use_pallas(grads, state, params):
-      updates, state = reference.update(grads, state, params, **extra_args)
-      return optax.apply_updates(params, updates), state
-    return run(grads, state, params, apply=True)
+    def xla():
+      updates, new_state = reference.update(grads, state, params, **extra_args)
+      return optax.apply_updates(params, updates), new_state
+
+    return per_platform(
+      use_pallas(grads, state, params),
+      xla,
+      lambda s: run(grads, state, params, apply=True, settings=s),
+    )
 
   return FusedDessilbi(init_fn, update_fn, step_fn)
 
@@ -425,6 +449,14 @@ def _triton_backend() -> bool:
   except ImportError:
     return False
   return True
+
+
+def _gpu_backend() -> bool:
+  """Whether this process has a GPU backend, default or not."""
+  try:
+    return bool(jax.devices('gpu'))
+  except RuntimeError:
+    return False
 
 
 def _explicit_mesh(trees: Any) -> Any:

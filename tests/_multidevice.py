@@ -348,7 +348,7 @@ def fused():
     """The primitives the default (None) would run on a GPU: traced only,
     as the kernels' Triton compile needs a GPU."""
     tx = dl.fused_dessilbi(**kwargs)
-    with mock.patch.object(jax, 'default_backend', return_value='gpu'):
+    with mock.patch.object(dl.fused, '_gpu_backend', return_value=True):
       jaxpr = jax.make_jaxpr(tx.step)(g, tx.init(p), p)
     text = str(jaxpr)
     return {'kernels': 'pallas_call' in text, 'shard_map': 'shard_map' in text}

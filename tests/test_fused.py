@@ -3,6 +3,8 @@
 few Triton kernels for a GPU, and it refuses what it does not support
 early."""
 
+import contextlib
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -340,7 +342,7 @@ def test_without_a_triton_backend(monkeypatch):
     pallas.step(grads, pallas.init(params), params)
   default = dl.fused_dessilbi(0.1)
   state = default.init(params)
-  monkeypatch.setattr(jax, 'default_backend', lambda: 'gpu')
+  monkeypatch.setattr(dl.fused, '_gpu_backend', lambda: True)
   jaxpr = str(jax.make_jaxpr(default.step)(grads, state, params))
   assert 'pallas_call' not in jaxpr
   # (With the backend, the same trace holds the kernels; a new optimizer,
@@ -427,6 +429,38 @@ def test_lowers_to_a_triton_kernel_per_kind(apply, devices):
     assert text.count('stablehlo.custom_call') == 3
   # (Shardy's sdy.manual_computation, or GSPMD's {manual} sharding.)
   assert ('manual' in text.lower()) == (devices is not None)
+
+
+def test_default_is_decided_where_the_step_is_lowered(monkeypatch):
+  # In a process with a GPU (pretended here), the default traces both steps
+  # and the platform the step is lowered for picks one: arrays on the CPU
+  # of such a machine step with XLA, not with kernels compiled for a GPU.
+  monkeypatch.setattr(dl.fused, '_gpu_backend', lambda: True)
+  params = _params()
+  grads = jax.tree.map(lambda x: 0.1 * jnp.ones_like(x), params)
+  opt = dl.fused_dessilbi(0.1, nu=1.0)
+  xla = dl.fused_dessilbi(0.1, nu=1.0, implementation='xla')
+  state = opt.init(params)
+  for fn in ('step', 'update'):
+    got = jax.jit(getattr(opt, fn))(grads, state, params)
+    want = jax.jit(getattr(xla, fn))(grads, state, params)
+    _assert_close(got, want, rtol=0, atol=0)
+  traced = jax.jit(opt.step).trace(grads, state, params)
+  assert 'pallas_call' in str(traced.jaxpr)
+  assert 'triton' not in traced.lower(lowering_platforms=('cpu',)).as_text()
+  # Lowered for a GPU: the kernels, compiled by Triton (not interpreted).
+  # Newer JAX versions read the target GPU from the abstract mesh.
+  target = contextlib.nullcontext()
+  if hasattr(jax.sharding, 'AbstractDevice'):
+    gpu = jax.sharding.AbstractDevice(
+      device_kind='NVIDIA H100 80GB HBM3', num_cores=None, platform='gpu'
+    )
+    mesh = jax.sharding.AbstractMesh((), (), abstract_device=gpu)
+    target = jax.sharding.use_abstract_mesh(mesh)
+  with target:
+    lowered = jax.jit(opt.step).trace(grads, state, params)
+    text = lowered.lower(lowering_platforms=('cuda',)).as_text()
+  assert text.count('custom_call @__gpu$xla.gpu.triton') == 3
 
 
 def _follows(kwargs, params, steps=2, state=None, rtol=1e-5, atol=1e-6):
