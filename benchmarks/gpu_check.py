@@ -10,7 +10,8 @@ only.
 First, the multi-tensor Pallas step (``dl.fused_dessilbi`` through
 ``multitensor.py``) compiled for the GPU is checked against ``dessilbi`` on
 ResNet-18's params (largest differences after 3 steps, and whether Γ's
-supports agree). Then, side by side in one process: the update alone on CIFAR
+supports agree), and its default is checked to take the kernels for the
+GPU's arrays and XLA for the CPU's (``default_choice``). Then, side by side in one process: the update alone on CIFAR
 ResNet-18 params (device time with 20 updates per jit, per call, and the
 bandwidth floor) for ``dessilbi`` (Γ stored or rebuilt from z), the fused
 kernels (writing updates, without Γ, or writing the new params: the fused

@@ -144,6 +144,35 @@ def agreement(
   return out
 
 
+def default_choice() -> dict:
+  """What ``dl.fused_dessilbi``'s default (``implementation=None``) does
+  with arrays on the default device and on the CPU: per device platform,
+  whether the step lowered for it holds the Triton kernels (None if it did
+  not lower), and whether it ran (a conv layer's kernel and bias, one step;
+  else the error). On a GPU machine, the GPU's
+  arrays take the kernels and the CPU's XLA; elsewhere, XLA."""
+  params = {
+    'conv': {
+      'kernel': jax.random.normal(jax.random.key(0), (3, 3, 16, 32)),
+      'bias': jnp.zeros(32),
+    }
+  }
+  out = {}
+  for device in dict.fromkeys((jax.devices()[0], jax.devices('cpu')[0])):
+    p = jax.device_put(params, device)
+    tx = dl.fused_dessilbi(0.1, nu=1.0)
+    state = tx.init(p)
+    step, kernels = jax.jit(tx.step), None
+    try:  # a failure is recorded, and the agreement results kept
+      kernels = 'triton' in step.lower(p, state, p).as_text()
+      new, _ = step(p, state, p)
+      ran = all(bool(jnp.all(jnp.isfinite(x))) for x in jax.tree.leaves(new))
+    except Exception as error:
+      ran = f'{type(error).__name__}: {str(error)[:300]}'
+    out[device.platform] = {'kernels': kernels, 'ran': ran}
+  return out
+
+
 def _compare(got, want, penalties, treedef) -> dict:
   def worst(value) -> float:
     # A NaN is the largest difference: Python's max would pass over it.
@@ -220,11 +249,12 @@ def main(argv=None) -> dict:
   """Checks the kernel against ``dessilbi`` on a model's params and prints
   the differences (see :func:`agreement`)."""
   args = parse_args(argv)
-  from benchmarks import harness
+  from benchmarks import harness, report
 
   _, params, _, _, _ = harness.build(args.model, 2)
   out = agreement(params, args.variants, steps=args.steps)
   out.update(model=args.model, steps=args.steps, backend=jax.default_backend())
+  out['default_choice'] = default_choice()
   print(
     f'{args.model}, {args.steps} steps on {out["backend"]}; λ {out["lams"]}'
   )
@@ -240,6 +270,12 @@ def main(argv=None) -> dict:
       f' params {row["params_max_abs"]:.1e}'
       f' ({row["params_max_rel"]:.1e} rel), state {row["state_max_abs"]:.1e}'
       f' ({row["state_max_rel"]:.1e} rel); in one support only: {supports}',
+      flush=True,
+    )
+  for platform, row in out['default_choice'].items():
+    print(
+      f'  default (implementation=None), arrays on the {platform}:'
+      f' {report.TAKEN[row["kernels"]]}, ran: {row["ran"]}',
       flush=True,
     )
   if args.json:

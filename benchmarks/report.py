@@ -22,6 +22,8 @@ except ImportError:  # run as a script from the repository root
   from benchmarks import compile_phases
 
 MIB = 2**20
+# What multitensor.default_choice found a step lowered to ('kernels').
+TAKEN = {True: 'the kernels', False: 'XLA', None: 'not lowered'}
 
 
 def _ratio(row: dict, key: str) -> str:
@@ -165,7 +167,18 @@ def _agreement(run: dict) -> list[str]:
     'filters in one support only',
     'weights in one support only',
   ]
-  return _table(header, rows)
+  lines = _table(header, rows)
+  if 'default_choice' in run:  # implementation=None, by the arrays' device
+    lines += [
+      '',
+      'Default (`implementation=None`): '
+      + '; '.join(
+        f'arrays on the {platform}, {TAKEN[r["kernels"]]} (ran: {r["ran"]})'
+        for platform, r in run['default_choice'].items()
+      )
+      + '.',
+    ]
+  return lines
 
 
 def _phases(run: dict) -> list[str]:

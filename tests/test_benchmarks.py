@@ -1,6 +1,7 @@
 """The benchmark scripts' plumbing: command lines, result fields (no timings
 are asserted; those belong to the benchmarks themselves)."""
 
+import functools
 import importlib
 import json
 import os
@@ -496,6 +497,25 @@ def test_hlo_counts_see_long_tuple_shapes():
   assert gpu_offline.collectives(hlo) == {'all-gather': 1}
   # hlo_traffic reads the same shape: 6 × 8 bytes written, 8 read.
   assert hlo_traffic.traffic(hlo)['fusion'] == {'count': 1, 'bytes': 56}
+
+
+def test_default_choice_records_the_path_taken_and_failures(monkeypatch):
+  # As on a machine with a GPU: arrays on the CPU step with XLA.
+  monkeypatch.setattr(dl.fused, '_gpu_backend', lambda: True)
+  assert multitensor.default_choice() == {
+    'cpu': {'kernels': False, 'ran': True}
+  }
+  # A step that cannot lower here (Triton kernels for the CPU) is recorded
+  # with its error, not raised.
+  monkeypatch.setattr(
+    multitensor.dl,
+    'fused_dessilbi',
+    functools.partial(
+      dl.fused_dessilbi, implementation='pallas', interpret=False
+    ),
+  )
+  (row,) = multitensor.default_choice().values()
+  assert row['kernels'] is None and row['ran'].startswith('ValueError')
 
 
 def test_agreement_sees_a_nan_in_any_leaf():

@@ -17,6 +17,7 @@ def test_every_kind_of_run_becomes_a_table():
   # its interpret-mode kernels cost seconds per leaf.
   agreement = multitensor.agreement(small_params(), ['dessilbi_mt'], steps=1)
   agreement.update(model='small', steps=1, backend='cpu')
+  agreement['default_choice'] = multitensor.default_choice()
   runs = [
     agreement,
     harness.main(['update', '--k', '1', *quick, 'sgd', 'dessilbi']),
@@ -49,6 +50,7 @@ def test_every_kind_of_run_becomes_a_table():
   assert f'| dessilbi | {update["dessilbi"]["device_ms"]:.3f} (' in tables[1]
   assert f'{update["dessilbi"]["device_vs_floor"]:.2f}' in tables[1]
   assert '| dessilbi_mt | yes |' in tables[0] and '0 of 700' in tables[0]
+  assert 'arrays on the cpu, XLA (ran: True)' in tables[0]
   assert '| sgd |' in tables[2] and '| dessilbi |' in tables[2]
   assert f'{runs[3]["rows"][0]["params"]:,}' in tables[3]
   assert '| apply/leaves |' in tables[4] and '| tiny/flat |' in tables[4]
