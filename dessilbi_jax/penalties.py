@@ -182,11 +182,18 @@ def _key_name(key: Any) -> str:
 
 
 def names_of(path: KeyPath) -> tuple[str, ...]:
-  """``(DictKey('conv1'), DictKey('kernel'))`` -> ``('conv1', 'kernel')``."""
-  out = tuple(_key_name(k) for k in path)
-  if out and out[-1] in ('value', 'raw_value'):
-    out = out[:-1]  # NNX variables add a trailing `.value`
-  return out
+  """``(DictKey('conv1'), DictKey('kernel'))`` -> ``('conv1', 'kernel')``.
+
+  A trailing ``.value`` or ``.raw_value`` attribute (an NNX variable's) is
+  dropped, and a key holding ``/`` is split there, so that every name joins
+  and splits back the same (``'enc/conv1'`` names ``{'enc/conv1': ...}`` and
+  ``{'enc': {'conv1': ...}}`` alike).
+  """
+  keys = tuple(path)
+  if keys and isinstance(keys[-1], jax.tree_util.GetAttrKey):
+    if keys[-1].name in ('value', 'raw_value'):
+      keys = keys[:-1]
+  return tuple(part for k in keys for part in _key_name(k).split('/') if part)
 
 
 @jax.tree_util.register_static

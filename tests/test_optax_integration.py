@@ -1,5 +1,6 @@
 """DessiLBI as a citizen of Optax: chains, wrappers, schedules, dtypes, jit."""
 
+import dataclasses
 import warnings
 from typing import NamedTuple
 
@@ -138,9 +139,18 @@ def test_penalties_are_compared_as_groups_not_as_spelling():
     ).init(params)
 
 
+@jax.tree_util.register_dataclass
+@dataclasses.dataclass
+class _Values:
+  """A node whose fields are named as an NNX variable's."""
+
+  value: jax.Array
+  raw_value: jax.Array
+
+
 def test_leaves_of_one_name_are_refused_by_the_toolbox_not_by_update():
-  # 'value' and 'raw_value' keys both read as their parent's name.
-  params = {'attn': {'value': jnp.ones((2, 2)), 'raw_value': jnp.ones((3, 3))}}
+  # .value and .raw_value attributes both read as their parent's name.
+  params = {'attn': _Values(jnp.ones((2, 2)), jnp.ones((3, 3)))}
   rule = lambda p, x: dl.GroupLasso(axes=0) if x.shape == (3, 3) else dl.Lasso()  # noqa: E731
   tx = dl.scale_by_dessilbi(0.1, penalty=rule)
   state = tx.init(params)
@@ -152,6 +162,40 @@ def test_leaves_of_one_name_are_refused_by_the_toolbox_not_by_update():
   other = dl.scale_by_dessilbi(0.1, penalty=lambda p, x: dl.Lasso())
   with pytest.raises(ValueError, match=r'records .attn.: GroupLasso'):
     other.update(params, state, params)
+
+
+def test_names_keep_value_keys_and_split_keys_at_slashes():
+  # Only an attribute .value (an NNX variable's) is dropped from a name; a
+  # dict key 'value' is a name of its own. A key holding '/' is named as
+  # the nested keys it reads as.
+  keys = jax.random.split(jax.random.key(0), 3)
+  params = {
+    'attn': {'value': jax.random.normal(keys[0], (4, 3))},
+    'value': jax.random.normal(keys[1], (4, 3)),
+    'enc/conv1': {'kernel': jax.random.normal(keys[2], (3, 3, 2, 4))},
+  }
+  tx = dl.dessilbi(0.1)
+  state = tx.init(params)
+  names = [dl.path_str(n) for n, _ in dl.get_penalty(state).entries]
+  assert sorted(names) == ['attn/value', 'enc/conv1/kernel', 'value']
+  # Each can be named on its own.
+  for layer, leaf in (
+    ('attn/value', ('attn', 'value')),
+    ('value', ('value',)),
+    ('enc/conv1', ('enc/conv1', 'kernel')),
+  ):
+    record = dl.magnitude_record(params)
+    _, mask = dl.prune(params, record, 0.5, layers=[layer])
+    cut = {
+      dl.path_str(path)
+      for path, m in jax.tree_util.tree_leaves_with_path(mask)
+      if not bool(jnp.all(m))
+    }
+    assert cut == {'/'.join(leaf)}, layer
+  # The same name twice (a nested and a slashed key): the toolbox refuses.
+  twice = {'enc': {'conv1': {'kernel': jnp.ones((3, 3, 2, 4))}}, **params}
+  with pytest.raises(ValueError, match="two coupled leaves have the name"):
+    dl.support(dl.dessilbi(0.1).init(twice), by_group=True)
 
 
 @pytest.mark.parametrize(
