@@ -168,7 +168,7 @@ def rule_of(core: Core, penalty: Optional[PenaltyRule] = None) -> PenaltyRule:
     twice = next(n for n in every if every.count(n) > 1)
     raise ValueError(
       f'opt_state: two coupled leaves have the name {join(twice)!r} here (a '
-      "trailing .value or .raw_value attribute is dropped from names, as NNX "
+      'trailing .value or .raw_value attribute is dropped from names, as NNX '
       "variables add one, and keys are split at '/'), so the toolbox cannot "
       'tell their groups apart; rename one.'
     )

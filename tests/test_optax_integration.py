@@ -194,7 +194,7 @@ def test_names_keep_value_keys_and_split_keys_at_slashes():
     assert cut == {'/'.join(leaf)}, layer
   # The same name twice (a nested and a slashed key): the toolbox refuses.
   twice = {'enc': {'conv1': {'kernel': jnp.ones((3, 3, 2, 4))}}, **params}
-  with pytest.raises(ValueError, match="two coupled leaves have the name"):
+  with pytest.raises(ValueError, match='two coupled leaves have the name'):
     dl.support(dl.dessilbi(0.1).init(twice), by_group=True)
 
 
