@@ -271,7 +271,11 @@ def check_param_leaves(params: Any) -> None:
   for name, leaf in zip(
     _leaf_paths(params), jax.tree.leaves(params), strict=True
   ):
-    if isinstance(leaf, (bool, int, float, complex)):
+    # (NumPy's float64 and complex128 scalars are Python numbers too, but
+    # typed: as 0-d arrays.)
+    if isinstance(leaf, (bool, int, float, complex)) and not isinstance(
+      leaf, np.generic
+    ):
       raise TypeError(
         f'params: leaf {name!r} is a Python {type(leaf).__name__}, not an '
         'array; wrap it with jnp.asarray so that its dtype is explicit.'

@@ -315,6 +315,22 @@ def test_channel_tools_name_a_layout_they_do_not_read():
     dl.chain_spec(TORCH_LAYOUT, ['conv1', 'fc'])
 
 
+def test_numpy_scalars_are_typed_leaves_python_numbers_are_not():
+  # NumPy's float64 is a Python float too, but it has a dtype: a 0-d array
+  # like np.float32's (it was refused as "a Python float64").
+  for scalar in (np.float32(1.0), np.float64(1.0), np.array(1.0)):
+    params = {'w': jnp.ones((2, 2)), 't': scalar}
+    tx = dl.dessilbi(0.1)
+    updates, _ = tx.update(
+      jax.tree.map(jnp.ones_like, params), tx.init(params), params
+    )
+    assert updates['t'].shape == ()
+  with pytest.raises(TypeError, match=r"leaf 't' is a Python float, not an"):
+    dl.dessilbi(0.1).init({'t': 1.0})
+  with pytest.raises(TypeError, match=r"leaf 't' has dtype complex128"):
+    dl.dessilbi(0.1).init({'t': np.complex128(1.0)})
+
+
 def test_schedules_must_return_a_scalar():
   rates = jnp.array([0.1, 0.1, 0.05])
   tx = dl.dessilbi(lambda count: rates[count : count + 1], nu=1.0)
