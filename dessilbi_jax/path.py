@@ -194,7 +194,9 @@ def w_star(
       groups it is refused.
     spec: with ``channels``, the model's spec (a ``Link`` per layer): only
       its layers lose filters, as in ``slim`` (so the classifier, which no
-      spec lists, keeps its biases), and their norms are the spec's. None:
+      spec lists, keeps its biases), and their norms are the spec's (by
+      naming for a link that leaves its norm out; ``Link(norm=None)``:
+      none, as in a pre-norm block, README). None:
       every coupled kernel, norms found by naming (``conv3`` → ``bn3``);
       under the default rule that includes the classifier, whose outputs
       with no selected weight then lose their bias too.
@@ -239,7 +241,8 @@ def w_star(
   if not channels:
     return out
   if spec is not None:
-    check_spec(params, spec)  # a layer or norm misnamed: named, not skipped
+    # A layer or norm misnamed: named, not skipped; norms left out, by naming.
+    spec = check_spec(params, spec)
   table = _trees.leaves_by_name(out)
   gammas = _trees.leaves_by_name(gamma)
   masks = {}

@@ -106,7 +106,9 @@ def prune(
     fraction: the share of groups to prune, in [0, 1].
     scope: ``'layer'`` or ``'global'``.
     layers: the layers (or leaf paths) to prune; None for every recorded leaf.
-    spec: links naming each layer's norm layer, where naming does not tell.
+    spec: links naming each layer's norm layer, where naming does not
+      tell or tells wrong (``Link(norm=None)``: none; README: pre-norm
+      blocks).
     penalty: the rule that gives the groups: for a DessiLBI run
       ``dl.get_penalty(opt_state)``; None for the default rule.
 
@@ -177,7 +179,8 @@ def prune(
     record,
   )
   if spec is not None:
-    check_spec(params, spec)  # named errors, before the spec is hashed
+    # Named errors, before the spec is hashed; norms left out, by naming.
+    spec = check_spec(params, spec)
   spec_items = None if spec is None else tuple(sorted(dict(spec).items()))
   return _prune(
     params, record, cuts, scope=scope, spec_items=spec_items, penalty=penalty

@@ -765,7 +765,7 @@ def widen(
       'alone).'
     )
   # The whole spec, as slim checks it: a norm another link claims is taken.
-  check_spec_table(table, spec)
+  spec = check_spec_table(table, spec)
   if not spec[layer].consumers:
     raise ValueError(
       f'layer {layer!r} has no consumers in the spec (its outputs feed a '
@@ -1016,7 +1016,7 @@ def slim(
   batch_stats = _pure_or_none(batch_stats)
   opt_state = _pure_or_none(opt_state)
   table = _joint_table(params, batch_stats)
-  check_spec_table(table, spec)
+  spec = check_spec_table(table, spec)
   penalties = {} if opt_state is None else _state_penalties(opt_state)
   per_layer = _keep_per_layer(keep, table, spec, penalties)
   edits, widths = [], {}

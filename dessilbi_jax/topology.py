@@ -20,6 +20,7 @@ import dataclasses
 import itertools
 import re
 from collections.abc import Iterable, Mapping, Sequence
+from types import NoneType
 from typing import Any, Optional
 
 import jax
@@ -30,15 +31,32 @@ import optax
 from dessilbi_jax import _trees
 
 
+class _ByNaming:
+  """The norm of a :class:`Link` that does not state one: found by naming
+  (:func:`default_norm`) when the spec is checked."""
+
+  def __repr__(self) -> str:
+    return 'BY_NAMING'
+
+  def __reduce__(self):
+    return 'BY_NAMING'
+
+
+BY_NAMING: Any = _ByNaming()
+
+
 @dataclasses.dataclass(frozen=True)
 class Link:
   """Where the output channels of one layer go.
 
   Attributes:
     norm: the path of the normalisation layer applied to this layer's output
-      (its per-channel leaves follow the channels), or None for none; a
-      spec is refused where naming finds a norm of the layer's width that
-      no link claims (``conv3`` -> ``bn3``: name it here).
+      (its per-channel leaves follow the channels); None for none, stated:
+      a norm that naming would pair with the layer is then left alone (a
+      pre-norm block's ``norm2`` before its ``fc1``, which naming pairs
+      with ``fc2``). Left out, it is found by naming when the spec is
+      checked (:func:`default_norm`: ``conv3`` -> ``bn3``), as for a layer
+      the spec does not list.
     consumers: the paths of the layers that read these channels as their
       inputs: a conv reads them on its kernel's axis -2; a Dense layer on its
       kernel's rows, either directly or as a feature map flattened
@@ -49,14 +67,16 @@ class Link:
       ``widen`` refuse to change the layer's width.
   """
 
-  norm: Optional[str] = None
+  norm: Optional[str] = BY_NAMING
   consumers: tuple[str, ...] = ()
 
   def __post_init__(self):
-    if self.norm is not None and not isinstance(self.norm, str):
+    if self.norm is not BY_NAMING and not isinstance(
+      self.norm, (str, NoneType)
+    ):
       raise TypeError(
         f'norm: expected the path of a norm layer as a str (e.g. "bn1"), '
-        f'or None; got {type(self.norm).__name__} {self.norm!r}.'
+        f'or None for none; got {type(self.norm).__name__} {self.norm!r}.'
       )
     consumers = self.consumers
     if isinstance(consumers, str):
@@ -136,6 +156,11 @@ def default_norm(
 ) -> Optional[str]:
   """The norm layer of ``layer`` by naming: ``conv3`` -> ``bn3``/``norm3``.
 
+  Naming assumes that a norm follows its layer. In pre-norm blocks it does
+  not (a transformer's ``norm2`` before ``fc1``, paired with ``fc2`` by
+  name; a pre-activation ResNet's ``bn2`` before ``conv2``): state
+  ``Link(norm=None)`` for such layers in a spec.
+
   The last ``conv``/``fc``/``dense``/``linear`` in the layer's path is
   replaced by ``bn``, ``norm``, ``batchnorm`` or ``batch_norm``, then
   ``<layer>_bn`` and ``<layer>_norm`` are tried (``shortcut`` ->
@@ -174,6 +199,13 @@ def default_norm(
       f'{type(layer).__name__} {layer!r}.'
     )
   table = _trees.leaves_by_name(_trees.pure(params))
+  return _named_norm(table, layer, settled, claimed)
+
+
+def _named_norm(
+  table: dict, layer: str, settled: Sequence[str], claimed: Sequence[str]
+) -> Optional[str]:
+  """:func:`default_norm` on leaves keyed by name."""
   parts = _trees.split_name(layer)
   width = _kernel(table, layer).shape[-1]
   layers = _shapes_by_layer(table)
@@ -275,9 +307,9 @@ def chain_spec(
       ``conv2``, ``fc1``, ``fc2`` only if convs come first alphabetically;
       give the order when in doubt).
     norms: the norm layer of each layer; missing entries are found by naming
-      (:func:`default_norm`), None means no norm (refused where naming finds
-      one that no other layer claims, see :func:`check_spec`). A norm given
-      for the last layer is kept in a link of its own, without consumers.
+      (:func:`default_norm`), None means no norm (a norm naming would pair
+      with the layer is left alone). A norm given for the last layer is kept
+      in a link of its own, without consumers.
 
   Returns:
     A dict ``{layer: Link(norm, (next_layer,))}`` for every layer but the
@@ -376,24 +408,40 @@ def chain_spec(
   return spec
 
 
-def check_spec(params: optax.Params, spec: Spec) -> None:
+def check_spec(params: optax.Params, spec: Spec) -> dict[str, Link]:
   """Checks that a spec fits the params; errors name the layer.
+
+  Returns:
+    The spec as a dict, each norm a link leaves out found by naming
+    (:func:`default_norm`, with the norms the other links state taken).
 
   Raises:
     TypeError: ``spec`` is not a mapping, a key of it is not a str, or a
       value of it is not a :class:`Link`.
     ValueError: a layer has no kernel or has width 0 and consumers, a norm layer
       has no per-channel leaves of the producer's width or is the norm of two
-      layers, a consumer's input width does not fit the producer's channels, or
-      a link names no norm while a layer named as its norm (``conv3`` ->
-      ``bn3``, as :func:`default_norm`) has its width and is the norm of no
-      other layer of the spec (``Link(consumers=...)`` leaving ``norm`` out
-      would leave that norm out of pruning and slimming).
+      layers, a consumer's input width does not fit the producer's channels,
+      or naming cannot tell the norm of a link that leaves it out (as
+      :func:`default_norm` raises).
   """
-  check_spec_table(_trees.leaves_by_name(_trees.pure(params)), spec)
+  return check_spec_table(_trees.leaves_by_name(_trees.pure(params)), spec)
 
 
-def check_spec_table(table: dict, spec: Spec) -> None:
+def _resolved(table: dict, spec: Spec) -> dict[str, Link]:
+  """The spec, each norm a link leaves out found by naming."""
+  stated = [layer for layer, link in spec.items() if link.norm is not BY_NAMING]
+  claimed = [link.norm for link in spec.values() if isinstance(link.norm, str)]
+  return {
+    layer: link
+    if link.norm is not BY_NAMING
+    else dataclasses.replace(
+      link, norm=_named_norm(table, layer, stated, claimed)
+    )
+    for layer, link in spec.items()
+  }
+
+
+def check_spec_table(table: dict, spec: Spec) -> dict[str, Link]:
   """:func:`check_spec` on leaves keyed by name."""
   if not isinstance(spec, Mapping):
     raise TypeError(
@@ -407,26 +455,15 @@ def check_spec_table(table: dict, spec: Spec) -> None:
         f'{type(layer).__name__} {layer!r}.'
       )
   owners: dict[str, str] = {}
-  claimed = {
-    link.norm for link in spec.values() if isinstance(link, Link) and link.norm
-  }
-  layers = _shapes_by_layer(table)
   for layer, link in spec.items():
     if not isinstance(link, Link):
       raise TypeError(
         f'spec[{layer!r}] must be a dessilbi_jax.Link, got {link!r}.'
       )
+    producer_width(table, layer)  # a layer without kernel: named first
+  spec = _resolved(table, spec)
+  for layer, link in spec.items():
     width = producer_width(table, layer)
-    named = _norm_of(layers, _trees.split_name(layer), width)
-    if link.norm is None and named is not None:
-      if _trees.join(named) not in claimed:
-        raise ValueError(
-          f'spec[{layer!r}]: the link names no norm, but '
-          f'{_trees.join(named)!r}, named as its norm, has per-channel '
-          f'leaves of its width and is the norm of no layer of the spec; '
-          f'give Link(norm={_trees.join(named)!r}, ...), or give it to the '
-          'layer whose channels it follows.'
-        )
     if link.norm is not None:
       if link.norm in owners:
         raise ValueError(
@@ -450,6 +487,7 @@ def check_spec_table(table: dict, spec: Spec) -> None:
           )
     for consumer in link.consumers:
       consumer_repeat(table, layer, consumer, width)
+  return spec
 
 
 def _kernel(table: dict, layer: str):
@@ -514,13 +552,12 @@ def consumer_repeat(table: dict, layer: str, consumer: str, width: int) -> int:
 
 def link_of(spec: Optional[Spec], params: Any, layer: str) -> Link:
   """The link of ``layer``: from the spec, else its norm by naming only."""
-  if spec is not None and layer in spec:
+  table = _trees.leaves_by_name(_trees.pure(params))
+  spec = _resolved(table, spec or {})
+  if layer in spec:
     return spec[layer]
-  spec = spec or {}
   claimed = tuple(link.norm for link in spec.values() if link.norm is not None)
-  return Link(
-    norm=default_norm(params, layer, settled=tuple(spec), claimed=claimed)
-  )
+  return Link(norm=_named_norm(table, layer, tuple(spec), claimed))
 
 
 def _companion_mask(

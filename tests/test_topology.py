@@ -110,31 +110,39 @@ def test_a_norm_named_otherwise_is_not_left_out():
   assert dl.default_norm(wide, 'conv1') is None
 
 
-def test_a_hand_written_link_may_not_leave_out_the_norm_named_as_its():
-  # Link(consumers=...) leaves norm at None: bn1 was left out, so prune kept
-  # its shift on pruned channels and slim cut conv1 but not bn1.
+def test_a_link_that_leaves_out_its_norm_gets_it_by_naming():
+  # Link(consumers=...) without norm=: bn1 is found by naming, as for a
+  # layer the spec does not list (it was once read as "no norm": prune kept
+  # bn1's shift on pruned channels and slim cut conv1 but not bn1).
   params = {
     'conv1': {'kernel': jnp.ones((3, 3, 1, 4))},
     'bn1': {'scale': jnp.ones(4), 'bias': jnp.full(4, 0.5)},
     'conv2': {'kernel': jnp.ones((3, 3, 4, 2))},
   }
-  bad = {'conv1': dl.Link(consumers=('conv2',))}
-  record = dl.magnitude_record(params)
-  for call in (
-    lambda: dl.check_spec(params, bad),
-    lambda: dl.prune(params, record, 0.5, spec=bad),
-    lambda: dl.slim(params, bad, {'conv1': [1, 0, 1, 1]}),
-    lambda: dl.chain_spec(params, ['conv1', 'conv2'], norms={'conv1': None}),
-  ):
-    with pytest.raises(ValueError, match=r"spec\['conv1'\]: the link names no"):
-      call()
-  good = {'conv1': dl.Link(norm='bn1', consumers=('conv2',))}
-  out = dl.slim(params, good, {'conv1': [1, 0, 1, 1]})
+  left_out = {'conv1': dl.Link(consumers=('conv2',))}
+  assert repr(left_out['conv1'].norm) == 'BY_NAMING'
+  assert dl.check_spec(params, left_out) == {
+    'conv1': dl.Link(norm='bn1', consumers=('conv2',))
+  }
+  record = {'conv1': {'kernel': jnp.array([0, 1, dl.NOT_SELECTED, 2])}}
+  _, masks = dl.prune(params, record, 0.25, spec=left_out)
+  np.testing.assert_array_equal(masks['bn1']['bias'], [1, 1, 0, 1])
+  out = dl.slim(params, left_out, {'conv1': [1, 0, 1, 1]})
   assert out.params['bn1']['bias'].shape == (3,)
-  # A norm that another link claims is no rival: fc1 -> bn1 by naming too.
+  # norm=None, stated, is no norm: bn1 is left alone (a pre-norm block's
+  # norm2 before fc1, which naming pairs with fc2, is such a case).
+  stated = {'conv1': dl.Link(norm=None, consumers=('conv2',))}
+  assert dl.check_spec(params, stated) == stated
+  _, masks = dl.prune(params, record, 0.25, spec=stated)
+  assert bool(jnp.all(masks['bn1']['bias']))
+  spec = dl.chain_spec(params, ['conv1', 'conv2'], norms={'conv1': None})
+  assert spec == stated
+  # A norm that another link claims is no candidate: fc1 -> bn1 by naming
+  # too; alone, naming cannot tell whose bn1 is.
   params['fc1'] = {'kernel': jnp.ones((4, 4))}
-  dl.check_spec(params, {'conv1': dl.Link(norm='bn1'), 'fc1': dl.Link()})
-  with pytest.raises(ValueError, match=r"spec\['fc1'\]: the link names no"):
+  both = {'conv1': dl.Link(norm='bn1'), 'fc1': dl.Link()}
+  assert dl.check_spec(params, both)['fc1'] == dl.Link(norm=None)
+  with pytest.raises(ValueError, match=r"norm layer of 'fc1'.*'conv1' too"):
     dl.check_spec(params, {'fc1': dl.Link()})
 
 
