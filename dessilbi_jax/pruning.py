@@ -128,8 +128,9 @@ def prune(
 
   Warns:
     UserWarning: a group-lasso leaf not named ``kernel`` sits beside a
-      ``bias`` (a PyTorch or Equinox ``weight``): its groups are pruned, its
-      bias is kept. With the default rule, a recorded rank >= 3 leaf is
+      ``bias`` (a PyTorch or Equinox ``weight``), or a kernel beside a
+      ``bias`` is grouped otherwise than by whole filters (per head, per
+      stacked layer and filter): its groups are pruned, its bias is kept. With the default rule, a recorded rank >= 3 leaf is
       named ``weight`` (as for :func:`~dessilbi_jax.magnitude_record`).
 
   Example:
@@ -155,10 +156,26 @@ def prune(
     warn_pytorch_layout(_trees.recorded_ranks(params, record))
   choices = _trees.penalty_table(params, _trees.leaves_by_name(record), penalty)
   # Under a lasso, prune cuts weights, not channels, in any layout.
-  missed = unread_biases(
-    _trees.leaves_by_name(params),
-    {n: c for n, c in choices.items() if isinstance(c, GroupLasso)},
-  )
+  table = _trees.leaves_by_name(params)
+  grouped = {n: c for n, c in choices.items() if isinstance(c, GroupLasso)}
+  partly = [
+    (n, (*n[:-1], 'bias'))
+    for n, c in grouped.items()
+    if n[-1:] == ('kernel',)
+    and (*n[:-1], 'bias') in table
+    and not _trees.is_output_grouped(c, table[n].ndim)
+  ]
+  if partly:
+    warnings.warn(
+      f'prune: {_trees.join(partly[0][0])!r} is grouped by '
+      f'{grouped[partly[0][0]].group_axes(table[partly[0][0]].ndim)}, not by '
+      'whole filters (every axis but the last): its groups are zeroed, but '
+      f'its bias {_trees.join(partly[0][1])!r} and norm are kept, so a '
+      'pruned group still outputs them (zero them with the mask, or leave '
+      'the layer out with layers=).',
+      stacklevel=2,
+    )
+  missed = unread_biases(table, grouped)
   if missed:
     warnings.warn(
       f'prune: {missed[0][0]!r} is grouped but is not a Flax kernel (a leaf '

@@ -315,6 +315,26 @@ def test_channel_tools_name_a_layout_they_do_not_read():
     dl.chain_spec(TORCH_LAYOUT, ['conv1', 'fc'])
 
 
+def test_prune_says_it_keeps_the_bias_of_groups_that_are_not_filters():
+  # Query kernels grouped per head: prune zeroes head 1's weights, but its
+  # bias stays, so the head still outputs it; prune says so. Grouped by
+  # whole filters (the default), the bias goes with its filter, silently.
+  params = {
+    'query': {'kernel': jnp.ones((6, 4, 3)), 'bias': jnp.ones((4, 3))},
+  }
+  record = {'query': {'kernel': jnp.array([0, dl.NOT_SELECTED, 1, 2])}}
+  per_head = dl.penalty_rule(conv=dl.GroupLasso(axes=1))  # rank >= 3
+  with pytest.warns(UserWarning, match=r"'query/kernel' is grouped by \(1,\)"):
+    pruned, masks = dl.prune(params, record, 0.25, penalty=per_head)
+  assert not np.any(np.asarray(pruned['query']['kernel'])[:, 1])
+  assert np.asarray(masks['query']['bias']).all()
+  by_filter = {'query': {'kernel': jnp.array([0, dl.NOT_SELECTED, 1])}}
+  with warnings.catch_warnings():
+    warnings.simplefilter('error')
+    _, masks = dl.prune(params, by_filter, 1 / 3)
+  np.testing.assert_array_equal(masks['query']['bias'][0], [1, 0, 1])
+
+
 def test_numpy_scalars_are_typed_leaves_python_numbers_are_not():
   # NumPy's float64 is a Python float too, but it has a dtype: a 0-d array
   # like np.float32's (it was refused as "a Python float64").
