@@ -130,8 +130,9 @@ def prune(
     UserWarning: a group-lasso leaf not named ``kernel`` sits beside a
       ``bias`` (a PyTorch or Equinox ``weight``), or a kernel beside a
       ``bias`` is grouped otherwise than by whole filters (per head, per
-      stacked layer and filter): its groups are pruned, its bias is kept. With the default rule, a recorded rank >= 3 leaf is
-      named ``weight`` (as for :func:`~dessilbi_jax.magnitude_record`).
+      stacked layer and filter): its groups are pruned, its bias is kept.
+      With the default rule, a recorded rank >= 3 leaf is named ``weight``
+      (as for :func:`~dessilbi_jax.magnitude_record`).
 
   Example:
     >>> import jax.numpy as jnp
