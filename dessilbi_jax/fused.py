@@ -202,8 +202,9 @@ def fused_dessilbi(
       interpret mode elsewhere, slow, for tests), ``'xla'`` for ``dessilbi``
       followed by ``optax.apply_updates``, or None for the kernels where
       the step is lowered for a GPU and ``'xla'`` elsewhere: decided where
-      it is lowered (``jax.lax.platform_dependent``), so arrays on the CPU
-      of a machine with a GPU step with XLA. None traces the kernels only
+      it is lowered (``jax.lax.platform_dependent``), so a step jitted with
+      arrays on the CPU of a machine with a GPU steps with XLA (called
+      eagerly, the step goes by the default device). None traces the kernels only
       in a process with a GPU and a JAX with Pallas's Triton backend (which
       JAX 0.12 deprecates); to lower them for a GPU from a machine without
       one, use ``'pallas'`` with ``interpret=False``. The kernels take
@@ -407,8 +408,8 @@ def fused_dessilbi(
   def per_platform(choice, xla, kernels):
     """XLA's step (``choice`` False), the kernels' (True), or for None the
     kernels where the step is lowered for a GPU and XLA's elsewhere: decided
-    where it is lowered, not by the default backend, so that arrays on the
-    CPU of a machine with a GPU step with XLA."""
+    where it is lowered, not by the default backend, so that a step jitted
+    with arrays on the CPU of a machine with a GPU steps with XLA."""
     if choice is not None:
       return kernels(settings) if choice else xla()
     # Lowered for a GPU: compiled by Triton unless interpret=True.

@@ -64,6 +64,25 @@ def _select_leaves(record: Any, layers: Optional[Sequence[str]]) -> Any:
   return out
 
 
+def _zeroes_whole_outputs(choice: GroupLasso, shape, bias) -> bool:
+  """Whether a group of a kernel holds whole outputs (all the weights of
+  the entries its bias adds to), so that a pruned group leaves its outputs
+  at their bias: per head, or per stacked layer and filter; not per input.
+
+  The bias spans the kernel's last axes (``(heads, head_dim)`` of
+  ``(in, heads, head_dim)``), or its first and last (layers stacked first);
+  groups hold whole outputs if none of their axes is an input axis.
+  """
+  ndim, b = len(shape), tuple(np.shape(bias))
+  if b and tuple(shape[-len(b) :]) == b:
+    outputs = set(range(ndim - len(b), ndim))
+  elif len(b) == 2 and (shape[0], shape[-1]) == b:
+    outputs = {0, ndim - 1}
+  else:
+    return False
+  return not set(choice.group_axes(ndim)) - outputs
+
+
 def prune(
   params: optax.Params,
   record: Any,
@@ -165,6 +184,7 @@ def prune(
     if n[-1:] == ('kernel',)
     and (*n[:-1], 'bias') in table
     and not _trees.is_output_grouped(c, table[n].ndim)
+    and _zeroes_whole_outputs(c, table[n].shape, table[(*n[:-1], 'bias')])
   ]
   if partly:
     warnings.warn(

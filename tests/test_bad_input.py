@@ -329,9 +329,13 @@ def test_prune_says_it_keeps_the_bias_of_groups_that_are_not_filters():
   assert not np.any(np.asarray(pruned['query']['kernel'])[:, 1])
   assert np.asarray(masks['query']['bias']).all()
   by_filter = {'query': {'kernel': jnp.array([0, dl.NOT_SELECTED, 1])}}
+  # Groups per input row cut no output whole: the bias is no concern there.
+  per_input = dl.penalty_rule(conv=dl.GroupLasso(axes=0))
+  by_input = {'query': {'kernel': jnp.array([0, dl.NOT_SELECTED, 1, 2, 3, 4])}}
   with warnings.catch_warnings():
     warnings.simplefilter('error')
     _, masks = dl.prune(params, by_filter, 1 / 3)
+    dl.prune(params, by_input, 1 / 6, penalty=per_input)
   np.testing.assert_array_equal(masks['query']['bias'][0], [1, 0, 1])
 
 
