@@ -551,13 +551,15 @@ def consumer_repeat(table: dict, layer: str, consumer: str, width: int) -> int:
 
 
 def link_of(spec: Optional[Spec], params: Any, layer: str) -> Link:
-  """The link of ``layer``: from the spec, else its norm by naming only."""
-  table = _trees.leaves_by_name(_trees.pure(params))
-  spec = _resolved(table, spec or {})
-  if layer in spec:
+  """The link of ``layer``: from the spec (as :func:`check_spec` returns
+  it, its norms resolved), else its norm by naming only."""
+  if spec is not None and layer in spec:
     return spec[layer]
+  spec = spec or {}
   claimed = tuple(link.norm for link in spec.values() if link.norm is not None)
-  return Link(norm=_named_norm(table, layer, tuple(spec), claimed))
+  return Link(
+    norm=default_norm(params, layer, settled=tuple(spec), claimed=claimed)
+  )
 
 
 def _companion_mask(
